@@ -1,0 +1,136 @@
+"""Offline token-aware centroid learning: run the model over calibration text, learn codebooks.
+
+1. :func:`collect_statistics` runs the unchanged model (exact attention) over calibration contexts
+   and keeps, per layer and KV head, the post-RoPE keys and the values, each token's sensitivity
+   weights from the first-order error analysis (:func:`weights_for_calibration`), and the query
+   covariance that defines the key metric. The value metric is the output projection's Gram
+   matrix, read from the weights.
+2. :func:`learn_artifact` fits one :class:`Codebook` per layer for keys and for values with
+   weighted k-means in the metric-aware coding space, and wraps them with a manifest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .artifact import CodebookArtifact
+from .config import VQPreset
+from .hf_routing import chunk_logits, routed
+from .models import kv_geometry
+from .numerics.anchor_score import weights_for_calibration
+from .numerics.attention import causal_mask, exact_attention, group_queries
+from .numerics.codebook_learning import LearningOptions, learn_codebook
+
+
+@dataclasses.dataclass
+class LayerStatistics:
+    keys: list[Tensor] = dataclasses.field(default_factory=list)  # [H, n, D] float32 chunks
+    values: list[Tensor] = dataclasses.field(default_factory=list)
+    w_key: list[Tensor] = dataclasses.field(default_factory=list)  # [H, n]
+    w_value: list[Tensor] = dataclasses.field(default_factory=list)
+    query_outer: Tensor | None = None  # [H, D, D] sum of q q^T over the group's query heads
+    query_count: int = 0
+    value_metric: Tensor | None = None  # [H, D, D]
+
+    def cat(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return (torch.cat(self.keys, 1), torch.cat(self.values, 1), torch.cat(self.w_key, 1), torch.cat(self.w_value, 1))
+
+    @property
+    def query_covariance(self) -> Tensor:
+        return self.query_outer / max(self.query_count, 1)
+
+
+def value_metric_from_o_proj(model, layer_index: int, num_kv_heads: int, head_dim: int) -> Tensor:
+    """sum over the group's query heads of W_o,h^T W_o,h [Hkv, D, D] (how value errors reach the residual)."""
+    attn = model.model.layers[layer_index].self_attn
+    w = attn.o_proj.weight.detach().float()  # [hidden, Hq*D]
+    hq = w.shape[1] // head_dim
+    per_head = w.reshape(w.shape[0], hq, head_dim).permute(1, 2, 0)  # [Hq, D, hidden]
+    gram = per_head @ per_head.transpose(1, 2)  # [Hq, D, D]
+    return gram.reshape(num_kv_heads, hq // num_kv_heads, head_dim, head_dim).sum(1)
+
+
+@torch.no_grad()
+def collect_statistics(model, contexts: Tensor, *, progress: bool = True) -> list[LayerStatistics]:
+    """Run every context [n, L] through the model with exact attention and gather statistics."""
+    geom = kv_geometry(model.config)
+    stats = [LayerStatistics() for _ in range(geom.num_layers)]
+    for i, s in enumerate(stats):
+        s.value_metric = value_metric_from_o_proj(model, i, geom.num_kv_heads, geom.head_dim)
+
+    def handler(layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        t = q.shape[2]
+        pos = torch.arange(t, device=q.device)
+        mask = causal_mask(pos, pos)
+        out, lse = exact_attention(q, k, v, scale, mask)
+        wk, wv = weights_for_calibration(q, k, v, out, lse, scale, mask)
+        st = stats[layer]
+        st.keys.append(k.float().transpose(0, 1).flatten(1, 2).clone())
+        st.values.append(v.float().transpose(0, 1).flatten(1, 2).clone())
+        st.w_key.append(wk.transpose(0, 1).flatten(1))
+        st.w_value.append(wv.transpose(0, 1).flatten(1))
+        qg = group_queries(q.float(), k.shape[1])  # [B, H, G, T, D]
+        outer = torch.einsum("bhgtd,bhgte->hde", qg, qg)
+        st.query_outer = outer if st.query_outer is None else st.query_outer + outer
+        st.query_count += qg.shape[0] * qg.shape[2] * qg.shape[3]
+        return out.to(q.dtype)
+
+    with routed(model, handler):
+        for row in tqdm(contexts, desc="calibration forward", disable=not progress, unit="ctx"):
+            chunk_logits(model, row[None], 0)
+    return stats
+
+
+def model_identity(model, model_id: str) -> dict:
+    g = kv_geometry(model.config)
+    return {
+        "id": model_id,
+        "architecture": type(model).__name__,
+        "num_layers": g.num_layers,
+        "num_q_heads": g.num_q_heads,
+        "num_kv_heads": g.num_kv_heads,
+        "head_dim": g.head_dim,
+        "hidden_size": model.config.hidden_size,
+        "vocab_size": model.config.vocab_size,
+    }
+
+
+def learn_artifact(
+    stats: list[LayerStatistics],
+    preset: VQPreset,
+    *,
+    options: LearningOptions = LearningOptions(),
+    value_options: LearningOptions | None = None,
+    model_info: dict,
+    text_info: dict,
+    seed: int = 0,
+    progress: bool = True,
+) -> CodebookArtifact:
+    """Fit key and value codebooks for every layer."""
+    value_options = value_options or options
+    gen = torch.Generator().manual_seed(seed)
+    keys, values = [], []
+    t0 = time.time()
+    for st in tqdm(stats, desc=f"k-means {preset.name}-bit", disable=not progress, unit="layer"):
+        k, v, wk, wv = st.cat()
+        keys.append(learn_codebook(k, wk, preset, metric=st.query_covariance, options=options, generator=gen))
+        values.append(learn_codebook(v, wv, preset, metric=st.value_metric, options=value_options, generator=gen))
+    manifest = {
+        "model": model_info,
+        "preset": dataclasses.asdict(preset) | {"nominal_bits": preset.nominal_bits},
+        "key_options": dataclasses.asdict(options),
+        "value_options": dataclasses.asdict(value_options),
+        "key_space": "post_rope",
+        "calibration": text_info | {"seconds_kmeans": round(time.time() - t0, 1)},
+        "seed": seed,
+    }
+    return CodebookArtifact(keys, values, manifest)
+
+
+def text_fingerprint(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

