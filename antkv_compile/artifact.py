@@ -44,7 +44,10 @@ class CodebookArtifact:
 
     @property
     def preset(self) -> VQPreset:
-        return get_preset(self.manifest["preset"]["name"])
+        p = self.manifest["preset"]
+        if {"sub_dim", "code_bits"} <= p.keys():
+            return VQPreset(p["name"], p["sub_dim"], p["code_bits"], p.get("stages", 1))
+        return get_preset(p["name"])
 
     @property
     def num_layers(self) -> int:
@@ -76,11 +79,12 @@ class CodebookArtifact:
                 f"the codebooks fit another model's activations. Calibrate one for {model_id!r}."
             )
 
-    def check_preset(self, bits: str) -> None:
-        if get_preset(bits).name != self.preset.name:
+    def check_preset(self, bits: str | VQPreset) -> None:
+        want = get_preset(bits)
+        if (want.sub_dim, want.code_bits, want.stages) != (self.preset.sub_dim, self.preset.code_bits, self.preset.stages):
             raise ArtifactMismatchError(
-                f"the artifact holds {self.preset.name}-bit codebooks but {bits}-bit was requested; pass "
-                f"bits={self.preset.name!r} or calibrate a {bits}-bit artifact"
+                f"the artifact holds {self.preset.name}-bit codebooks but {want.name}-bit was requested; pass "
+                f"bits={self.preset.name!r} or calibrate a {want.name}-bit artifact"
             )
 
     def save(self, directory: str | Path) -> Path:
@@ -140,6 +144,6 @@ def load_artifact(directory: str | Path) -> CodebookArtifact:
     except (KeyError, ValueError) as e:
         raise ArtifactError(f"{d} is missing or has malformed tensors ({e}); re-run calibration") from e
     art = CodebookArtifact(keys, values, manifest)
-    if art.keys and art.keys[0].nominal_bits != get_preset(manifest["preset"]["name"]).nominal_bits:
+    if art.keys and art.keys[0].nominal_bits != art.preset.nominal_bits:
         raise ArtifactError(f"{d}: tensors do not match the preset named in the manifest")
     return art

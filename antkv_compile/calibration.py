@@ -34,6 +34,7 @@ class LayerStatistics:
     w_key: list[Tensor] = dataclasses.field(default_factory=list)  # [H, n]
     w_value: list[Tensor] = dataclasses.field(default_factory=list)
     query_outer: Tensor | None = None  # [H, D, D] sum of q q^T over the group's query heads
+    query_sum: Tensor | None = None  # [H, D]
     query_count: int = 0
     value_metric: Tensor | None = None  # [H, D, D]
 
@@ -42,7 +43,13 @@ class LayerStatistics:
 
     @property
     def query_covariance(self) -> Tensor:
+        """E[q q^T] over the queries that read each KV head."""
         return self.query_outer / max(self.query_count, 1)
+
+    @property
+    def query_covariance_centered(self) -> Tensor:
+        mean = self.query_sum / max(self.query_count, 1)
+        return self.query_covariance - mean[:, :, None] * mean[:, None, :]
 
 
 def value_metric_from_o_proj(model, layer_index: int, num_kv_heads: int, head_dim: int) -> Tensor:
@@ -77,6 +84,8 @@ def collect_statistics(model, contexts: Tensor, *, progress: bool = True) -> lis
         qg = group_queries(q.float(), k.shape[1])  # [B, H, G, T, D]
         outer = torch.einsum("bhgtd,bhgte->hde", qg, qg)
         st.query_outer = outer if st.query_outer is None else st.query_outer + outer
+        qsum = qg.sum((0, 2, 3))
+        st.query_sum = qsum if st.query_sum is None else st.query_sum + qsum
         st.query_count += qg.shape[0] * qg.shape[2] * qg.shape[3]
         return out.to(q.dtype)
 
@@ -118,7 +127,8 @@ def learn_artifact(
     t0 = time.time()
     for st in tqdm(stats, desc=f"k-means {preset.name}-bit", disable=not progress, unit="layer"):
         k, v, wk, wv = st.cat()
-        keys.append(learn_codebook(k, wk, preset, metric=st.query_covariance, options=options, generator=gen))
+        key_metric = st.query_covariance_centered if options.metric_center else st.query_covariance
+        keys.append(learn_codebook(k, wk, preset, metric=key_metric, options=options, generator=gen))
         values.append(learn_codebook(v, wv, preset, metric=st.value_metric, options=value_options, generator=gen))
     manifest = {
         "model": model_info,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 import time
@@ -24,7 +23,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _calibration_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument(f"--{prefix}text", default="calibration",
                    help="calibration text: 'calibration' (Python's pydoc topics, default) or a UTF-8 file")
-    p.add_argument(f"--{prefix}tokens", type=int, default=16384, help="calibration tokens (default 16384)")
+    p.add_argument(f"--{prefix}tokens", type=int, default=32768, help="calibration tokens (default 32768)")
     p.add_argument(f"--{prefix}context-len", type=int, default=1024, help="calibration context length (default 1024)")
 
 
@@ -37,7 +36,9 @@ def _load(args):
 
 
 def _model_id(args) -> str:
-    return "SmolLM2-135M-Instruct" if args.model == "smollm2" else str(Path(args.model).name)
+    if args.model == "smollm2" or Path(args.model).name.startswith("SmolLM2-135M-Instruct"):
+        return "SmolLM2-135M-Instruct"
+    return Path(args.model).stem
 
 
 def _calibration_contexts(tok, text_spec: str, tokens: int, context_len: int):
@@ -53,7 +54,8 @@ def _learn(stats, recipe, model, args, text_spec, text, ctx):
     from .config import get_preset
 
     return learn_artifact(
-        stats, get_preset(recipe.bits), options=recipe.options, model_info=model_identity(model, _model_id(args)),
+        stats, get_preset(recipe.bits), options=recipe.key_options, value_options=recipe.value_options,
+        model_info=model_identity(model, _model_id(args)),
         text_info={"text": str(text_spec), "sha256_16": text_fingerprint(text), "tokens": int(ctx.numel()),
                    "context_len": int(ctx.shape[1])},
         seed=args.seed, progress=not args.quiet,
@@ -69,11 +71,12 @@ def cmd_calibrate(args) -> int:
     model, tok = _load(args)
     text, ctx = _calibration_contexts(tok, args.text, args.tokens, args.context_len)
     stats = collect_statistics(model, ctx.to(args.device), progress=not args.quiet)
-    options = LearningOptions(weighted=not args.unweighted, metric=not args.no_metric, rotate=not args.no_rotate,
-                              shared=args.shared, iters=args.iters)
+    common = dict(weighted=not args.unweighted, rotate=not args.no_rotate, shared=args.shared, iters=args.iters)
+    key_options = LearningOptions(metric=args.key_metric, **common)
+    value_options = LearningOptions(metric=not args.no_value_metric, **common)
     for bits in args.bits:
         out = Path(args.out) if len(args.bits) == 1 else Path(args.out) / f"bits-{bits}"
-        art = _learn(stats, Recipe(bits, options), model, args, args.text, text, ctx)
+        art = _learn(stats, Recipe(bits, key_options, value_options), model, args, args.text, text, ctx)
         art.save(out)
         print(f"wrote {bits}-bit codebooks for {art.num_layers} layers to {out}")
     return 0
@@ -168,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", nargs="+", default=["1"], help="presets: 4 2 1 0.75 0.375")
     p.add_argument("--out", required=True, help="artifact directory (bits-X subfolders when several presets)")
     p.add_argument("--unweighted", action="store_true", help="plain k-means (no sensitivity weights)")
-    p.add_argument("--no-metric", action="store_true", help="no query/output metric in the coding space")
+    p.add_argument("--key-metric", action="store_true",
+                   help="weight key errors by the query covariance (off: it hurt on the dev split)")
+    p.add_argument("--no-value-metric", action="store_true", help="no W_o metric for the values")
     p.add_argument("--no-rotate", action="store_true", help="no principal-axes rotation")
     p.add_argument("--shared", action="store_true", help="one codebook shared by the KV heads of a layer")
     p.add_argument("--iters", type=int, default=20)

@@ -75,8 +75,10 @@ class AnTKVConfig:
     """Run-time knobs of the quantized store (the codebooks come from an artifact).
 
     anchor_ratio: fraction of tokens per (layer, KV head, sequence) kept in full precision.
-    window: full-precision recent tokens; when it fills, its tokens are scored over the queries
-        seen since they arrived, the best become anchors and the rest are encoded.
+    window: most full-precision recent tokens; when it fills, its oldest ``flush`` tokens are scored
+        over the queries seen since they arrived, the best become anchors and the rest are encoded.
+    flush: tokens moved out of the window at a time (default window // 2, so the newest half of the
+        window always stays exact; flush = window empties it).
     score: how anchors are chosen: "ans" (Anchor Score with each token's actual quantization
         residual), "sensitivity" (the same first-order factors without the token's residual),
         "attention" (accumulated attention, H2O-style), "random", or "none" (no anchors).
@@ -88,9 +90,10 @@ class AnTKVConfig:
         dense matmuls are much faster on a CPU. The shadow copy is not counted as cache memory.
     """
 
-    bits: str = "1"
+    bits: str | VQPreset = "1"
     anchor_ratio: float = 0.01
     window: int = 64
+    flush: int | None = None
     score: ScoreKind = "ans"
     value_mode: Literal["histogram", "gather"] = "histogram"
     coded_path: Literal["lut", "dequantized"] = "lut"
@@ -103,6 +106,8 @@ class AnTKVConfig:
             raise ValueError(f"anchor_ratio must be in [0, 1], got {self.anchor_ratio}")
         if self.window < 1:
             raise ValueError(f"window must be >= 1 token, got {self.window}")
+        if self.flush is not None and not 1 <= self.flush <= self.window:
+            raise ValueError(f"flush must be in [1, window={self.window}], got {self.flush}")
         if self.score not in SCORE_KINDS:
             raise ValueError(f"score must be one of {SCORE_KINDS}, got {self.score!r}")
         if self.coded_path not in ("lut", "dequantized"):
@@ -113,6 +118,10 @@ class AnTKVConfig:
     @property
     def preset(self) -> VQPreset:
         return get_preset(self.bits)
+
+    @property
+    def flush_size(self) -> int:
+        return self.flush if self.flush is not None else max(1, self.window // 2)
 
     def anchors_for(self, num_tokens: int) -> int:
         """How many anchors a (layer, KV head, sequence) keeps after ``num_tokens`` are coded."""

@@ -1,11 +1,12 @@
 """Perplexity harness: every method through one decode-path protocol.
 
-Protocol. Each evaluation context (L tokens, BOS first) is processed in chunks of ``window``
-tokens. Every chunk attends exactly to itself (causally) and to the store holding all earlier
-chunks; then its tokens enter the store's window, which is then full and is flushed (scored over
-the chunk's queries, anchors promoted, the rest encoded). This is exactly what token-by-token
-decoding through the store computes (a decode token sees the coded past, the anchors and the
-full-precision window of the tokens since the last flush), at prefill speed. Perplexity is
+Protocol. Each evaluation context (L tokens, BOS first) is processed in chunks of ``flush``
+tokens (default window / 2 = 32). Every chunk attends exactly to itself (causally), to the
+full-precision window and to the coded store of everything older; then its tokens enter the
+window, which is then full, and the oldest ``flush`` window tokens are flushed (scored over the
+queries seen since they arrived, anchors promoted, the rest encoded). This is exactly what
+token-by-token decoding through the store computes (a decode token sees the coded past, the
+anchors and the full-precision window), at prefill speed. Perplexity is
 exp(mean NLL) over all L-1 next-token predictions of every context. The full-precision baseline
 runs the same chunks over an exact cache.
 
@@ -74,7 +75,8 @@ def _stores(spec: MethodSpec, geom_kv, geometry: StoreGeometry, artifacts: dict[
         return [ExactLayerStore(geometry) for _ in range(geom_kv.num_layers)]
     if spec.family == "kivi":
         q = ScalarQuantizer(spec.scalar_bits)
-        return [ScalarLayerStore(geometry, q, spec.config.window) for _ in range(geom_kv.num_layers)]
+        return [ScalarLayerStore(geometry, q, spec.config.window, spec.config.flush_size)
+                for _ in range(geom_kv.num_layers)]
     if spec.family == "antkv":
         art = artifacts[spec.artifact]
         art.check_preset(spec.config.bits)
@@ -103,10 +105,11 @@ def evaluate_method(
     param = next(model.parameters())
     n, length = contexts.shape
     window = spec.config.window
+    chunk = spec.config.flush_size  # chunk = flush keeps the window <= `window`, exactly as in decoding
     nll, count = 0.0, 0
     bits = {"codes": 0.0, "anchors": 0.0, "window": 0.0}
     t0 = time.time()
-    steps = math.ceil(length / window) * math.ceil(n / batch_size)
+    steps = math.ceil(length / chunk) * math.ceil(n / batch_size)
     bar = tqdm(total=steps, desc=spec.name, disable=not progress, unit="chunk", leave=False)
     for b0 in range(0, n, batch_size):
         ids = contexts[b0:b0 + batch_size].to(param.device)
@@ -119,8 +122,8 @@ def evaluate_method(
             return stores[layer].attend(q, k, v, check_finite=False)
 
         with routed(model, handler):
-            for s in range(0, length, window):
-                e = min(length, s + window)
+            for s in range(0, length, chunk):
+                e = min(length, s + chunk)
                 logits = chunk_logits(model, ids[:, s:e], s).float()
                 targets = ids[:, s + 1:e + 1]
                 logits = logits[:, : targets.shape[1]]

@@ -86,7 +86,7 @@ def test_prefill_and_decode_equal_the_reference_built_from_the_stores_own_state(
 
 
 def test_anchors_are_the_top_scoring_tokens_of_a_flush():
-    s = _store(anchor_ratio=0.25, window=8, score="attention")
+    s = _store(anchor_ratio=0.25, window=8, flush=8, score="attention")
     q = torch.zeros(1, 4, 8, D)
     k = torch.zeros(1, 2, 8, D)
     k[:, :, 5] = 5.0  # token 5 attracts nearly all attention of the later queries
@@ -94,6 +94,23 @@ def test_anchors_are_the_top_scoring_tokens_of_a_flush():
     s.attend(q, k, randn(1, 2, 8, D))
     assert s.n_coded == 8 and s.n_window == 0
     assert (s.anchor_pos[0, :, :2] == 5).any(dim=1).all()
+
+
+@pytest.mark.parametrize("window, flush, prefill, decode", [(8, 4, 20, 0), (8, 4, 20, 7), (8, 8, 5, 9), (6, 1, 0, 13)])
+def test_window_keeps_the_newest_tokens_exact(window, flush, prefill, decode):
+    s = _store(window=window, flush=flush)
+    if prefill:
+        s.attend(randn(1, 4, prefill, D), randn(1, 2, prefill, D), randn(1, 2, prefill, D))
+    for _ in range(decode):
+        s.attend(randn(1, 4, 1, D), randn(1, 2, 1, D), randn(1, 2, 1, D))
+    n = prefill + decode
+    assert len(s) == n and s.n_window < window
+    expected = 0
+    for arrived in ([prefill] if prefill else []) + [1] * decode:
+        expected += arrived
+        if expected >= window:
+            expected = window - flush  # the oldest tokens are flushed, the newest stay exact
+    assert s.n_window == expected
 
 
 def test_overflow_is_refused_with_advice():
@@ -133,7 +150,7 @@ def test_device_mismatch_is_refused():
 
 
 def test_memory_counts_codes_anchors_and_window():
-    s = _store(capacity=64, anchor_ratio=0.1, window=8)
+    s = _store(capacity=64, anchor_ratio=0.1, window=8, flush=8)
     s.attend(randn(1, 4, 20, D), randn(1, 2, 20, D), randn(1, 2, 20, D))  # flushed: 20 coded
     s.attend(randn(1, 4, 3, D), randn(1, 2, 3, D), randn(1, 2, 3, D))  # 3 in the window
     bits = s.memory_bits()

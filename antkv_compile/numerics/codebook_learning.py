@@ -32,6 +32,8 @@ class LearningOptions:
     shared: bool = False  # one codebook for all KV heads of a layer
     iters: int = 20
     weight_clip: float = 0.999  # clip weights at this quantile (one sink token must not own a codebook)
+    weight_power: float = 1.0  # weights ** power (< 1 flattens the sensitivity weighting)
+    metric_center: bool = False  # drop the mean query from the key metric (softmax ignores shared shifts)
     regularization: float = 1e-3  # relative ridge added to the metric
 
 
@@ -109,7 +111,10 @@ def learn_codebook(
     """Fit a codebook to x [H, N, D] (one KV head per row) with weights [H, N] and metric [H, D, D]."""
     x = x.float()
     h, n, d = x.shape
-    w = torch.ones(h, n, device=x.device) if (weights is None or not options.weighted) else clip_weights(weights.float(), options.weight_clip)
+    if weights is None or not options.weighted:
+        w = torch.ones(h, n, device=x.device)
+    else:
+        w = clip_weights(weights.float(), options.weight_clip) ** options.weight_power
     if options.shared:
         x = x.reshape(1, h * n, d)
         w = w.reshape(1, h * n)

@@ -8,11 +8,12 @@ Layout per (sequence, KV head), capacity N tokens:
 
 Attention for new queries = merge by log-sum-exp of three partials: the coded tokens that are not
 anchors (on the codes, through lookup tables), the anchors (exact), and window + new tokens
-(exact, causal). New tokens enter the window; when it holds ``window`` tokens they are scored over
-the queries seen since they arrived (the window's own queries), the store's anchor set is updated
-to the top ``ceil(anchor_ratio * tokens)`` scores of old anchors and newcomers, and the
-newcomers' codes are written. A chunk longer than the window (prefill) is attended exactly and
-flushed as one window.
+(exact, causal). New tokens enter the window; when it holds ``window`` tokens, all but the newest
+``window - flush`` are flushed: they are scored over the queries seen since they arrived (the
+window's own queries), the store's anchor set is updated to the top ``ceil(anchor_ratio * tokens)``
+scores of old anchors and newcomers, and the newcomers' codes are written. Keeping the newest
+tokens (flush < window) means no query ever sees its immediate past quantized. A chunk longer
+than the window (prefill) is attended exactly and flushed the same way.
 
 :class:`ScalarLayerStore` has the same interface with KIVI-style scalar quantization instead of VQ,
 so every method of the evaluation harness runs through one protocol.
@@ -58,9 +59,12 @@ class StoreGeometry:
 class _LayerStoreBase:
     """Window handling, validation and the attend/flush protocol shared by every store."""
 
-    def __init__(self, geometry: StoreGeometry, window: int) -> None:
+    def __init__(self, geometry: StoreGeometry, window: int, flush: int | None = None) -> None:
         self.geom = geometry
         self.window = window
+        self.flush = window if flush is None else flush
+        if not 1 <= self.flush <= window:
+            raise ValueError(f"flush must be in [1, window={window}], got {self.flush}")
         b, h, d = geometry.batch, geometry.num_kv_heads, geometry.head_dim
         kw = dict(dtype=geometry.dtype, device=geometry.device)
         self.n_coded = 0
@@ -119,7 +123,8 @@ class _LayerStoreBase:
     def _coded_partials(self, q: Tensor) -> list[tuple[Tensor, Tensor]]:
         raise NotImplementedError
 
-    def _flush(self) -> None:
+    def _flush(self, n: int) -> None:
+        """Move the oldest ``n`` window tokens into the coded part."""
         raise NotImplementedError
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, *, check_finite: bool = True) -> Tensor:
@@ -143,17 +148,17 @@ class _LayerStoreBase:
         self.win_out = out if self.win_out is None else torch.cat([self.win_out, out], dim=2)
         self.win_lse = lse if self.win_lse is None else torch.cat([self.win_lse, lse], dim=2)
         if self.n_window >= self.window:
-            self._flush()
-            b, h, d = self.geom.batch, self.geom.num_kv_heads, self.geom.head_dim
-            self.win_k = self.win_k.new_empty(b, h, 0, d)
-            self.win_v = self.win_v.new_empty(b, h, 0, d)
-            self.win_q = self.win_out = self.win_lse = None
+            n = self.n_window - (self.window - self.flush)
+            self._flush(n)
+            # the flushed tokens' own queries can only read flushed tokens: drop them too
+            self.win_k, self.win_v = self.win_k[:, :, n:], self.win_v[:, :, n:]
+            self.win_q, self.win_out, self.win_lse = self.win_q[:, :, n:], self.win_out[:, :, n:], self.win_lse[:, :, n:]
         return out.to(q.dtype)
 
-    def window_mask(self) -> Tensor:
-        """Causal visibility among the window's own queries and tokens [n, n]."""
+    def window_mask(self, n: int) -> Tensor:
+        """Causal visibility of the oldest ``n`` window tokens to every window query [n_window, n]."""
         pos = torch.arange(self.n_window, device=self.geom.device)
-        return causal_mask(pos, pos)
+        return causal_mask(pos, pos[:n])
 
     # ------------------------------------------------------------------ accounting
     def memory_bits(self) -> dict[str, int]:
@@ -169,7 +174,7 @@ class AnTKVLayerStore(_LayerStoreBase):
 
     def __init__(self, geometry: StoreGeometry, codebook_k: Codebook, codebook_v: Codebook, config: AnTKVConfig,
                  layer_index: int = 0) -> None:
-        super().__init__(geometry, config.window)
+        super().__init__(geometry, config.window, config.flush_size)
         g = geometry
         for name, cb in (("key", codebook_k), ("value", codebook_v)):
             if cb.head_dim != g.head_dim or cb.num_heads not in (1, g.num_kv_heads):
@@ -216,8 +221,8 @@ class AnTKVLayerStore(_LayerStoreBase):
             )
         return [coded, *parts]
 
-    def _flush(self) -> None:
-        k, v, n0, n = self.win_k, self.win_v, self.n_coded, self.n_window
+    def _flush(self, n: int) -> None:
+        k, v, n0 = self.win_k[:, :, :n], self.win_v[:, :, :n], self.n_coded
         codes_k, k_hat = self.cb_k.quantize(k)
         codes_v, v_hat = self.cb_v.quantize(v)
         self.codes_k[:, :, n0:n0 + n] = codes_k
@@ -231,7 +236,7 @@ class AnTKVLayerStore(_LayerStoreBase):
             return
         scores = anchor_scores(
             self.win_q, k, v, self.win_out, self.win_lse, self.geom.scale, kind=self.config.score,
-            k_hat=k_hat, v_hat=v_hat, mask=self.window_mask(), generator=self._gen,
+            k_hat=k_hat, v_hat=v_hat, mask=self.window_mask(n), generator=self._gen,
         )
         g = self.geom
         pos = torch.arange(n0, n0 + n, dtype=torch.int32, device=g.device).expand(g.batch, g.num_kv_heads, n)
@@ -286,8 +291,8 @@ class ExactLayerStore(_LayerStoreBase):
 class ScalarLayerStore(_LayerStoreBase):
     """KIVI-style store: keys per channel, values per token, grouped asymmetric scalar codes."""
 
-    def __init__(self, geometry: StoreGeometry, quantizer: ScalarQuantizer, window: int) -> None:
-        super().__init__(geometry, window)
+    def __init__(self, geometry: StoreGeometry, quantizer: ScalarQuantizer, window: int, flush: int | None = None) -> None:
+        super().__init__(geometry, window, flush)
         self.quant = quantizer
         self.k_hat: list[Tensor] = []
         self.v_hat: list[Tensor] = []
@@ -298,13 +303,13 @@ class ScalarLayerStore(_LayerStoreBase):
         v = torch.cat(self.v_hat, dim=2)
         return [exact_attention(q, k, v, self.geom.scale)]
 
-    def _flush(self) -> None:
-        k_hat, bits_k = self.quant.quantize_keys(self.win_k)
-        v_hat, bits_v = self.quant.quantize_values(self.win_v)
+    def _flush(self, n: int) -> None:
+        k_hat, bits_k = self.quant.quantize_keys(self.win_k[:, :, :n])
+        v_hat, bits_v = self.quant.quantize_values(self.win_v[:, :, :n])
         self.k_hat.append(k_hat)
         self.v_hat.append(v_hat)
         self._bits += bits_k + bits_v
-        self.n_coded += self.n_window
+        self.n_coded += n
 
     def memory_bits(self) -> dict[str, int]:
         return {"codes": self._bits, "anchors": 0, "window": self._window_bits()}

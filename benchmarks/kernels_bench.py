@@ -1,0 +1,784 @@
+"""GPU benchmark of the antkv Triton kernels: correctness against the references, then timings against
+FP16 SDPA (flash) at the Llama-3-8B attention shape (32 query heads, 8 KV heads, head_dim 128).
+
+    python benchmarks/kernels_bench.py                # on the GPU machine; writes JSON + PNG to $OUT or --out
+    python benchmarks/kernels_bench.py --quick        # smaller sweep
+    python benchmarks/kernels_bench.py --out benchmarks/results
+
+Timings: triton.testing.do_bench medians (it clears L2 before every repetition, so small inputs are not
+timed from cache), warm-up first, random data (never zeros). Decode is timed as CUDA-graph replays for
+both sides (ours: 2 small kernels + the split kernel + the merge; SDPA: one flash call). Bandwidth:
+bytes the kernels must move (reads + writes, each once) over time, against a measured device-to-device
+copy (bytes read + written). The table is printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if "--dry" in sys.argv:  # must precede the first import of a kernel module
+    os.environ["TRITON_INTERPRET"] = "1"
+sys.path.insert(0, ROOT)
+
+from antkv_compile.config import get_preset  # noqa: E402
+from antkv_compile.kernels import anchors as AN  # noqa: E402
+from antkv_compile.kernels import decode_attention as DA  # noqa: E402
+from antkv_compile.kernels import ops  # noqa: E402,F401  (registers torch.ops.antkv.*)
+from antkv_compile.kernels import prefill_attention as PA  # noqa: E402
+from antkv_compile.kernels import vq_encode as VQ  # noqa: E402
+from antkv_compile.numerics.vq import Codebook  # noqa: E402
+
+HQ, HKV, D = 32, 8, 128
+DEV = "cuda"
+DRY = False  # --dry: CPU + Triton interpreter, tiny shapes, wall-clock "timings" (checks the script, not the GPU)
+RESULTS: dict = {"sections": {}, "errors": {}}
+LOG: list[str] = []
+PARTIAL = ""  # JSON rewritten after every section (survives a time-out)
+
+
+def log(*a):
+    s = " ".join(str(x) for x in a)
+    print(s, flush=True)
+    LOG.append(s)
+
+
+def section(name):
+    def deco(fn):
+        def run(*a, **k):
+            t0 = time.time()
+            try:
+                r = fn(*a, **k)
+                RESULTS["sections"][name] = {"ok": True, "seconds": round(time.time() - t0, 1)}
+                if PARTIAL:
+                    with open(PARTIAL, "w") as f:
+                        json.dump(RESULTS, f, indent=1, default=str)
+                return r
+            except Exception as exc:  # noqa: BLE001 - keep going, report
+                tb = traceback.format_exc()
+                log(f"!! section {name} failed: {exc}\n{tb}")
+                RESULTS["errors"][name] = tb[-3000:]
+                RESULTS["sections"][name] = {"ok": False, "seconds": round(time.time() - t0, 1)}
+                empty_cache()
+                return None
+        return run
+    return deco
+
+
+def empty_cache():
+    if not DRY:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def bench(fn, ms=200, warm=50):
+    if DRY:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=warm, rep=ms, return_mode="median")
+
+
+def graph_of(fn):
+    """Capture fn (after a warm-up call on a side stream) in a CUDA graph; return its replay."""
+    if DRY:
+        return fn
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def make_codebooks(bits, heads=None, d=None, seed=0, cent_dtype=torch.float16):
+    heads, d = heads or HKV, d or D
+    p = get_preset(bits)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    s = d // p.sub_dim
+    out = []
+    for i in range(2):
+        cent = torch.randn(p.stages, heads, s, p.num_centroids, p.sub_dim, generator=g)
+        a = torch.randn(heads, d, d, generator=g) / d**0.5 + 2 * torch.eye(d)
+        inv = torch.linalg.inv(a)
+        mean = 0.1 * torch.randn(heads, d, generator=g)
+        out.append(Codebook(cent.to(cent_dtype).float(), a, inv, mean).to(DEV))
+    return out
+
+
+def decode_inputs(bits, batch, ctx, dtype, seed=0, window=64, win_len=32, ratio=0.01, cent_dtype=None):
+    """Store buffers of `batch` sequences with ctx tokens each: ctx - (win_len - 1) coded (1% anchors),
+    win_len - 1 older window tokens + the new one."""
+    dev = DEV
+    torch.manual_seed(seed)
+    cbk, cbv = make_codebooks(bits, seed=seed, cent_dtype=cent_dtype or dtype)
+    n_coded = ctx - (win_len - 1)
+    cap = ctx
+    m = cbk.num_centroids
+    ck = torch.randint(0, m, (batch, HKV, cap, cbk.codes_per_vector), dtype=torch.uint8, device=dev)
+    cv = torch.randint(0, m, (batch, HKV, cap, cbv.codes_per_vector), dtype=torch.uint8, device=dev)
+    a = math.ceil(ratio * cap)
+    stride = max(1, n_coded // a)
+    pos = (torch.arange(a, device=dev) * stride)[None, None, :] + torch.randint(0, stride, (batch, HKV, a), device=dev)
+    pos = pos.clamp(max=n_coded - 1).to(torch.int32)
+    ak = torch.randn(batch, HKV, a, D, device=dev, dtype=dtype)
+    av = torch.randn(batch, HKV, a, D, device=dev, dtype=dtype)
+    wk = torch.randn(batch, HKV, window, D, device=dev, dtype=dtype)
+    wv = torch.randn(batch, HKV, window, D, device=dev, dtype=dtype)
+    q = torch.randn(batch, HQ, 1, D, device=dev, dtype=dtype)
+    full = lambda x: torch.full((batch,), x, dtype=torch.int32, device=dev)  # noqa: E731
+    bits_ = DA.bits_from_positions(pos, cap)
+    cast = cent_dtype or dtype
+    return [q, ck, cv, bits_, full(n_coded), ak, av, pos, wk, wv, full(win_len),
+            cbk.centroids.to(cast), cbk.inverse, cbk.mean, cbv.centroids.to(cast), cbv.inverse, cbv.mean, D**-0.5]
+
+
+def decode_bytes(args, p_total):
+    q, ck, cv, bits, ncod, ak, av, pos, wk, wv, wl = args[:11]
+    b = q.shape[0]
+    n = int(ncod[0])
+    e = q.element_size()
+    codes = b * HKV * n * (ck.shape[3] + cv.shape[3])
+    bitmask = b * HKV * math.ceil(n / 32) * 4
+    anchors = b * HKV * ak.shape[2] * (2 * D * e + 4)
+    window = b * HKV * int(wl[0]) * 2 * D * e
+    qo = 2 * b * HQ * D * e
+    books = HKV * (args[11][0, 0].numel() + args[14][0, 0].numel()) * args[11].element_size() + 2 * HKV * D * D * 4
+    partials = 2 * b * HKV * p_total * 16 * (D + 1) * 4
+    return {"codes": codes, "bitmask": bitmask, "anchors": anchors, "window": window, "q_out": qo, "codebooks": books,
+            "partials": partials, "total": codes + bitmask + anchors + window + qo + books + partials}
+
+
+# ------------------------------------------------------------------------------------------------ sections
+@section("env")
+def env(cmd):
+    import triton
+    if DRY:
+        info = {"device": "cpu (dry run, Triton interpreter)", "sms": 8, "mem_gib": 0}
+    else:
+        p = torch.cuda.get_device_properties(0)
+        info = {"device": torch.cuda.get_device_name(0), "sms": p.multi_processor_count,
+                "mem_gib": round(p.total_memory / 2**30, 1)}
+    info |= {"torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda, "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "command": cmd}
+    try:
+        info["git"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                     timeout=5).stdout.strip()
+    except Exception:  # noqa: BLE001
+        info["git"] = ""
+    RESULTS["env"] = info
+    log("env", json.dumps(info))
+
+
+@section("ceilings")
+def ceilings():
+    n = 2**16 if DRY else 2**29  # 1 GiB
+    x = torch.randn(n, device=DEV, dtype=torch.float16)
+    y = torch.empty_like(x)
+    t = bench(lambda: y.copy_(x), ms=300)
+    bw = 2 * x.numel() * 2 / (t * 1e-3)
+    m = 256 if DRY else 8192
+    a = torch.randn(m, m, device=DEV, dtype=torch.bfloat16)
+    bmat = torch.randn(m, m, device=DEV, dtype=torch.bfloat16)
+    tm = bench(lambda: a @ bmat, ms=300)
+    RESULTS["ceilings"] = {"copy_GBps": bw / 1e9, "bf16_matmul_TFLOPs": 2 * m**3 / (tm * 1e-3) / 1e12}
+    log("ceilings", RESULTS["ceilings"])
+    del x, y, a, bmat
+    empty_cache()
+
+
+@section("correct_encode")
+def correct_encode():
+    out = {}
+    for bits in ("1", "0.375"):
+        cbk, _ = make_codebooks(bits, cent_dtype=torch.float32)
+        x = torch.randn(1, HKV, 64 if DRY else 4096, D, device=DEV, dtype=torch.bfloat16) * 2
+        xc = VQ.to_coding_space(x, cbk.transform, cbk.mean)
+        codes, res = VQ.vq_encode_coding_space_triton(xc, cbk.centroids)
+        rc, rr = cbk.encode_coding_space(xc)
+        mine = (res.reshape(*res.shape[:3], -1, cbk.sub_dim) ** 2).sum(-1)
+        theirs = (rr.reshape(*rr.shape[:3], -1, cbk.sub_dim) ** 2).sum(-1)
+        c2, dx = VQ.vq_encode_triton(x, cbk.centroids, cbk.transform, cbk.inverse, cbk.mean)
+        out[bits] = {"code_agreement": float((codes == rc.to(torch.uint8)).float().mean()),
+                     "not_nearer_than_ref": bool((mine <= theirs + 1e-3 * (1 + theirs)).all()),
+                     "residual_rel_err": rel(dx, cbk.decode(c2) - x.float())}
+    RESULTS["correct_encode"] = out
+    log("correct_encode", out)
+
+
+@section("correct_prefill")
+def correct_prefill():
+    out = {}
+    for dtype in ((torch.float16,) if DRY else (torch.bfloat16, torch.float16)):
+        t = 70 if DRY else 2048
+        q = torch.randn(1, HQ, t, D, device=DEV, dtype=dtype)
+        k = torch.randn(1, HKV, t, D, device=DEV, dtype=dtype)
+        v = torch.randn(1, HKV, t, D, device=DEV, dtype=dtype)
+        dk = 0.3 * torch.randn(1, HKV, t, D, device=DEV)
+        dv = 0.3 * torch.randn(1, HKV, t, D, device=DEV)
+        ro, rl, rs = PA.prefill_attention_ans_reference(q, k, v, dk, dv, D**-0.5)
+        o, l, s = PA.prefill_attention_ans_triton(q, k, v, dk, dv, D**-0.5)
+        fo, fl, fs = PA.prefill_attention_ans_triton(q, k, v, dk, dv, D**-0.5, fused=True)
+        out[str(dtype)] = {"out": rel(o, ro), "lse": rel(l, rl), "scores_two_pass": rel(s, rs),
+                           "scores_fused": rel(fs, rs), "out_fused": rel(fo, ro),
+                           "nan": bool(o.isnan().any() or s.isnan().any() or fs.isnan().any())}
+    RESULTS["correct_prefill"] = out
+    log("correct_prefill", out)
+
+
+@section("correct_decode")
+def correct_decode():
+    out = {}
+    cases = [("1", 2, 8192, torch.bfloat16), ("1", 2, 8192, torch.float16), ("0.375", 2, 8192, torch.bfloat16),
+             ("0.375", 2, 8192, torch.float16), ("1", 1, 131072, torch.bfloat16)]
+    cases.append(("1", 2, 8192, "fp8cb"))
+    if DRY:
+        cases = [("1", 2, 300, torch.float16), ("0.375", 1, 200, torch.float16), ("1", 1, 200, "fp8cb")]
+    for bits, b, ctx, dtype in cases:
+        fp8 = dtype == "fp8cb"
+        dtype = torch.float16 if fp8 else dtype
+        args = decode_inputs(bits, b, ctx, dtype, seed=1)
+        if fp8:
+            args[11], args[14] = args[11].to(torch.float8_e4m3fn), args[14].to(torch.float8_e4m3fn)
+        o_ref, l_ref = DA.decode_attention_reference(*args)
+        o, l = DA.decode_attention_triton(*args, poison=True)
+        o2, _ = DA.decode_attention_triton(*args, poison=True, submajor=True, num_warps=8)
+        out[f"{bits}bit_B{b}_{ctx}_{str(dtype)[6:]}{'_fp8cb' if fp8 else ''}"] = {
+            "out": rel(o, o_ref), "lse": rel(l, l_ref), "out_submajor": rel(o2, o_ref),
+                                                          "nan": bool(o.isnan().any() or l.isnan().any())}
+        del args, o_ref, l_ref
+        empty_cache()
+    RESULTS["correct_decode"] = out
+    log("correct_decode", out)
+
+
+@section("opcheck_cuda")
+def opcheck_cuda():
+    from antkv_compile.kernels import ops as O
+    b, t, d = 1, 40, 64
+    cbk, cbv = make_codebooks("1", heads=2, d=d, cent_dtype=torch.float32)
+    q = torch.randn(b, 4, t, d, device=DEV, dtype=torch.float16)
+    k = torch.randn(b, 2, t, d, device=DEV, dtype=torch.float16)
+    v = torch.randn(b, 2, t, d, device=DEV, dtype=torch.float16)
+    dk, dv = 0.2 * torch.randn(b, 2, t, d, device=DEV), 0.2 * torch.randn(b, 2, t, d, device=DEV)
+    o, l = O.prefill_attention(q, k, v, 0.125)
+    res = {}
+    cases = {"vq_encode": (k, cbk.centroids, cbk.transform, cbk.inverse, cbk.mean),
+             "prefill_attention": (q, k, v, 0.125), "anchor_scores": (q, k, v, dk, dv, o, l, 0.125),
+             "prefill_attention_ans": (q, k, v, dk, dv, 0.125)}
+    for name, a in cases.items():
+        torch.library.opcheck(O.OPS[name], a)
+        res[name] = "ok"
+    cap, a_cap = 64, 4
+    bufs = lambda: (torch.zeros(b, 2, cap, cbk.codes_per_vector, dtype=torch.uint8, device=DEV),  # noqa: E731
+                    torch.zeros(b, 2, cap, cbv.codes_per_vector, dtype=torch.uint8, device=DEV),
+                    torch.zeros(b, 2, a_cap, d, device=DEV, dtype=torch.float16),
+                    torch.zeros(b, 2, a_cap, d, device=DEV, dtype=torch.float16),
+                    torch.full((b, 2, a_cap), -1, dtype=torch.int32, device=DEV),
+                    torch.full((b, 2, a_cap), float("-inf"), device=DEV),
+                    torch.zeros(b, 2, 2, dtype=torch.int32, device=DEV))
+    n0 = torch.zeros(b, dtype=torch.int32, device=DEV)
+    torch.library.opcheck(O.window_flush, (*bufs(), n0, q, k, v, o, l, cbk.centroids, cbk.transform, cbk.inverse,
+                                           cbk.mean, cbv.centroids, cbv.transform, cbv.inverse, cbv.mean, 0.125, 0.1,
+                                           "ans"))
+    res["window_flush"] = "ok"
+    # flush on the GPU equals the CPU reference op
+    gb, cb_ = list(bufs()), [x.cpu() for x in bufs()]
+    O.window_flush(*gb, n0, q, k, v, o, l, cbk.centroids, cbk.transform, cbk.inverse, cbk.mean, cbv.centroids,
+                   cbv.transform, cbv.inverse, cbv.mean, 0.125, 0.1, "ans")
+    cpu = lambda x: x.cpu()  # noqa: E731
+    O.window_flush(*cb_, n0.cpu(), cpu(q), cpu(k), cpu(v), cpu(o), cpu(l), *(cpu(x) for x in (
+        cbk.centroids, cbk.transform, cbk.inverse, cbk.mean, cbv.centroids, cbv.transform, cbv.inverse, cbv.mean)),
+        0.125, 0.1, "ans")
+    res["flush_gpu_vs_cpu"] = {"codes_agree": float((gb[0].cpu() == cb_[0]).float().mean()),
+                               "anchor_sets_equal": all(
+                                   sorted(gb[4][0, h].cpu().tolist()) == sorted(cb_[4][0, h].tolist()) for h in range(2)),
+                               "score_rel": rel(gb[5][gb[4] >= 0].cpu(), cb_[5][cb_[4] >= 0])}
+    args = decode_inputs("1", 2, 4096, torch.float16, seed=3)
+    torch.library.opcheck(O.decode_attention, tuple(args))
+    res["decode_attention"] = "ok"
+    # CUDA graph capture + replay with new inputs, and torch.compile(mode="reduce-overhead")
+    static_q = args[0].clone()
+    gargs = [static_q, *args[1:]]
+    outs = {}
+
+    def capture():
+        outs["o"] = torch.ops.antkv.decode_attention(*gargs)[0]
+    replay = graph_of(capture)
+    new_q = torch.randn_like(static_q)
+    static_q.copy_(new_q)
+    replay()
+    eager = torch.ops.antkv.decode_attention(new_q, *args[1:])[0]
+    res["cuda_graph_replay_rel"] = rel(outs["o"], eager)
+
+    def step(qq, *rest):
+        return torch.ops.antkv.decode_attention(qq, *rest)[0] * 1.0
+
+    if not DRY:
+        cstep = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+        for _ in range(3):
+            got = cstep(new_q, *args[1:])
+        res["compile_reduce_overhead_rel"] = rel(got, eager)
+    RESULTS["opcheck_cuda"] = res
+    log("opcheck_cuda", res)
+
+
+def _probe_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _gather_probe(TAB, OUT, MODE: tl.constexpr, BN: tl.constexpr, VEC: tl.constexpr, ITERS: tl.constexpr):
+        """Each lane gathers VEC consecutive fp16 (16 bytes) of a row of a 64 KB table; MODE 0: random row of
+        4096, 1: random row of 256 (one 4 KB sub-space table), 2: consecutive rows (coalesced), 3: random
+        row but the 32 lanes of a warp read 16 different 256-row tables (the non-subspace-major order)."""
+        pid = tl.program_id(0)
+        e = tl.arange(0, VEC)
+        acc = tl.zeros([BN, VEC], tl.float32)
+        for it in range(ITERS):
+            offs = (pid * ITERS + it) * BN + tl.arange(0, BN)
+            h = (offs * 1103515245 + 12345) >> 9
+            if MODE == 0:
+                row = h & 4095
+            elif MODE == 1:
+                row = h & 255
+            elif MODE == 2:
+                row = offs & 4095
+            else:
+                row = (offs % 16) * 256 + (h & 255)
+            acc += tl.load(TAB + row[:, None] * VEC + e[None, :], cache_modifier=".ca").to(tl.float32)
+        tl.store(OUT + (pid * BN + tl.arange(0, BN))[:, None] * VEC + e[None, :], acc)
+    return _gather_probe
+
+
+@section("micro")
+def micro():
+    """Gather throughput of the L1 path (evidence for the decode kernel's limit)."""
+    k = _probe_kernel()
+    tab = torch.randn(4096 * 8, device=DEV, dtype=torch.float16)
+    sms = RESULTS["env"]["sms"]
+    progs, bn, iters = (4, 32, 2) if DRY else (sms * 8, 256, 256)
+    out = torch.empty(progs * bn * 8, device=DEV, dtype=torch.float32)
+    res = {}
+    for mode, name in ((0, "random_4096_rows"), (1, "random_256_rows"), (2, "coalesced"), (3, "16_tables_per_warp")):
+        t = bench(lambda: k[(progs,)](tab, out, MODE=mode, BN=bn, VEC=8, ITERS=iters, num_warps=4))
+        n = progs * bn * iters
+        res[name] = {"ms": t, "gathers_per_ns": n / (t * 1e6), "gathers_per_clk_per_sm_at_1.98GHz": n / (t * 1e-3) / 1.98e9 / sms}
+    RESULTS["micro"] = res
+    log("micro", res)
+
+
+@section("breakdown")
+def breakdown(best):
+    """Each of the three launches alone (CUDA-graph replays), and the PyTorch prologue / merge instead."""
+    rows = []
+    shapes = [("1", 1, 8192), ("1", 1, 131072), ("1", 32, 131072)]
+    if DRY:
+        shapes = [("1", 1, 300)]
+    for bits, b, ctx in shapes:
+        args = decode_inputs(bits, b, ctx, torch.float16, seed=5)
+        cfg = dict(best.get(bits, {}))
+        cent = cfg.pop("cent", "fp16")
+        if cent == "fp8":
+            args[11], args[14] = args[11].to(torch.float8_e4m3fn), args[14].to(torch.float8_e4m3fn)
+        rec = {"bits": bits, "batch": b, "ctx": ctx, "cfg": cfg}
+        plan = DA.DecodePlan(*args, **cfg)
+        plan()
+        rec["splits"] = list(plan.splits)
+        for name, fn in (("prologue", plan.prologue), ("partials", plan.partials), ("merge", plan.merge), ("all", plan)):
+            rec[name + "_us"] = 1e3 * bench(graph_of(fn))
+        for opt in ({"prologue": "torch"}, {"merge": "torch"}):
+            p2 = DA.DecodePlan(*args, **{**cfg, **opt})
+            p2()
+            rec["all_" + "_".join(f"{k_}={v_}" for k_, v_ in opt.items()) + "_us"] = 1e3 * bench(graph_of(p2))
+        args0 = list(args)
+        args0[4] = torch.zeros_like(args[4])  # nothing coded: the exact programs, prologue and merge alone
+        p0 = DA.DecodePlan(*args0, **cfg)
+        p0()
+        rec["all_nothing_coded_us"] = 1e3 * bench(graph_of(p0))
+        k_ = DA.LAST_LAUNCH.get("decode")
+        rec["regs"], rec["spills"] = getattr(k_, "n_regs", None), getattr(k_, "n_spills", None)
+        rows.append(rec)
+        log("breakdown", rec)
+        del args, args0
+        empty_cache()
+    RESULTS["breakdown"] = rows
+
+
+@section("decode_sweep")
+def decode_sweep(quick):
+    """Kernel configurations at two shapes; the best is used for the table."""
+    base = dict(block_n=64, num_warps=4, num_stages=2, gather_cache=".ca")
+    variants = [dict(base, submajor=False), dict(base, submajor=True), dict(base, submajor=True, num_warps=8),
+                dict(base, submajor=True, block_n=32), dict(base, submajor=True, num_warps=8, split_mult=0.5),
+                dict(base, submajor=True, num_warps=8, split_mult=2), dict(base, submajor=False, split_mult=0.5),
+                dict(base, submajor=True, num_warps=8, cent="fp8"), dict(base, submajor=True, num_warps=8,
+                                                                           cent="fp8", split_mult=0.5)]
+    if quick:
+        variants = variants[:3]
+    shapes = [("1", 1, 131072), ("1", 8, 32768), ("0.375", 1, 131072)]
+    if DRY:
+        shapes, variants = [("1", 1, 500), ("0.375", 2, 300)], variants[:2] + variants[-1:]
+    out = []
+    sms = RESULTS['env']['sms']
+    for bits, b, ctx in shapes:
+        args = decode_inputs(bits, b, ctx, torch.float16, seed=2)
+        o_ref, _ = DA.decode_attention_triton(*args, submajor=False)
+        args8 = list(args)
+        args8[11], args8[14] = args[11].to(torch.float8_e4m3fn), args[14].to(torch.float8_e4m3fn)
+        o_ref8, _ = DA.decode_attention_triton(*args8, submajor=False)
+        for var in variants:
+            var = dict(var)
+            mult = var.pop("split_mult", 1)
+            cent = var.pop("cent", "fp16")
+            a_ = args8 if cent == "fp8" else args
+            pc, pa = DA.default_splits(b, HKV, ctx, args[5].shape[2], sms, var["block_n"], mult=mult)
+            try:
+                o, _ = DA.decode_attention_triton(*a_, splits=(pc, pa), **var)
+                ok = rel(o, o_ref8 if cent == "fp8" else o_ref) < 1e-2
+                replay = graph_of(lambda: DA.decode_attention_triton(*a_, splits=(pc, pa), **var))
+                t = bench(replay)
+                k = DA.LAST_LAUNCH.get("decode")
+                regs = (getattr(k, "n_regs", None), getattr(k, "n_spills", None)) if k is not None else (None, None)
+            except Exception as exc:  # noqa: BLE001
+                log("variant failed", bits, b, ctx, var, exc)
+                t, ok, regs = float("nan"), False, (None, None)
+            rec = {"bits": bits, "batch": b, "ctx": ctx, **var, "split_mult": mult, "cent": cent, "splits": [pc, pa],
+                   "ms": t, "ok": ok, "regs": regs[0], "spills": regs[1]}
+            out.append(rec)
+            log("decode_variant", rec)
+        del args, args8, a_
+        empty_cache()
+    RESULTS["decode_sweep"] = out
+    best = {}
+    for bits in ("1", "0.375"):
+        recs = [r for r in out if r["bits"] == bits and r["ok"] and r["ms"] == r["ms"]]
+        if not recs:
+            continue
+        # rank variants by the sum of their normalized times over the shapes of this preset
+        keyf = lambda r: tuple((k, r.get(k, False)) for k in ("block_n", "num_warps", "num_stages", "gather_cache",  # noqa: E731
+                                                            "split_mult", "submajor", "cent"))
+        score: dict = {}
+        for r in recs:
+            base = min(x["ms"] for x in recs if (x["batch"], x["ctx"]) == (r["batch"], r["ctx"]))
+            score.setdefault(keyf(r), []).append(r["ms"] / base)
+        ranked = sorted(score, key=lambda k: sum(score[k]) / len(score[k]))
+        best[bits] = dict(ranked[0])
+        best[bits + "_fp16"] = dict(next(k for k in ranked if dict(k)["cent"] == "fp16"))
+        best[bits + "_second"] = dict(next((k for k in ranked[1:] if dict(k)["cent"] == dict(ranked[0])["cent"]), ranked[0]))
+    RESULTS["decode_best"] = best
+    log("decode_best", best)
+    return best
+
+
+@section("decode")
+def decode_table(best, quick):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    rows = []
+    copy_bw = RESULTS.get("ceilings", {}).get("copy_GBps", float("nan")) * 1e9
+    sms = RESULTS['env']['sms']
+    ctxs = [8192, 32768, 131072]
+    batches = [1, 8] if quick else [1, 8, 32]
+    if DRY:
+        ctxs, batches = [200, 600], [1, 2]
+    for ctx in ctxs:
+        for b in batches:
+            # FP16 SDPA decode (flash, GQA)
+            q = torch.randn(b, HQ, 1, D, device=DEV, dtype=torch.float16)
+            k = torch.randn(b, HKV, ctx, D, device=DEV, dtype=torch.float16)
+            v = torch.randn(b, HKV, ctx, D, device=DEV, dtype=torch.float16)
+            backend = "flash"
+            try:
+                def sdpa():
+                    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+                sdpa()
+            except Exception:  # noqa: BLE001
+                backend = "default"
+
+                def sdpa():
+                    return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            t_sdpa = bench(graph_of(sdpa))
+            sdpa_bytes = 2 * b * HKV * ctx * D * 2 + 2 * b * HQ * D * 2
+            del k, v
+            empty_cache()
+            for bits in ("1", "0.375"):
+                args = decode_inputs(bits, b, ctx, torch.float16, seed=4)
+                args8 = list(args)
+                args8[11], args8[14] = args[11].to(torch.float8_e4m3fn), args[14].to(torch.float8_e4m3fn)
+                cands = [best.get(bits + "_fp16"), best.get(bits + "_second"), best.get(bits)]
+                timed = {}
+                for cfg in cands:
+                    if not cfg:
+                        continue
+                    cfg = dict(cfg)
+                    mult = cfg.pop("split_mult", 1)
+                    cent = cfg.pop("cent", "fp16")
+                    key = json.dumps([cent, mult, cfg], sort_keys=True)
+                    if key in timed:
+                        continue
+                    a_ = args8 if cent == "fp8" else args
+                    pc, pa = DA.default_splits(b, HKV, ctx, args[5].shape[2], sms, cfg.get("block_n", 64), mult=mult)
+                    t = bench(graph_of(lambda: DA.decode_attention_triton(*a_, splits=(pc, pa), **cfg)))
+                    timed[key] = (t, cent, [pc, pa])
+                fp16 = min((v for v in timed.values() if v[1] == "fp16"), key=lambda v: v[0])
+                fp8 = min((v for v in timed.values() if v[1] == "fp8"), key=lambda v: v[0], default=None)
+                t, _, spl = fp16
+                by = decode_bytes(args, sum(spl))
+                rec = {"bits": bits, "ctx": ctx, "batch": b, "ms": t, "sdpa_ms": t_sdpa, "sdpa_backend": backend,
+                       "speedup": t_sdpa / t, "bytes": by, "GBps": by["total"] / (t * 1e-3) / 1e9,
+                       "bw_frac": by["total"] / (t * 1e-3) / copy_bw, "sdpa_GBps": sdpa_bytes / (t_sdpa * 1e-3) / 1e9,
+                       "byte_ratio": sdpa_bytes / by["total"], "splits": spl, "configs_timed": timed,
+                       "ms_fp8_centroids": fp8[0] if fp8 else None,
+                       "speedup_fp8_centroids": t_sdpa / fp8[0] if fp8 else None}
+                rows.append(rec)
+                log("decode", {k_: v_ for k_, v_ in rec.items() if k_ not in ("bytes", "configs_timed")})
+                del args, args8
+                empty_cache()
+    RESULTS["decode"] = rows
+
+
+@section("prefill")
+def prefill(quick):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    rows = []
+    fwd_cfgs = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
+    ans_cfgs = [(64, 64, 8, 2), (64, 32, 4, 1), (64, 64, 4, 2), (128, 64, 8, 2)]
+    fused_cfgs = [(64, 64, 8, 2), (128, 32, 8, 2)]
+    ts = [8192] if quick else [8192, 32768]
+    if DRY:
+        ts, fwd_cfgs, ans_cfgs, fused_cfgs = [100], [(32, 32, 4, 1)], [(32, 32, 4, 1)], [(32, 32, 4, 1)]
+    for t in ts:
+        dtype = torch.float16
+        q = torch.randn(1, HQ, t, D, device=DEV, dtype=dtype)
+        k = torch.randn(1, HKV, t, D, device=DEV, dtype=dtype)
+        v = torch.randn(1, HKV, t, D, device=DEV, dtype=dtype)
+        dk = (0.3 * torch.randn(1, HKV, t, D, device=DEV)).to(dtype)
+        dv = (0.3 * torch.randn(1, HKV, t, D, device=DEV)).to(dtype)
+        scale = D**-0.5
+        ms = 400 if t > 8192 else 200
+
+        def sdpa():
+            if DRY:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        t_sdpa = bench(sdpa, ms=ms)
+        flops = 4 * HQ * t * t * D / 2
+        rec = {"T": t, "sdpa_ms": t_sdpa, "sdpa_TFLOPs": flops / (t_sdpa * 1e-3) / 1e12}
+        fwd = {}
+        for cfg in fwd_cfgs:
+            try:
+                fwd[cfg] = bench(lambda: PA.prefill_attention_triton(q, k, v, scale, blocks=cfg), ms=ms)
+            except Exception as exc:  # noqa: BLE001
+                log("fwd cfg failed", cfg, exc)
+        best_fwd = min(fwd, key=fwd.get)
+        out, lse = PA.prefill_attention_triton(q, k, v, scale, blocks=best_fwd)
+        ans = {}
+        for cfg in ans_cfgs:
+            try:
+                ans[cfg] = bench(lambda: PA.anchor_scores_triton(q, k, v, dk, dv, out, lse, scale, blocks=cfg), ms=ms)
+            except Exception as exc:  # noqa: BLE001
+                log("ans cfg failed", cfg, exc)
+        best_ans = min(ans, key=ans.get)
+        fused = {}
+        for cfg in fused_cfgs:
+            try:
+                fused[cfg] = bench(lambda: PA.prefill_attention_triton(q, k, v, scale, dk=dk, dv=dv, fused_ans=True,
+                                                                       blocks=cfg), ms=ms)
+            except Exception as exc:  # noqa: BLE001
+                log("fused cfg failed", cfg, exc)
+        enc = {}
+        for bits in ("1", "0.375"):
+            cbk, cbv = make_codebooks(bits, cent_dtype=torch.float32)
+            enc[bits] = bench(lambda: (VQ.vq_encode_triton(k, cbk.centroids, cbk.transform, cbk.inverse, cbk.mean),
+                                       VQ.vq_encode_triton(v, cbv.centroids, cbv.transform, cbv.inverse, cbv.mean)), ms=ms)
+        a = math.ceil(0.01 * t)
+        sel_bufs = (torch.zeros(1, HKV, a, D, device=DEV, dtype=dtype), torch.zeros(1, HKV, a, D, device=DEV, dtype=dtype),
+                    torch.full((1, HKV, a), -1, dtype=torch.int32, device=DEV),
+                    torch.full((1, HKV, a), float("-inf"), device=DEV),
+                    torch.zeros(1, HKV, math.ceil(t / 32), dtype=torch.int32, device=DEV))
+        sc = torch.rand(1, HKV, t, device=DEV)
+        n0 = torch.zeros(1, dtype=torch.int32, device=DEV)
+        t_sel = bench(lambda: AN.select_anchors_(*sel_bufs, sc, k, v, n0, 0.01), ms=ms)
+        t_ans = min(ans.values())
+        t_fused = min(fused.values()) if fused else float("nan")
+        rec.update({"fwd_ms": fwd, "ans_ms": ans, "fused_ms": fused, "encode_ms": enc, "select_ms": t_sel,
+                    "best_fwd": best_fwd, "best_ans": best_ans, "fwd_TFLOPs": flops / (fwd[best_fwd] * 1e-3) / 1e12,
+                    "attn_plus_scores_ms": min(fwd[best_fwd] + t_ans, t_fused),
+                    "schedule": "two-pass" if fwd[best_fwd] + t_ans <= t_fused else "fused"})
+        rec["ratio_vs_sdpa"] = rec["attn_plus_scores_ms"] / t_sdpa
+        for bits in ("1", "0.375"):
+            rec[f"pipeline_ms_{bits}"] = rec["attn_plus_scores_ms"] + enc[bits] + t_sel
+            rec[f"pipeline_ratio_{bits}"] = rec[f"pipeline_ms_{bits}"] / t_sdpa
+        rows.append({kk: ({str(c): x for c, x in vv.items()} if isinstance(vv, dict) else vv) for kk, vv in rec.items()})
+        log("prefill", rows[-1])
+        del q, k, v, dk, dv, out, lse
+        empty_cache()
+    RESULTS["prefill"] = rows
+
+
+@section("flush")
+def flush_timing():
+    """Decode-time window flush (W = 64) at B = 8 into a 32K store: encode + scores + selection."""
+    b, w, cap = (2, 8, 64) if DRY else (8, 64, 32768)
+    dtype = torch.float16
+    cbk, cbv = make_codebooks("1", cent_dtype=torch.float32)
+    a = math.ceil(0.01 * cap)
+    c = cbk.codes_per_vector
+    bufs = (torch.zeros(b, HKV, cap, c, dtype=torch.uint8, device=DEV), torch.zeros(b, HKV, cap, c, dtype=torch.uint8, device=DEV),
+            torch.zeros(b, HKV, a, D, device=DEV, dtype=dtype), torch.zeros(b, HKV, a, D, device=DEV, dtype=dtype),
+            torch.full((b, HKV, a), -1, dtype=torch.int32, device=DEV), torch.full((b, HKV, a), float("-inf"), device=DEV),
+            torch.zeros(b, HKV, cap // 32, dtype=torch.int32, device=DEV))
+    n0 = torch.full((b,), 10 if DRY else 1000, dtype=torch.int32, device=DEV)
+    q = torch.randn(b, HQ, w, D, device=DEV, dtype=dtype)
+    k = torch.randn(b, HKV, w, D, device=DEV, dtype=dtype)
+    v = torch.randn(b, HKV, w, D, device=DEV, dtype=dtype)
+    o, lse = PA.prefill_attention_triton(q, k, v, D**-0.5)
+    cb = (cbk.centroids, cbk.transform, cbk.inverse, cbk.mean, cbv.centroids, cbv.transform, cbv.inverse, cbv.mean)
+    fn = lambda: torch.ops.antkv.window_flush(*bufs, n0, q, k, v, o, lse, *cb, D**-0.5, 0.01, "ans")  # noqa: E731
+    t_eager = bench(fn)
+    t_graph = bench(graph_of(fn))
+    RESULTS["flush"] = {"batch": b, "window": w, "eager_ms": t_eager, "graph_ms": t_graph}
+    log("flush", RESULTS["flush"])
+
+
+# ------------------------------------------------------------------------------------------------ report
+def plot(path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    rows = RESULTS.get("decode") or []
+    for bits, ls in (("1", "-"), ("0.375", "--")):
+        for b in sorted({r["batch"] for r in rows}):
+            rr = [r for r in rows if r["bits"] == bits and r["batch"] == b]
+            if rr:
+                axes[0].plot([r["ctx"] // 1024 for r in rr], [r["speedup"] for r in rr], ls, marker="o",
+                             label=f"{bits} bit, B={b}")
+    axes[0].axhline(8, color="gray", lw=0.8)
+    axes[0].set_xscale("log", base=2)
+    axes[0].set_xlabel("context (K tokens)")
+    axes[0].set_ylabel("speed-up over FP16 SDPA flash decode")
+    axes[0].set_title("decode attention (Llama-3-8B heads)")
+    axes[0].legend(fontsize=7)
+    pre = RESULTS.get("prefill") or []
+    if pre:
+        labels = [f"{r['T'] // 1024}K" for r in pre]
+        x = range(len(pre))
+        axes[1].bar([i - 0.2 for i in x], [r["ratio_vs_sdpa"] for r in pre], 0.4, label="attention + Anchor Scores")
+        axes[1].bar([i + 0.2 for i in x], [r.get("pipeline_ratio_1", 0) for r in pre], 0.4,
+                    label="+ encode + selection (1 bit)")
+        axes[1].axhline(1.3, color="gray", lw=0.8)
+        axes[1].set_xticks(list(x), labels)
+        axes[1].set_ylabel("time / FP16 SDPA flash prefill")
+        axes[1].set_title("prefill")
+        axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def table() -> str:
+    lines = []
+    env_ = RESULTS.get("env", {})
+    ce = RESULTS.get("ceilings", {})
+    lines.append(f"device {env_.get('device')}  torch {env_.get('torch')}  triton {env_.get('triton')}  "
+                 f"copy {ce.get('copy_GBps', float('nan')):.0f} GB/s  bf16 mm {ce.get('bf16_matmul_TFLOPs', float('nan')):.0f} TFLOP/s")
+    lines.append("DECODE (ms, median; FP16 SDPA flash+GQA vs antkv, CUDA-graph replays)")
+    lines.append(f"{'bits':>5} {'ctx':>7} {'B':>3} {'sdpa':>8} {'antkv':>8} {'x':>6} {'GB/s':>7} {'%copy':>6} {'bytes x':>7}"
+                 f" {'fp8cb':>8} {'x fp8cb':>7}")
+    for r in RESULTS.get("decode") or []:
+        f8 = r.get("ms_fp8_centroids") or float("nan")
+        lines.append(f"{r['bits']:>5} {r['ctx']:>7} {r['batch']:>3} {r['sdpa_ms']:8.3f} {r['ms']:8.3f} {r['speedup']:6.2f} "
+                     f"{r['GBps']:7.0f} {100 * r['bw_frac']:6.1f} {r['byte_ratio']:7.1f} {f8:8.3f} {r['sdpa_ms'] / f8:7.2f}")
+    lines.append("PREFILL (ms; B=1, fp16)")
+    lines.append(f"{'T':>6} {'sdpa':>8} {'fwd':>8} {'scores':>8} {'fused':>8} {'attn+AnS':>9} {'ratio':>6} {'enc1':>7} "
+                 f"{'enc.375':>7} {'sel':>6} {'pipe1 x':>7}")
+    for r in RESULTS.get("prefill") or []:
+        fwd = min(r["fwd_ms"].values())
+        ans = min(r["ans_ms"].values())
+        fu = min(r["fused_ms"].values()) if r["fused_ms"] else float("nan")
+        lines.append(f"{r['T']:>6} {r['sdpa_ms']:8.2f} {fwd:8.2f} {ans:8.2f} {fu:8.2f} {r['attn_plus_scores_ms']:9.2f} "
+                     f"{r['ratio_vs_sdpa']:6.2f} {r['encode_ms']['1']:7.2f} {r['encode_ms']['0.375']:7.2f} "
+                     f"{r['select_ms']:6.2f} {r['pipeline_ratio_1']:7.2f}")
+    for name in ("decode_best", "micro", "breakdown", "correct_encode", "correct_prefill", "correct_decode", "opcheck_cuda",
+                 "flush"):
+        if name in RESULTS:
+            lines.append(f"{name}: {json.dumps(RESULTS[name], default=str)}")
+    bad = [k for k, v in RESULTS["sections"].items() if not v["ok"]]
+    lines.append(f"sections failed: {bad}")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None, help="folder for JSON + PNG (default: $OUT, else benchmarks/results)")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", default="", help="comma-separated sections to run (default: all)")
+    ap.add_argument("--dry", action="store_true", help="CPU + TRITON_INTERPRET=1, tiny shapes: checks the script")
+    a = ap.parse_args()
+    if a.dry:
+        global DRY, DEV, HQ, HKV, D
+        DRY, DEV, HQ, HKV, D = True, "cpu", 4, 2, 32
+    out_dir = a.out or os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results")
+    os.makedirs(out_dir, exist_ok=True)
+    global PARTIAL
+    PARTIAL = os.path.join(out_dir, "kernels_bench_partial.json")
+    only = set(filter(None, a.only.split(",")))
+    want = lambda n: not only or n in only  # noqa: E731
+    env(" ".join(["python"] + sys.argv))
+    ceilings()
+    if want("correct"):
+        correct_encode()
+        correct_prefill()
+        correct_decode()
+        opcheck_cuda()
+    base = {"block_n": 64, "num_warps": 4, "num_stages": 2, "gather_cache": ".ca", "cent": "fp16"}
+    best = {k: dict(base) for k in ("1", "0.375", "1_fp16", "0.375_fp16")}
+    if want("micro"):
+        micro()
+    if want("decode"):
+        best = decode_sweep(a.quick) or best
+        breakdown(best)
+        decode_table(best, a.quick)
+    if want("prefill"):
+        prefill(a.quick)
+    if want("flush"):
+        flush_timing()
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    with open(os.path.join(out_dir, f"kernels_bench_{stamp}.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1, default=str)
+    try:
+        plot(os.path.join(out_dir, f"kernels_bench_{stamp}.png"))
+    except Exception as exc:  # noqa: BLE001
+        log("plot failed", exc)
+    with open(os.path.join(out_dir, f"kernels_bench_{stamp}.log"), "w") as f:
+        f.write("\n".join(LOG))
+    print("\n" + table())
+
+
+if __name__ == "__main__":
+    main()
