@@ -435,6 +435,7 @@ def decode_sweep(quick):
     variants = [dict(base, submajor=False), dict(base, submajor=True), dict(base, submajor=True, num_warps=8),
                 dict(base, submajor=True, block_n=32), dict(base, submajor=True, num_warps=8, split_mult=0.5),
                 dict(base, submajor=True, num_warps=8, split_mult=2), dict(base, submajor=False, split_mult=0.5),
+                dict(base, submajor=False, num_stages=1), dict(base, submajor=True, num_warps=8, num_stages=1),
                 dict(base, submajor=True, num_warps=8, cent="fp8"), dict(base, submajor=True, num_warps=8,
                                                                            cent="fp8", split_mult=0.5)]
     if quick:
@@ -488,6 +489,9 @@ def decode_sweep(quick):
         ranked = sorted(score, key=lambda k: sum(score[k]) / len(score[k]))
         best[bits] = dict(ranked[0])
         best[bits + "_fp16"] = dict(next(k for k in ranked if dict(k)["cent"] == "fp16"))
+        fp8_ranked = [k for k in ranked if dict(k)["cent"] == "fp8"]
+        if fp8_ranked:
+            best[bits + "_fp8"] = dict(fp8_ranked[0])
         best[bits + "_second"] = dict(next((k for k in ranked[1:] if dict(k)["cent"] == dict(ranked[0])["cent"]), ranked[0]))
     RESULTS["decode_best"] = best
     log("decode_best", best)
@@ -529,7 +533,9 @@ def decode_table(best, quick):
                 args = decode_inputs(bits, b, ctx, torch.float16, seed=4)
                 args8 = list(args)
                 args8[11], args8[14] = args[11].to(torch.float8_e4m3fn), args[14].to(torch.float8_e4m3fn)
-                cands = [best.get(bits + "_fp16"), best.get(bits + "_second"), best.get(bits)]
+                cands = [best.get(bits + "_fp16"), best.get(bits + "_second"), best.get(bits), best.get(bits + "_fp8")]
+                if best.get(bits + "_fp16"):
+                    cands += [dict(best[bits + "_fp16"], merge="torch"), dict(best[bits + "_fp16"], prologue="torch")]
                 timed = {}
                 for cfg in cands:
                     if not cfg:
@@ -566,7 +572,7 @@ def prefill(quick):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     rows = []
     fwd_cfgs = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
-    ans_cfgs = [(64, 64, 8, 2), (64, 32, 4, 1), (64, 64, 4, 2), (128, 64, 8, 2)]
+    ans_cfgs = [(64, 64, 8, 2), (64, 32, 4, 1), (64, 64, 4, 2), (128, 64, 8, 2), (32, 64, 4, 2), (64, 64, 4, 3)]
     fused_cfgs = [(64, 64, 8, 2), (128, 32, 8, 2)]
     ts = [8192] if quick else [8192, 32768]
     if DRY:
