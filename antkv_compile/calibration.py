@@ -25,6 +25,7 @@ from .models import kv_geometry
 from .numerics.anchor_score import weights_for_calibration
 from .numerics.attention import causal_mask, exact_attention, group_queries
 from .numerics.codebook_learning import LearningOptions, learn_codebook
+from .numerics.rope import RopeTable, unrotate
 
 
 @dataclasses.dataclass
@@ -63,8 +64,11 @@ def value_metric_from_o_proj(model, layer_index: int, num_kv_heads: int, head_di
 
 
 @torch.no_grad()
-def collect_statistics(model, contexts: Tensor, *, progress: bool = True) -> list[LayerStatistics]:
-    """Run every context [n, L] through the model with exact attention and gather statistics."""
+def collect_statistics(model, contexts: Tensor, *, progress: bool = True, key_space: str = "post_rope") -> list[LayerStatistics]:
+    """Run every context [n, L] through the model with exact attention and gather statistics.
+
+    key_space "pre_rope" records keys unrotated by their positions (for pre-RoPE codebooks)."""
+    rope = RopeTable.from_model(model) if key_space == "pre_rope" else None
     geom = kv_geometry(model.config)
     stats = [LayerStatistics() for _ in range(geom.num_layers)]
     for i, s in enumerate(stats):
@@ -77,6 +81,8 @@ def collect_statistics(model, contexts: Tensor, *, progress: bool = True) -> lis
         out, lse = exact_attention(q, k, v, scale, mask)
         wk, wv = weights_for_calibration(q, k, v, out, lse, scale, mask)
         st = stats[layer]
+        if rope is not None:
+            k = unrotate(k.float(), *rope(pos))
         st.keys.append(k.float().transpose(0, 1).flatten(1, 2).clone())
         st.values.append(v.float().transpose(0, 1).flatten(1, 2).clone())
         st.w_key.append(wk.transpose(0, 1).flatten(1))
@@ -119,6 +125,7 @@ def learn_artifact(
     text_info: dict,
     seed: int = 0,
     progress: bool = True,
+    key_space: str = "post_rope",
 ) -> CodebookArtifact:
     """Fit key and value codebooks for every layer."""
     value_options = value_options or options
@@ -135,7 +142,7 @@ def learn_artifact(
         "preset": dataclasses.asdict(preset) | {"nominal_bits": preset.nominal_bits},
         "key_options": dataclasses.asdict(options),
         "value_options": dataclasses.asdict(value_options),
-        "key_space": "post_rope",
+        "key_space": key_space,
         "calibration": text_info | {"seconds_kmeans": round(time.time() - t0, 1)},
         "seed": seed,
     }

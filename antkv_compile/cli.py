@@ -55,7 +55,7 @@ def _learn(stats, recipe, model, args, text_spec, text, ctx):
 
     return learn_artifact(
         stats, get_preset(recipe.bits), options=recipe.key_options, value_options=recipe.value_options,
-        model_info=model_identity(model, _model_id(args)),
+        model_info=model_identity(model, _model_id(args)), key_space=recipe.key_space,
         text_info={"text": str(text_spec), "sha256_16": text_fingerprint(text), "tokens": int(ctx.numel()),
                    "context_len": int(ctx.shape[1])},
         seed=args.seed, progress=not args.quiet,
@@ -107,7 +107,7 @@ def cmd_eval(args) -> int:
     n_ctx = max(1, args.tokens // args.context_len)
     contexts = token_contexts(tok, text, args.context_len, num_contexts=n_ctx)
 
-    artifacts, stats = {}, None
+    artifacts, stats = {}, {}
     art_root = Path(args.artifacts)
     for recipe_name in sorted({s.artifact for s in specs if s.artifact}):
         d = art_root / recipe_name
@@ -117,10 +117,12 @@ def cmd_eval(args) -> int:
             continue
         except ArtifactError:
             pass
-        if stats is None:
+        recipe = RECIPES[recipe_name]
+        if recipe.key_space not in stats:
             ctext, cctx = _calibration_contexts(tok, args.calib_text, args.calib_tokens, args.calib_context_len)
-            stats = collect_statistics(model, cctx.to(args.device), progress=not args.quiet)
-        artifacts[recipe_name] = _learn(stats, RECIPES[recipe_name], model, args, args.calib_text, ctext, cctx)
+            stats[recipe.key_space] = collect_statistics(model, cctx.to(args.device), progress=not args.quiet,
+                                                         key_space=recipe.key_space)
+        artifacts[recipe_name] = _learn(stats[recipe.key_space], recipe, model, args, args.calib_text, ctext, cctx)
         artifacts[recipe_name].save(d)
 
     results, full = [], None

@@ -88,6 +88,8 @@ class AnTKVConfig:
         "dequantized" keeps a decoded shadow copy of the coded tokens and attends with dense matmuls.
         Both compute the same function (tested); the perplexity harness uses "dequantized" because
         dense matmuls are much faster on a CPU. The shadow copy is not counted as cache memory.
+    key_space: code keys after RoPE (as the model caches them; lookup tables work) or before it
+        (unrotated by position, coded, rotated back; an ablation, dequantized path only).
     """
 
     bits: str | VQPreset = "1"
@@ -97,6 +99,7 @@ class AnTKVConfig:
     score: ScoreKind = "ans"
     value_mode: Literal["histogram", "gather"] = "histogram"
     coded_path: Literal["lut", "dequantized"] = "lut"
+    key_space: Literal["post_rope", "pre_rope"] = "post_rope"
     check_finite: bool = True
     seed: int = 0
 
@@ -110,6 +113,10 @@ class AnTKVConfig:
             raise ValueError(f"flush must be in [1, window={self.window}], got {self.flush}")
         if self.score not in SCORE_KINDS:
             raise ValueError(f"score must be one of {SCORE_KINDS}, got {self.score!r}")
+        if self.key_space not in ("post_rope", "pre_rope"):
+            raise ValueError(f"key_space must be 'post_rope' or 'pre_rope', got {self.key_space!r}")
+        if self.key_space == "pre_rope" and self.coded_path != "dequantized":
+            raise ValueError("pre-RoPE keys are rotated after decoding: use coded_path='dequantized'")
         if self.coded_path not in ("lut", "dequantized"):
             raise ValueError(f"coded_path must be 'lut' or 'dequantized', got {self.coded_path!r}")
         if self.value_mode not in ("histogram", "gather"):

@@ -17,6 +17,7 @@ class Recipe:
     bits: str
     key_options: LearningOptions = LearningOptions(metric=False)
     value_options: LearningOptions = LearningOptions()
+    key_space: str = "post_rope"
 
 
 # Defaults chosen on the dev split (benchmarks/results/dev_tuning_round*.json): keys weighted and
@@ -32,6 +33,7 @@ RECIPES: dict[str, Recipe] = {
     "key-metric-1": Recipe("1", LearningOptions(), LearningOptions()),
     "no-rotate-1": Recipe("1", LearningOptions(metric=False, rotate=False), LearningOptions(rotate=False)),
     "shared-1": Recipe("1", LearningOptions(metric=False, shared=True), LearningOptions(shared=True)),
+    "pre-rope-1": Recipe("1", key_space="pre_rope"),
 }
 
 
@@ -55,12 +57,13 @@ METHODS: dict[str, MethodSpec] = {
     "key-metric-1": _antkv("key-metric-1", "key-metric-1"),
     "no-rotate-1": _antkv("no-rotate-1", "no-rotate-1"),
     "shared-codebooks-1": _antkv("shared-codebooks-1", "shared-1"),
+    "pre-rope-keys-1": _antkv("pre-rope-keys-1", "pre-rope-1", key_space="pre_rope", coded_path="dequantized"),
 }
 
 MAIN = ["full", "antkv-4", "antkv-2", "antkv-1", "antkv-0.75", "antkv-0.375", "kivi-2", "kivi-1", "plain-vq-1",
         "anchors-attention-1", "anchors-random-1"]
 ABLATIONS = ["anchors-sensitivity-1", "anchors-none-1", "kmeans-unweighted-1", "key-metric-1", "no-rotate-1",
-             "shared-codebooks-1"]
+             "shared-codebooks-1", "pre-rope-keys-1"]
 QUICK = ["full", "antkv-1", "kivi-2"]
 
 

@@ -29,6 +29,7 @@ from .artifact import CodebookArtifact
 from .config import AnTKVConfig
 from .hf_routing import chunk_logits, routed
 from .models import kv_geometry
+from .numerics.rope import RopeTable
 from .numerics.scalar_quant import ScalarQuantizer
 from .numerics.store import FULL_PRECISION_BITS, AnTKVLayerStore, ExactLayerStore, ScalarLayerStore, StoreGeometry
 
@@ -70,7 +71,7 @@ class MethodResult:
         return d
 
 
-def _stores(spec: MethodSpec, geom_kv, geometry: StoreGeometry, artifacts: dict[str, CodebookArtifact]):
+def _stores(spec: MethodSpec, geom_kv, geometry: StoreGeometry, artifacts: dict[str, CodebookArtifact], model=None):
     if spec.family == "full":
         return [ExactLayerStore(geometry) for _ in range(geom_kv.num_layers)]
     if spec.family == "kivi":
@@ -81,8 +82,12 @@ def _stores(spec: MethodSpec, geom_kv, geometry: StoreGeometry, artifacts: dict[
         art = artifacts[spec.artifact]
         art.check_preset(spec.config.bits)
         art.check_model(geom_kv)
+        if art.manifest.get("key_space", "post_rope") != spec.config.key_space:
+            raise ValueError(f"artifact {spec.artifact!r} codes keys {art.manifest.get('key_space')}, the method "
+                             f"asks for {spec.config.key_space}")
+        rope = RopeTable.from_model(model) if spec.config.key_space == "pre_rope" else None
         return [
-            AnTKVLayerStore(geometry, art.keys[i], art.values[i], spec.config, layer_index=i)
+            AnTKVLayerStore(geometry, art.keys[i], art.values[i], spec.config, layer_index=i, rope=rope)
             for i in range(geom_kv.num_layers)
         ]
     raise ValueError(f"unknown method family {spec.family!r}")
@@ -116,7 +121,7 @@ def evaluate_method(
         b = ids.shape[0]
         geometry = StoreGeometry(b, geom_kv.num_kv_heads, geom_kv.head_dim, length, param.dtype, param.device,
                                  scale=_scaling(model))
-        stores = _stores(spec, geom_kv, geometry, artifacts)
+        stores = _stores(spec, geom_kv, geometry, artifacts, model)
 
         def handler(layer, q, k, v, scale, stores=stores):
             return stores[layer].attend(q, k, v, check_finite=False)

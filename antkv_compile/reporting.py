@@ -80,6 +80,7 @@ def plot_perplexity(rows: list[dict], path: str | Path, title: str) -> Path:
             ax.annotate(r["name"], (r["effective_bits"], r["perplexity"]), fontsize=6, xytext=(3, 3),
                         textcoords="offset points")
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
     ax.set_xlabel("effective bits per KV element (codes + anchors + window + codebooks)")
     ax.set_ylabel("perplexity")
     ax.set_title(title, fontsize=9)

@@ -28,6 +28,7 @@ from torch import Tensor
 from ..config import AnTKVConfig
 from .anchor_score import anchor_scores
 from .attention import causal_mask, exact_attention, lut_attention, merge_partials
+from .rope import RopeTable, rotate, unrotate
 from .scalar_quant import ScalarQuantizer
 from .vq import Codebook
 
@@ -173,8 +174,11 @@ class AnTKVLayerStore(_LayerStoreBase):
     """VQ codes + full-precision anchors chosen by Anchor Score + full-precision window."""
 
     def __init__(self, geometry: StoreGeometry, codebook_k: Codebook, codebook_v: Codebook, config: AnTKVConfig,
-                 layer_index: int = 0) -> None:
+                 layer_index: int = 0, rope: RopeTable | None = None) -> None:
         super().__init__(geometry, config.window, config.flush_size)
+        if config.key_space == "pre_rope" and rope is None:
+            raise ValueError("key_space='pre_rope' needs the model's RoPE table (rope=RopeTable.from_model(model))")
+        self.rope = rope
         g = geometry
         for name, cb in (("key", codebook_k), ("value", codebook_v)):
             if cb.head_dim != g.head_dim or cb.num_heads not in (1, g.num_kv_heads):
@@ -223,7 +227,12 @@ class AnTKVLayerStore(_LayerStoreBase):
 
     def _flush(self, n: int) -> None:
         k, v, n0 = self.win_k[:, :, :n], self.win_v[:, :, :n], self.n_coded
-        codes_k, k_hat = self.cb_k.quantize(k)
+        if self.config.key_space == "pre_rope":
+            cos, sin = self.rope(torch.arange(n0, n0 + n, device=k.device))
+            codes_k, k_pre = self.cb_k.quantize(unrotate(k.float(), cos, sin))
+            k_hat = rotate(k_pre.float(), cos, sin).to(k.dtype)
+        else:
+            codes_k, k_hat = self.cb_k.quantize(k)
         codes_v, v_hat = self.cb_v.quantize(v)
         self.codes_k[:, :, n0:n0 + n] = codes_k
         self.codes_v[:, :, n0:n0 + n] = codes_v
