@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("antkv_compile")
+ARTIFACTS_DEFAULT = "artifacts/smollm2"
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -92,8 +93,10 @@ def cmd_eval(args) -> int:
 
     torch.manual_seed(args.seed)
     if args.quick:
-        args.context_len, args.tokens, args.calib_tokens = 1024, 1024, 4096
+        args.context_len, args.tokens, args.calib_tokens = 1024, 1024, 2048
         args.methods = args.methods or "quick"
+        if args.artifacts == ARTIFACTS_DEFAULT:
+            args.artifacts = "artifacts/smollm2-quick"
     groups = {"main": MAIN, "ablations": ABLATIONS, "all": MAIN + ABLATIONS, "quick": QUICK}
     names = []
     for part in (args.methods or "all").split(","):
@@ -192,11 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coded-path", default="dequantized", choices=["dequantized", "lut"],
                    help="how the harness reads coded tokens (same numbers, tested; dequantized is faster)")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--artifacts", default="artifacts/smollm2", help="codebook cache: one folder per recipe")
+    p.add_argument("--artifacts", default=ARTIFACTS_DEFAULT, help="codebook cache: one folder per recipe")
     _calibration_args(p, prefix="calib-")
     p.add_argument("--out", default=None, help="JSON results path")
     p.add_argument("--plot", default=None, help="PNG plot path (needs --out)")
-    p.add_argument("--quick", action="store_true", help="1 context of 1024 tokens, full / antkv-1 / kivi-2 (a smoke run)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 1 context of 1024 tokens, full / antkv-1 / kivi-2, codebooks from 2048 tokens")
     p.set_defaults(func=cmd_eval)
     return parser
 

@@ -1,0 +1,85 @@
+"""The calibration + perplexity harness on real models (SmolLM2 and a tiny Llama)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from antkv_compile.artifact import load_artifact
+from antkv_compile.calibration import collect_statistics, learn_artifact, model_identity
+from antkv_compile.config import AnTKVConfig, get_preset
+from antkv_compile.evaluation import MethodSpec, evaluate_method
+from antkv_compile.models import tiny_model
+from antkv_compile.numerics.codebook_learning import LearningOptions
+from antkv_compile.texts import calibration_text, evaluation_text, token_contexts
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    vocab = model.config.vocab_size
+    calib = torch.randint(0, vocab, (2, 512), generator=torch.Generator().manual_seed(1))
+    stats = collect_statistics(model, calib, progress=False)
+    art = learn_artifact(stats, get_preset("1"), options=LearningOptions(iters=4), model_info=model_identity(model, "tiny"),
+                         text_info={"text": "random ids"}, progress=False)
+    path = art.save(tmp_path_factory.mktemp("art"))
+    return model, load_artifact(path)
+
+
+def _model_nll(model, ids):
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).item()
+
+
+def test_full_precision_harness_equals_the_models_own_forward(tiny_setup):
+    model, _ = tiny_setup
+    ids = torch.randint(0, model.config.vocab_size, (2, 100), generator=torch.Generator().manual_seed(2))
+    r = evaluate_method(model, ids, MethodSpec("full", "full"), progress=False)
+    assert r.tokens == 2 * 99
+    assert math.isclose(r.nll, _model_nll(model, ids), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["lut", "dequantized"])
+def test_everything_anchored_equals_full_precision(tiny_setup, path):
+    model, art = tiny_setup
+    ids = torch.randint(0, model.config.vocab_size, (1, 150), generator=torch.Generator().manual_seed(3))
+    full = evaluate_method(model, ids, MethodSpec("full", "full"), progress=False)
+    exact = evaluate_method(model, ids, MethodSpec("a", "antkv", AnTKVConfig(anchor_ratio=1.0, window=16, coded_path=path), "x"),
+                            {"x": art}, progress=False)
+    assert math.isclose(exact.nll, full.nll, rel_tol=1e-5)
+
+
+def test_quantized_methods_cost_perplexity_and_bits_add_up(tiny_setup):
+    model, art = tiny_setup
+    ids = torch.randint(0, model.config.vocab_size, (2, 128), generator=torch.Generator().manual_seed(4))
+    full = evaluate_method(model, ids, MethodSpec("full", "full"), progress=False)
+    lut = evaluate_method(model, ids, MethodSpec("q", "antkv", AnTKVConfig(window=16), "x"), {"x": art}, progress=False)
+    deq = evaluate_method(model, ids, MethodSpec("q", "antkv", AnTKVConfig(window=16, coded_path="dequantized"), "x"),
+                          {"x": art}, progress=False)
+    kivi = evaluate_method(model, ids, MethodSpec("k", "kivi", AnTKVConfig(window=16), scalar_bits=2), progress=False)
+    assert math.isclose(lut.nll, deq.nll, rel_tol=1e-4)  # the two read paths compute the same function
+    assert lut.nll != full.nll and kivi.nll != full.nll
+    assert lut.memory["codes"] == pytest.approx((128 - 8) / 128, rel=1e-6)  # 1 bit for every flushed token
+    assert lut.effective_bits == pytest.approx(sum(lut.memory.values()))
+
+
+def test_mismatched_artifact_is_refused_by_the_harness(tiny_setup):
+    from antkv_compile.artifact import ArtifactMismatchError
+
+    model, art = tiny_setup
+    other = tiny_model("llama", num_key_value_heads=4)
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    with pytest.raises(ArtifactMismatchError, match="does not match this model"):
+        evaluate_method(other, ids, MethodSpec("q", "antkv", AnTKVConfig(), "x"), {"x": art}, progress=False)
+
+
+@pytest.mark.slow
+def test_smollm2_harness_matches_its_forward_and_texts_are_disjoint(smollm2):
+    model, tok = smollm2
+    ids = token_contexts(tok, evaluation_text(), 96, num_contexts=1)
+    r = evaluate_method(model, ids, MethodSpec("full", "full"), progress=False)
+    assert math.isclose(r.nll, _model_nll(model, ids), rel_tol=1e-4)
+    assert 1.0 < r.perplexity < 200.0
+    assert evaluation_text()[:2000] not in calibration_text()
