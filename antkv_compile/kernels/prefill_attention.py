@@ -1,0 +1,317 @@
+"""Prefill attention (causal, GQA, FlashAttention tiling) with each key token's Anchor Score.
+
+References: :func:`antkv_compile.numerics.attention.exact_attention` with a causal mask (out, lse) and
+:func:`antkv_compile.numerics.anchor_score.anchor_scores` with ``kind="ans"`` (the score of key j
+summed over the query rows i >= j and the G query heads of its KV head):
+
+    AnS_j = sum_{g, i} A_ij * sqrt( coef^2 |v_j - o_i|^2 + 2 coef (v_j - o_i).dv_j + |dv_j|^2 ),
+    A_ij = exp(scale q_i.k_j - lse_i),  coef = scale q_i.dk_j
+
+with dk, dv the token's quantization residuals (x_hat - x). The per-pair terms need the *final* o_i and
+lse_i, so the scores cannot ride along the forward loop; two schedules, both here:
+
+* two-pass (default): the forward kernel writes out and lse; a second, key-block-stationary kernel
+  keeps k, v, dk, dv of a key block in registers and walks the query blocks that see it (all G heads),
+  with four products per tile (q.k, q.dk, o.v, o.dv). Deterministic, no atomics.
+* fused: one query-block-stationary kernel runs the forward loop, then walks the same key blocks again
+  with o_i, lse_i in registers and adds each tile's column sums into the scores with atomics.
+
+Either way the score pass does four QK-shaped products per tile against the forward's two, so prefill
+with scores costs about three forward passes (the floor, see NOTES.md). Measured on an H100 (fp16,
+Llama-3-8B heads): two-pass 4.87 ms at 8K / 68.8 ms at 32K, fused 9.3 / 150 ms; the forward alone runs
+at 423-472 TFLOP/s (SDPA flash: 311-346), attention + scores = 2.7x SDPA's prefill.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..numerics.anchor_score import anchor_scores as anchor_scores_ref
+from ..numerics.attention import causal_mask, exact_attention
+from ._common import HAS_TRITON, LOG2E, can_launch, cdiv, dot_dtype, dot_precision, require_triton, tl, triton
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, s_kt, lo, hi, offs_m, T, qk_scale,
+                   MASKED: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT: tl.constexpr,
+                   PREC: tl.constexpr):
+        offs_d = tl.arange(0, D)
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            kmask = offs_n < T
+            k = tl.load(k_base + offs_n[None, :] * s_kt + offs_d[:, None], mask=kmask[None, :], other=0.0)
+            qk = tl.dot(q, k.to(DOT), input_precision=PREC) * qk_scale
+            if MASKED:
+                qk = tl.where((offs_n[None, :] <= offs_m[:, None]) & kmask[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            p = tl.exp2(qk - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_base + offs_n[:, None] * s_kt + offs_d[None, :], mask=kmask[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT), input_precision=PREC)
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.jit
+    def _ans_tile(q, o, o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv, qk_scale, scale, causal_ok,
+                  PREC: tl.constexpr):
+        """Column sums over the rows of one (query block, key block) tile of A_ij * ||...||."""
+        s = tl.dot(q, k_t, input_precision=PREC)
+        a = tl.exp2(s * qk_scale - lse2[:, None])
+        a = tl.where(causal_ok, a, 0.0)
+        coef = tl.dot(q, dk_t, input_precision=PREC) * scale
+        ov = tl.dot(o, v_t, input_precision=PREC)
+        dist2 = tl.maximum(v2[None, :] - 2.0 * ov + o2[:, None], 0.0)
+        odv = tl.dot(o, dv_t, input_precision=PREC)
+        cross = vdv[None, :] - odv
+        norm2 = tl.maximum(coef * coef * dist2 + 2.0 * coef * cross + dv2[None, :], 0.0)
+        return tl.sum(a * tl.sqrt(norm2), axis=0)
+
+    @triton.jit
+    def _prefill_fwd_kernel(
+        Q, K, V, O, LSE, DK, DV, SC,
+        s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_lb, s_lh, s_sb, s_sh,
+        T, HQ, G, qk_scale, scale,
+        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FUSED_ANS: tl.constexpr,
+        DOT: tl.constexpr, PREC: tl.constexpr,
+    ):
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first
+        pid_bh = tl.program_id(1)
+        b = pid_bh // HQ
+        hq = pid_bh % HQ
+        hk = hq // G
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D)
+        mmask = offs_m < T
+        q_ptrs = Q + b * s_qb + hq * s_qh + offs_m[:, None] * s_qt + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=mmask[:, None], other=0.0).to(DOT)
+        k_base = K + b * s_kb + hk * s_kh
+        v_base = V + b * s_kb + hk * s_kh
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        lo_diag = pid_m * BLOCK_M
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, s_kt, 0, lo_diag, offs_m, T, qk_scale,
+                                   False, BLOCK_N, D, DOT, PREC)
+        hi = tl.minimum(lo_diag + BLOCK_M, T)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, s_kt, lo_diag, hi, offs_m, T, qk_scale,
+                                   True, BLOCK_N, D, DOT, PREC)
+        out = acc / l_i[:, None]
+        lse2 = m_i + tl.log2(l_i)
+        tl.store(O + b * s_qb + hq * s_qh + offs_m[:, None] * s_qt + offs_d[None, :],
+                 out.to(O.dtype.element_ty), mask=mmask[:, None])
+        tl.store(LSE + b * s_lb + hq * s_lh + offs_m, lse2 * 0.6931471805599453, mask=mmask)
+        if FUSED_ANS:
+            o = out.to(DOT)
+            o2 = tl.sum(out * out, axis=1)
+            lse2 = tl.where(mmask, lse2, float("inf"))
+            dk_base = DK + b * s_kb + hk * s_kh
+            dv_base = DV + b * s_kb + hk * s_kh
+            sc_base = SC + b * s_sb + hk * s_sh
+            for start_n in range(0, hi, BLOCK_N):
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                nmask = offs_n < T
+                k_t = tl.load(k_base + offs_n[None, :] * s_kt + offs_d[:, None], mask=nmask[None, :], other=0.0)
+                dk_t = tl.load(dk_base + offs_n[None, :] * s_kt + offs_d[:, None], mask=nmask[None, :], other=0.0)
+                v_t = tl.load(v_base + offs_n[None, :] * s_kt + offs_d[:, None], mask=nmask[None, :],
+                              other=0.0).to(tl.float32)
+                dv_t = tl.load(dv_base + offs_n[None, :] * s_kt + offs_d[:, None], mask=nmask[None, :],
+                               other=0.0).to(tl.float32)
+                v2 = tl.sum(v_t * v_t, axis=0)
+                dv2 = tl.sum(dv_t * dv_t, axis=0)
+                vdv = tl.sum(v_t * dv_t, axis=0)
+                ok = (offs_n[None, :] <= offs_m[:, None]) & mmask[:, None]
+                col = _ans_tile(q, o, o2, lse2, k_t.to(DOT), dk_t.to(DOT), v_t.to(DOT), dv_t.to(DOT),
+                                v2, dv2, vdv, qk_scale, scale, ok, PREC)
+                tl.atomic_add(sc_base + offs_n, col, mask=nmask)
+
+    @triton.jit
+    def _ans_rows(score, q_base, o_base, l_base, s_qt, lo, hi, T, offs_n, k_t, dk_t, v_t, dv_t, v2, dv2, vdv,
+                  qk_scale, scale, MASKED: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
+                  DOT: tl.constexpr, PREC: tl.constexpr):
+        offs_d = tl.arange(0, D)
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            mmask = offs_m < T
+            q = tl.load(q_base + offs_m[:, None] * s_qt + offs_d[None, :], mask=mmask[:, None], other=0.0)
+            o = tl.load(o_base + offs_m[:, None] * s_qt + offs_d[None, :], mask=mmask[:, None],
+                        other=0.0).to(tl.float32)
+            lse = tl.load(l_base + offs_m, mask=mmask, other=float("inf"))
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            o2 = tl.sum(o * o, axis=1)
+            if MASKED:
+                ok = offs_n[None, :] <= offs_m[:, None]
+            else:
+                ok = mmask[:, None]
+            score += _ans_tile(q.to(DOT), o.to(DOT), o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv,
+                               qk_scale, scale, ok, PREC)
+        return score
+
+    @triton.jit
+    def _ans_scores_kernel(
+        Q, K, V, DK, DV, O, LSE, SC,
+        s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_lb, s_lh, s_sb, s_sh,
+        T, TK, HKV, G, qk_scale, scale,
+        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    ):
+        """Scores of the TK keys over the T >= TK queries aligned with them (query i reads keys j <= i)."""
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // HKV
+        hk = pid_bh % HKV
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = offs_n < TK
+        offs_d = tl.arange(0, D)
+        kv_off = b * s_kb + hk * s_kh + offs_n[None, :] * s_kt + offs_d[:, None]  # [D, BLOCK_N] (transposed)
+        k_t = tl.load(K + kv_off, mask=nmask[None, :], other=0.0).to(DOT)
+        dk_t = tl.load(DK + kv_off, mask=nmask[None, :], other=0.0).to(DOT)
+        v_f = tl.load(V + kv_off, mask=nmask[None, :], other=0.0).to(tl.float32)
+        dv_f = tl.load(DV + kv_off, mask=nmask[None, :], other=0.0).to(tl.float32)
+        v2 = tl.sum(v_f * v_f, axis=0)
+        dv2 = tl.sum(dv_f * dv_f, axis=0)
+        vdv = tl.sum(v_f * dv_f, axis=0)
+        v_t = v_f.to(DOT)
+        dv_t = dv_f.to(DOT)
+        score = tl.zeros([BLOCK_N], tl.float32)
+        n_lo = pid_n * BLOCK_N
+        m_lo = (n_lo // BLOCK_M) * BLOCK_M
+        m_full = tl.minimum(tl.cdiv(n_lo + BLOCK_N, BLOCK_M) * BLOCK_M, T)  # from here on rows see every key
+        for g in range(G):
+            hq = hk * G + g
+            q_base = Q + b * s_qb + hq * s_qh
+            o_base = O + b * s_qb + hq * s_qh
+            l_base = LSE + b * s_lb + hq * s_lh
+            score = _ans_rows(score, q_base, o_base, l_base, s_qt, m_lo, m_full, T, offs_n, k_t, dk_t, v_t, dv_t,
+                              v2, dv2, vdv, qk_scale, scale, True, BLOCK_M, D, DOT, PREC)
+            score = _ans_rows(score, q_base, o_base, l_base, s_qt, m_full, T, T, offs_n, k_t, dk_t, v_t, dv_t,
+                              v2, dv2, vdv, qk_scale, scale, False, BLOCK_M, D, DOT, PREC)
+        tl.store(SC + b * s_sb + hk * s_sh + offs_n, score, mask=nmask)
+
+
+def _check(q: Tensor, k: Tensor, fewer_keys: bool = False) -> tuple[int, int, int, int, int]:
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    bad_t = k.shape[2] > t if fewer_keys else k.shape[2] != t
+    if hq % hkv or bad_t or k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"prefill attention needs q [B, Hq, T, D], k/v [B, Hkv, T, D]: got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}")
+    return b, hq, hkv, t, d
+
+
+def _default_blocks(d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel."""
+    if dtype == torch.float32:
+        return 32, 32, 4, 1
+    return (128, 64, 8, 3) if d >= 128 else (128, 64, 4, 3)
+
+
+def prefill_attention_triton(q: Tensor, k: Tensor, v: Tensor, scale: float, *, blocks=None,
+                             dk: Tensor | None = None, dv: Tensor | None = None, fused_ans: bool = False,
+                             out: tuple[Tensor, Tensor] | None = None,
+                             ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
+    """Causal GQA attention of T queries over the same T keys -> (out q.dtype, lse fp32 [B, Hq, T]);
+    with ``fused_ans`` also the Anchor Scores [B, Hkv, T] (needs dk, dv)."""
+    require_triton()
+    b, hq, hkv, t, d = _check(q, k)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if out is None:
+        out_, lse = torch.empty_like(q), torch.empty(b, hq, t, dtype=torch.float32, device=q.device)
+    else:
+        out_, lse = out
+    out = out_
+    bm, bn, nw, ns = blocks or _default_blocks(d, q.dtype)
+    if fused_ans:
+        if dk is None or dv is None:
+            raise ValueError("fused Anchor Scores need dk and dv")
+        dk, dv = dk.to(k.dtype).contiguous(), dv.to(k.dtype).contiguous()
+        scores = torch.zeros(b, hkv, t, dtype=torch.float32, device=q.device)
+        bm, bn = min(bm, 64), min(bn, 64)
+    else:
+        dk = dv = k
+        scores = lse
+    if b * hq * t == 0:
+        return (out, lse, scores) if fused_ans else (out, lse)
+    grid = (cdiv(t, bm), b * hq)
+    _prefill_fwd_kernel[grid](
+        q, k, v, out, lse, dk, dv, scores,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        lse.stride(0), lse.stride(1), scores.stride(0), scores.stride(1),
+        t, hq, hq // hkv, float(scale) * LOG2E, float(scale),
+        D=d, BLOCK_M=bm, BLOCK_N=bn, FUSED_ANS=fused_ans, DOT=dot_dtype(q.dtype), PREC=dot_precision(q.dtype),
+        num_warps=nw, num_stages=ns,
+    )
+    return (out, lse, scores) if fused_ans else (out, lse)
+
+
+def anchor_scores_triton(q: Tensor, k: Tensor, v: Tensor, dk: Tensor, dv: Tensor, out: Tensor, lse: Tensor,
+                         scale: float, *, blocks=None, scores: Tensor | None = None) -> Tensor:
+    """Anchor Scores ("ans") of Tk keys over the Tq >= Tk queries aligned with them (query i reads keys
+    j <= i; a window flush scores its oldest Tk tokens over all the window's queries) -> [B, Hkv, Tk].
+
+    out/lse are the final attention output and log-normalizer of each query row."""
+    require_triton()
+    b, hq, hkv, t, d = _check(q, k, fewer_keys=True)
+    tk = k.shape[2]
+    if scores is None:
+        scores = torch.empty(b, hkv, tk, dtype=torch.float32, device=q.device)
+    if b * hkv * tk == 0:
+        return scores
+    q, out = q.contiguous(), out.contiguous()
+    k, v = k.contiguous(), v.contiguous()
+    dk, dv = dk.to(k.dtype).contiguous(), dv.to(k.dtype).contiguous()
+    lse = lse.float().contiguous()
+    if out.stride() != q.stride():
+        out = out.reshape(q.shape).contiguous()
+    if blocks is None:
+        blocks = (32, 32, 4, 1) if q.dtype == torch.float32 else (64, 64, 4, 2)
+    bm, bn, nw, ns = blocks
+    grid = (cdiv(tk, bn), b * hkv)
+    _ans_scores_kernel[grid](
+        q, k, v, dk, dv, out, lse, scores,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        lse.stride(0), lse.stride(1), scores.stride(0), scores.stride(1),
+        t, tk, hkv, hq // hkv, float(scale) * LOG2E, float(scale),
+        D=d, BLOCK_M=bm, BLOCK_N=bn, DOT=dot_dtype(q.dtype), PREC=dot_precision(q.dtype),
+        num_warps=nw, num_stages=ns,
+    )
+    return scores
+
+
+def prefill_attention_ans_triton(q: Tensor, k: Tensor, v: Tensor, dk: Tensor, dv: Tensor, scale: float,
+                                 *, fused: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, lse, Anchor Scores): fused one-kernel schedule or forward + key-stationary score pass."""
+    if fused:
+        return prefill_attention_triton(q, k, v, scale, dk=dk, dv=dv, fused_ans=True)  # type: ignore[return-value]
+    out, lse = prefill_attention_triton(q, k, v, scale)  # type: ignore[misc]
+    return out, lse, anchor_scores_triton(q, k, v, dk, dv, out, lse, scale)
+
+
+# ---------------------------------------------------------------------------------------------- references
+def prefill_attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    t = q.shape[2]
+    pos = torch.arange(t, device=q.device)
+    out, lse = exact_attention(q, k, v, scale, causal_mask(pos, pos))
+    return out.to(q.dtype), lse
+
+
+def anchor_scores_reference(q: Tensor, k: Tensor, v: Tensor, dk: Tensor, dv: Tensor, out: Tensor, lse: Tensor,
+                            scale: float) -> Tensor:
+    pos = torch.arange(q.shape[2], device=q.device)
+    return anchor_scores_ref(q, k, v, out, lse, scale, kind="ans", k_hat=k.float() + dk.float(),
+                             v_hat=v.float() + dv.float(), mask=causal_mask(pos, pos[:k.shape[2]]))
+
+
+def prefill_attention_ans_reference(q: Tensor, k: Tensor, v: Tensor, dk: Tensor, dv: Tensor, scale: float
+                                    ) -> tuple[Tensor, Tensor, Tensor]:
+    t = q.shape[2]
+    pos = torch.arange(t, device=q.device)
+    out, lse = exact_attention(q, k, v, scale, causal_mask(pos, pos))
+    scores = anchor_scores_reference(q, k, v, dk, dv, out, lse, scale)
+    return out.to(q.dtype), lse, scores
+
+
+def prefill_attention_ans(q, k, v, dk, dv, scale, **kw):
+    if can_launch(q):
+        return prefill_attention_ans_triton(q, k, v, dk, dv, scale, **kw)
+    return prefill_attention_ans_reference(q, k, v, dk, dv, scale)
