@@ -44,6 +44,14 @@ def attention_probs(qg: Tensor, k: Tensor, lse: Tensor, scale: float, mask: Tens
     return p
 
 
+def value_output_distance2(o: Tensor, v: Tensor) -> Tensor:
+    """||v_j - o_i||^2 for grouped outputs o [B, H, G, t, D] and values v [B, H, Tk, D] -> [B, H, G, t, Tk].
+
+    Expanded as |v_j|^2 - 2 v_j·o_i + |o_i|^2 so that it is one matmul (the prefill kernel's form)."""
+    vo = torch.einsum("bhgtd,bhsd->bhgts", o, v)
+    return ((v * v).sum(-1)[:, :, None, None, :] - 2 * vo + (o * o).sum(-1)[..., None]).clamp_min(0)
+
+
 def anchor_scores(
     q: Tensor,
     k: Tensor,
@@ -87,11 +95,7 @@ def anchor_scores(
             scores += a.sum((2, 3))
             continue
         o = og[:, :, :, sl]
-        # ||v_j - o_i||^2 = |v_j|^2 - 2 v_j·o_i + |o_i|^2
-        vo = torch.einsum("bhgtd,bhsd->bhgts", o, vf)
-        v2 = (vf * vf).sum(-1)[:, :, None, None, :]
-        o2 = (o * o).sum(-1)[..., None]
-        dist2 = (v2 - 2 * vo + o2).clamp_min(0)
+        dist2 = value_output_distance2(o, vf)
         if kind == "sensitivity":
             qn = qg[:, :, :, sl].norm(dim=-1)[..., None]  # [B, H, G, t, 1]
             ek = dk.norm(dim=-1).mean(-1)[:, :, None, None, None]
@@ -146,11 +150,7 @@ def weights_for_calibration(
         m = None if mask is None else mask[..., sl, :]
         a = attention_probs(qg[:, :, :, sl], kf, lg[:, :, :, sl], scale, m)
         o = og[:, :, :, sl]
-        dist2 = (
-            (vf * vf).sum(-1)[:, :, None, None, :]
-            - 2 * torch.einsum("bhgtd,bhsd->bhgts", o, vf)
-            + (o * o).sum(-1)[..., None]
-        ).clamp_min(0)
+        dist2 = value_output_distance2(o, vf)
         qn = qg[:, :, :, sl].norm(dim=-1)[..., None]
         wk += (a * scale * qn * dist2.sqrt()).sum((2, 3))
         wv += a.sum((2, 3))
