@@ -739,12 +739,164 @@ def table() -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------- decode only (v3)
+V3_VARIANTS = {  # name -> decode_attention_triton options (split_mult handled separately)
+    "v2": dict(merge="triton", key_lut=False),
+    "fused": dict(merge="fused", key_lut=False),
+    "lut": dict(merge="triton", key_lut=True),
+    "v3": dict(merge="fused", key_lut=True),
+    "v3_m2": dict(merge="fused", key_lut=True, split_mult=2),
+    "v3_m0.5": dict(merge="fused", key_lut=True, split_mult=0.5),
+    "v3_w8": dict(merge="fused", key_lut=True, num_warps=8),
+    "v3_s2": dict(merge="fused", key_lut=True, num_stages=2),
+    "v3_b128": dict(merge="fused", key_lut=True, block_n=128, num_warps=8),
+    "v3_m2_s2": dict(merge="fused", key_lut=True, split_mult=2, num_stages=2),
+}
+
+
+def _run_variant(a_, b, ctx, name, sms):
+    cfg = dict(V3_VARIANTS[name])
+    mult = cfg.pop("split_mult", 1)
+    pc, pa = DA.default_splits(b, HKV, ctx, a_[5].shape[2], sms, cfg.get("block_n", 64), mult=mult)
+    return (lambda: DA.decode_attention_triton(*a_, splits=(pc, pa), **cfg)), [pc, pa]
+
+
+@section("decode_only")
+def decode_only():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    sms = RESULTS["env"]["sms"]
+    copy_bw = RESULTS.get("ceilings", {}).get("copy_GBps", float("nan")) * 1e9
+    small = DRY
+    # correctness: every variant vs the references (fresh random inputs per shape), poisoned partials
+    corr = {}
+    cshapes = [("1", 2, 8192, torch.float16), ("1", 2, 8192, torch.bfloat16), ("0.375", 2, 8192, torch.float16),
+               ("1", 1, 131072, torch.bfloat16), ("1", 3, 5000, torch.float16)]
+    if small:
+        cshapes = [("1", 2, 300, torch.float16), ("0.375", 1, 200, torch.float32)]
+    for bits, b, ctx, dt in cshapes:
+        args = decode_inputs(bits, b, ctx, dt, seed=17 + b)
+        ref_o, ref_l = DA.decode_attention_reference(*args)
+        for name in V3_VARIANTS:
+            fn, _ = _run_variant(args, b, ctx, name, sms)
+            o, l_ = DA.decode_attention_triton(*args, poison=True, **{k: v for k, v in V3_VARIANTS[name].items()
+                                                                         if k != "split_mult"})
+            o2, l2 = fn()
+            rec = {"out": rel(o, ref_o), "lse": rel(l_, ref_l), "out_splits": rel(o2, ref_o),
+                   "nan": bool(o.isnan().any() or l_.isnan().any() or o2.isnan().any())}
+            # graph replay twice: the arrival counters must be reset by every call
+            if not small:
+                rp = graph_of(fn)
+                rp()
+                rp()
+                torch.cuda.synchronize()
+                rec["graph"] = rel(DA.decode_attention_triton(*args, **{k: v for k, v in V3_VARIANTS[name].items()
+                                                                           if k != "split_mult"})[0], ref_o)
+            corr[f"{bits}_B{b}_{ctx}_{str(dt)[6:]}_{name}"] = rec
+            log("correct", bits, b, ctx, dt, name, rec)
+        del args
+        empty_cache()
+    RESULTS["correct_v3"] = corr
+    tol = {torch.float16: 2e-3, torch.bfloat16: 6e-3, torch.float32: 1e-4}
+    bad = [k for k, r in corr.items() if r["nan"] or max(r["out"], r["out_splits"], r.get("graph", 0)) > 6e-3]
+    RESULTS["correct_v3_bad"] = bad
+    log("correct_v3_bad", bad, tol[torch.float16])
+    # variant sweep at three shapes
+    sweep = []
+    vshapes = [("1", 1, 131072), ("1", 1, 8192), ("1", 8, 131072), ("1", 32, 32768)]
+    if small:
+        vshapes = [("1", 1, 500)]
+    for bits, b, ctx in vshapes:
+        args = decode_inputs(bits, b, ctx, torch.float16, seed=2)
+        for name in V3_VARIANTS:
+            fn, spl = _run_variant(args, b, ctx, name, sms)
+            try:
+                t = bench(graph_of(fn))
+            except Exception as exc:  # noqa: BLE001
+                log("variant failed", name, exc)
+                t = float("nan")
+            k_ = DA.LAST_LAUNCH.get("decode")
+            rec = {"bits": bits, "batch": b, "ctx": ctx, "variant": name, "ms": t, "splits": spl,
+                   "regs": getattr(k_, "n_regs", None), "spills": getattr(k_, "n_spills", None)}
+            sweep.append(rec)
+            log("variant", rec)
+        del args
+        empty_cache()
+    RESULTS["sweep_v3"] = sweep
+    score = {}
+    for r in sweep:
+        base = min(x["ms"] for x in sweep if (x["batch"], x["ctx"]) == (r["batch"], r["ctx"]) and x["ms"] == x["ms"])
+        if r["ms"] == r["ms"]:
+            score.setdefault(r["variant"], []).append(r["ms"] / base)
+    ranked = sorted(score, key=lambda k: sum(score[k]) / len(score[k]))
+    cands = list(dict.fromkeys(ranked[:3] + ["v2"]))
+    log("ranked", ranked, "cands", cands)
+    # table
+    rows = []
+    shapes = [(bits, ctx, b) for ctx in (8192, 32768, 131072) for b in (1, 8, 32) for bits in ("1",)]
+    shapes += [("0.375", 131072, b) for b in (1, 8, 32)]
+    if small:
+        shapes = [("1", 200, 1), ("0.375", 300, 2)]
+    sdpa_t = {}
+    for bits, ctx, b in shapes:
+        if (ctx, b) not in sdpa_t:
+            q = torch.randn(b, HQ, 1, D, device=DEV, dtype=torch.float16)
+            k = torch.randn(b, HKV, ctx, D, device=DEV, dtype=torch.float16)
+            v = torch.randn(b, HKV, ctx, D, device=DEV, dtype=torch.float16)
+
+            def sdpa():
+                if small:
+                    return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            sdpa_t[(ctx, b)] = bench(graph_of(sdpa))
+            del q, k, v
+            empty_cache()
+        t_sdpa = sdpa_t[(ctx, b)]
+        args = decode_inputs(bits, b, ctx, torch.float16, seed=4)
+        timed = {}
+        for name in cands:
+            fn, spl = _run_variant(args, b, ctx, name, sms)
+            timed[name] = (bench(graph_of(fn)), spl)
+        best_name = min((n for n in timed if n != "v2"), key=lambda n: timed[n][0], default="v2")
+        t, spl = timed[best_name]
+        by = decode_bytes(args, sum(spl))
+        rec = {"bits": bits, "ctx": ctx, "batch": b, "ms": t, "variant": best_name, "v2_ms": timed["v2"][0],
+               "sdpa_ms": t_sdpa, "speedup": t_sdpa / t, "speedup_v2": t_sdpa / timed["v2"][0],
+               "GBps": by["total"] / (t * 1e-3) / 1e9, "bw_frac": by["total"] / (t * 1e-3) / copy_bw,
+               "splits": spl, "timed": {k_: v_[0] for k_, v_ in timed.items()}}
+        rows.append(rec)
+        log("decode", rec)
+        del args
+        empty_cache()
+    RESULTS["decode_v3"] = rows
+    lines = ["DECODE v3 (ms, median of CUDA-graph replays; FP16 SDPA flash+GQA vs antkv)",
+             f"{'bits':>5} {'ctx':>7} {'B':>3} {'sdpa':>8} {'v2':>8} {'v3':>8} {'x v3':>6} {'x v2':>6} {'GB/s':>6} "
+             f"{'%copy':>6}  variant"]
+    for r in rows:
+        lines.append(f"{r['bits']:>5} {r['ctx']:>7} {r['batch']:>3} {r['sdpa_ms']:8.3f} {r['v2_ms']:8.3f} "
+                     f"{r['ms']:8.3f} {r['speedup']:6.2f} {r['speedup_v2']:6.2f} {r['GBps']:6.0f} "
+                     f"{100 * r['bw_frac']:6.1f}  {r['variant']}")
+    log("\n".join(lines))
+
+
+def main_decode_only(out_dir):
+    env(" ".join(["python"] + sys.argv))
+    ceilings()
+    decode_only()
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    with open(os.path.join(out_dir, f"kernels_bench_decode_{stamp}.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1, default=str)
+    with open(os.path.join(out_dir, f"kernels_bench_decode_{stamp}.log"), "w") as f:
+        f.write("\n".join(LOG))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None, help="folder for JSON + PNG (default: $OUT, else benchmarks/results)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default="", help="comma-separated sections to run (default: all)")
     ap.add_argument("--dry", action="store_true", help="CPU + TRITON_INTERPRET=1, tiny shapes: checks the script")
+    ap.add_argument("--decode-only", action="store_true", help="v3 decode: correctness + variants + table only")
     a = ap.parse_args()
     if a.dry:
         global DRY, DEV, HQ, HKV, D
@@ -753,6 +905,8 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
     global PARTIAL
     PARTIAL = os.path.join(out_dir, "kernels_bench_partial.json")
+    if a.decode_only:
+        return main_decode_only(out_dir)
     only = set(filter(None, a.only.split(",")))
     want = lambda n: not only or n in only  # noqa: E731
     env(" ".join(["python"] + sys.argv))

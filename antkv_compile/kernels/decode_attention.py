@@ -137,7 +137,26 @@ if HAS_TRITON:
         return p, alpha, m_new, l_new
 
     @triton.jit
-    def _decode_prologue_kernel(Q, INV_K, MEAN_K, QC, s_qb, s_qh, s_qt, HKV, CBK_PER_HEAD, qk_scale,
+    def _decode_lut_kernel(QC, CENT, LUT, HKV, HCB, CB_PER_HEAD, R_PAD: tl.constexpr, D: tl.constexpr,
+                           S: tl.constexpr, M: tl.constexpr, SUB: tl.constexpr, ST: tl.constexpr, R_L: tl.constexpr):
+        """Per-query key lookup table, once per (sequence, KV head, stage, sub-space):
+        LUT[bh, st, s, m, r] = q'_r[s*SUB:(s+1)*SUB] . centroid[st, s, m] (fp32, scale*log2 e included), so the
+        split loop sums S gathered 16-byte rows [R_L] per token instead of dequantizing and multiplying."""
+        pid_bh = tl.program_id(0)
+        pid_ss = tl.program_id(1)
+        st = pid_ss // S
+        s = pid_ss % S
+        hc = (pid_bh % HKV) * CB_PER_HEAD
+        m = tl.arange(0, M)
+        r = tl.arange(0, R_L)
+        e = tl.arange(0, SUB)
+        q = tl.load(QC + pid_bh * R_PAD * (D + 1) + r[:, None] * D + s * SUB + e[None, :])  # [R_L, SUB]
+        c = tl.load(CENT + ((st * HCB + hc) * S + s) * (M * SUB) + m[:, None] * SUB + e[None, :]).to(tl.float32)
+        lut = tl.sum(c[:, None, :] * q[None, :, :], axis=2)  # [M, R_L]
+        tl.store(LUT + (pid_bh * (ST * S) + pid_ss) * (M * R_L) + m[:, None] * R_L + r[None, :], lut)
+
+    @triton.jit
+    def _decode_prologue_kernel(Q, INV_K, MEAN_K, QC, CNT, s_qb, s_qh, s_qt, HKV, CBK_PER_HEAD, qk_scale,
                                 G: tl.constexpr, TQ: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr,
                                 PREC: tl.constexpr):
         """Queries into the key coding space, once per (sequence, KV head): QC[r] = (q @ inv_k^T, q.mean_k),
@@ -157,14 +176,15 @@ if HAS_TRITON:
         base = pid_bh * R_PAD * (D + 1)
         tl.store(QC + base + rows[:, None] * D + offs_d[None, :], qc)
         tl.store(QC + base + R_PAD * D + rows, bias)
+        tl.store(CNT + pid_bh, 0)  # arrival counter of the fused merge (the split kernel runs after this one)
 
     @triton.jit
     def _decode_partials_kernel(
         Q, QC, CK, CV, BITS, NCODED, AK, AV, APOS, WK, WV, WLEN,
         CENT_K, CENT_V,
-        PO, PL,
-        s_qb, s_qh, s_qt,
-        HKV, N_CAP, NW, A_CAP, W_CAP, P_CODED, P_ANCHOR, P,
+        PO, PL, LUT, CNT, INV_V, MEAN_V, OUT, LSE,
+        s_qb, s_qh, s_qt, s_ob, s_oh, s_ot, s_lb, s_lh,
+        HKV, N_CAP, NW, A_CAP, W_CAP, P_CODED, P_ANCHOR, P, PS,
         HCB_K, CBK_PER_HEAD, HCB_V, CBV_PER_HEAD,
         qk_scale,
         G: tl.constexpr, TQ: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr,
@@ -172,7 +192,7 @@ if HAS_TRITON:
         C_V: tl.constexpr, S_V: tl.constexpr, M_V: tl.constexpr, SUB_V: tl.constexpr, ST_V: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_W: tl.constexpr,
         DOT: tl.constexpr, PREC: tl.constexpr, CACHE: tl.constexpr, ROWS_T: tl.constexpr, R_G: tl.constexpr,
-        SUBMAJOR: tl.constexpr,
+        SUBMAJOR: tl.constexpr, KLUT: tl.constexpr, FUSE: tl.constexpr, PB: tl.constexpr, KC: tl.constexpr,
     ):
         pid_bh = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -195,20 +215,34 @@ if HAS_TRITON:
             ck_base = pid_bh * N_CAP * C_K
             cv_base = pid_bh * N_CAP * C_V
             bits_base = pid_bh * NW
-            if ROWS_T:
+            if ROWS_T or KLUT:
                 # tokens on the MMA's M side, the R_G query rows on its N side (padded to 8, not 16)
                 rows_g = tl.arange(0, R_G)
-                qc_t = tl.load(QC + qc_base + rows_g[None, :] * D + offs_d[:, None]).to(DOT)  # [D, R_G]
+                if not KLUT:
+                    qc_t = tl.load(QC + qc_base + rows_g[None, :] * D + offs_d[:, None]).to(DOT)  # [D, R_G]
                 bias_g = tl.load(QC + qc_base + R_PAD * D + rows_g)
+                lut_base = pid_bh * (ST_K * S_K * M_K * R_G)
+                sk_idx = tl.arange(0, S_K)
                 m_t = tl.full([R_G], float("-inf"), tl.float32)
                 l_t = tl.zeros([R_G], tl.float32)
                 acc_t = tl.zeros([D, R_G], tl.float32)
                 for n0 in range(start, end, BLOCK_N):
                     offs_n = n0 + tl.arange(0, BLOCK_N)
                     nmask = offs_n < end
-                    kc = _dequant(CK, ck_base, offs_n, nmask, C_K, CENT_K, hk, HCB_K, S_K, M_K, SUB_K, ST_K,
-                                  BLOCK_N, D, DOT, CACHE, SUBMAJOR)
-                    lg = tl.dot(kc, qc_t, input_precision=PREC) + bias_g[None, :]  # [BLOCK_N, R_G]
+                    if KLUT:
+                        # logits = sum over sub-spaces of one 16-byte LUT row [R_G] per (token, sub-space)
+                        lg = tl.zeros([BLOCK_N, R_G], tl.float32)
+                        for st in tl.static_range(ST_K):
+                            code = tl.load(CK + ck_base + offs_n[:, None] * C_K + st * S_K + sk_idx[None, :],
+                                           mask=nmask[:, None], other=0).to(tl.int32)  # [BLOCK_N, S]
+                            lptr = (LUT + lut_base + ((st * S_K + sk_idx[None, :, None]) * M_K + code[:, :, None]) * R_G
+                                    + rows_g[None, None, :])
+                            lg += tl.sum(tl.load(lptr, cache_modifier=CACHE), axis=1)
+                        lg = lg + bias_g[None, :]
+                    else:
+                        kc = _dequant(CK, ck_base, offs_n, nmask, C_K, CENT_K, hk, HCB_K, S_K, M_K, SUB_K, ST_K,
+                                      BLOCK_N, D, DOT, CACHE, SUBMAJOR)
+                        lg = tl.dot(kc, qc_t, input_precision=PREC) + bias_g[None, :]  # [BLOCK_N, R_G]
                     word = tl.load(BITS + bits_base + offs_n // 32, mask=nmask, other=0)
                     keep = nmask & (((word >> (offs_n % 32)) & 1) == 0)
                     lg = tl.where(keep[:, None], lg, float("-inf"))
@@ -221,7 +255,7 @@ if HAS_TRITON:
                                   BLOCK_N, D, DOT, CACHE, SUBMAJOR)
                     acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(vc), p.to(DOT), input_precision=PREC)
                     m_t = m_new
-                _store_partial(PO, PL, pid_bh, pid_s, P, tl.trans(acc_t), m_t, l_t, G * TQ, R_G, D, R_PAD)
+                _store_partial(PO, PL, pid_bh, pid_s, PS, tl.trans(acc_t), m_t, l_t, G * TQ, R_G, D, R_PAD)
             else:
                 qc = tl.load(QC + qc_base + rows[:, None] * D + offs_d[None, :]).to(DOT)
                 bias = tl.load(QC + qc_base + R_PAD * D + rows)
@@ -238,7 +272,7 @@ if HAS_TRITON:
                     vc = _dequant(CV, cv_base, offs_n, nmask, C_V, CENT_V, hv, HCB_V, S_V, M_V, SUB_V, ST_V,
                                   BLOCK_N, D, DOT, CACHE, SUBMAJOR)
                     acc = acc * alpha[:, None] + tl.dot(p.to(DOT), vc, input_precision=PREC)
-                _store_partial(PO, PL, pid_bh, pid_s, P, acc, m_i, l_i, G * TQ, R_PAD, D, R_PAD)
+                _store_partial(PO, PL, pid_bh, pid_s, PS, acc, m_i, l_i, G * TQ, R_PAD, D, R_PAD)
         else:
             # ---------------------------------------------------------------- exact: anchors (+ window)
             q = _load_rows(Q, b, h, s_qb, s_qh, s_qt, G, TQ, R_PAD, D)
@@ -275,12 +309,69 @@ if HAS_TRITON:
                     vt = tl.load(WV + (w_base + offs_w[:, None]) * D + offs_d[None, :], mask=wmask[:, None],
                                  other=0.0)
                     acc = acc * alpha[:, None] + tl.dot(p.to(DOT), vt.to(DOT), input_precision=PREC)
-            _store_partial(PO, PL, pid_bh, pid_s, P, acc, m_i, l_i, G * TQ, R_PAD, D, R_PAD)
+            _store_partial(PO, PL, pid_bh, pid_s, PS, acc, m_i, l_i, G * TQ, R_PAD, D, R_PAD)
+        if FUSE:
+            # the last program of this (sequence, KV head) to finish merges all its partials (no merge launch)
+            tl.debug_barrier()
+            done = tl.atomic_add(CNT + pid_bh, 1, sem="acq_rel")
+            if done == P - 1:
+                _merge_tail(PO, PL, INV_V, MEAN_V, OUT, LSE, pid_bh, b, h, PS, P_CODED, P, CBV_PER_HEAD,
+                            s_ob, s_oh, s_ot, s_lb, s_lh, G, TQ, R_PAD, R_G, D, PREC, PB, KC)
+
+    @triton.jit
+    def _merge_tail(PO, PL, INV_V, MEAN_V, OUT, LSE, pid_bh, b, h, PS, P_CODED, P, CBV_PER_HEAD,
+                    s_ob, s_oh, s_ot, s_lb, s_lh, G: tl.constexpr, TQ: tl.constexpr, R_PAD: tl.constexpr,
+                    RM: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, PB: tl.constexpr, KC: tl.constexpr):
+        """Merge of one head's P partials by its last-arriving split program. Rows are RM (the real G*Tq
+        rows padded to a power of two, not to 16); the value inverse transform runs as a [16, D] x [D, D]
+        product in KC-row slices of the inverse (bounded registers), through two scratch slots (P, P + 1)."""
+        rows = tl.arange(0, RM)
+        offs_d = tl.arange(0, D)
+        m_c = tl.full([RM], float("-inf"), tl.float32)
+        l_c = tl.zeros([RM], tl.float32)
+        acc_c = tl.zeros([RM, D], tl.float32)
+        m_c, l_c, acc_c = _merge_range(PO, PL, pid_bh, PS, 0, P_CODED, m_c, l_c, acc_c, G * TQ, RM, D, PB, R_PAD)
+        has_c = l_c > 0.0
+        oc = acc_c / tl.where(has_c, l_c, 1.0)[:, None]
+        sc0 = (pid_bh * PS + P) * R_PAD
+        sc1 = (pid_bh * PS + P + 1) * R_PAD
+        tl.store(PO + (sc0 + rows[:, None]) * D + offs_d[None, :], oc)
+        tl.debug_barrier()
+        r16 = tl.arange(0, R_PAD)
+        rm16 = r16 < RM
+        offs_k = tl.arange(0, KC)
+        hv = h * CBV_PER_HEAD
+        y = tl.zeros([R_PAD, D], tl.float32)
+        for k0 in tl.static_range(0, D, KC):
+            a = tl.load(PO + (sc0 + r16[:, None]) * D + k0 + offs_k[None, :], mask=rm16[:, None], other=0.0,
+                        cache_modifier=".cg")
+            w = tl.load(INV_V + hv * D * D + (k0 + offs_k)[:, None] * D + offs_d[None, :])
+            y += tl.dot(a, w, input_precision=PREC)
+        y = y + tl.load(MEAN_V + hv * D + offs_d)[None, :]
+        tl.store(PO + (sc1 + r16[:, None]) * D + offs_d[None, :], y, mask=rm16[:, None])
+        tl.debug_barrier()
+        out_c = tl.load(PO + (sc1 + rows[:, None]) * D + offs_d[None, :], cache_modifier=".cg")
+        m_i = tl.where(has_c, m_c + tl.log2(tl.where(has_c, l_c, 1.0)), float("-inf"))
+        l_i = tl.where(has_c, 1.0, 0.0)
+        acc = tl.where(has_c[:, None], out_c, 0.0)
+        m_i, l_i, acc = _merge_range(PO, PL, pid_bh, PS, P_CODED, P, m_i, l_i, acc, G * TQ, RM, D, PB, R_PAD)
+        nonempty = l_i > 0.0
+        out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+        lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+        rg = rows // TQ
+        rt = rows % TQ
+        rvalid = rows < G * TQ
+        hq = h * G + rg
+        tl.store(OUT + b * s_ob + hq[:, None] * s_oh + rt[:, None] * s_ot + offs_d[None, :],
+                 out.to(OUT.dtype.element_ty), mask=rvalid[:, None])
+        tl.store(LSE + b * s_lb + hq * s_lh + rt, lse, mask=rvalid)
 
     @triton.jit
     def _merge_range(PO, PL, pid_bh, P, lo, hi, m_i, l_i, acc, RV: tl.constexpr, R_PAD: tl.constexpr,
-                     D: tl.constexpr, PB: tl.constexpr):
-        """Log-sum-exp merge of partials lo..hi-1 into (m_i, l_i, acc), PB partials per vector load."""
+                     D: tl.constexpr, PB: tl.constexpr, R_STRIDE: tl.constexpr):
+        """Log-sum-exp merge of partials lo..hi-1 into (m_i, l_i, acc), PB partials per vector load; P is
+        the slot count per head, R_PAD the rows held (<= R_STRIDE, the rows stored per slot)."""
         rows = tl.arange(0, R_PAD)
         offs_d = tl.arange(0, D)
         offs_p = tl.arange(0, PB)
@@ -288,11 +379,12 @@ if HAS_TRITON:
         for p0 in range(lo, hi, PB):
             pp = p0 + offs_p
             pmask = pp < hi
-            base = (pid_bh * P + pp) * R_PAD  # [PB]
+            base = (pid_bh * P + pp) * R_STRIDE  # [PB]
             mask2 = pmask[:, None] & rmask[None, :]
-            lse2 = tl.load(PL + base[:, None] + rows[None, :], mask=mask2, other=float("-inf"))  # [PB, R_PAD]
+            lse2 = tl.load(PL + base[:, None] + rows[None, :], mask=mask2, other=float("-inf"),
+                           cache_modifier=".cg")  # [PB, R_PAD]
             o = tl.load(PO + (base[:, None, None] + rows[None, :, None]) * D + offs_d[None, None, :],
-                        mask=mask2[:, :, None], other=0.0)  # [PB, R_PAD, D]
+                        mask=mask2[:, :, None], other=0.0, cache_modifier=".cg")  # [PB, R_PAD, D]
             m_new = tl.maximum(m_i, tl.max(lse2, axis=0))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_use)
@@ -306,7 +398,7 @@ if HAS_TRITON:
     def _decode_merge_kernel(
         PO, PL, INV_V, MEAN_V, OUT, LSE,
         s_ob, s_oh, s_ot, s_lb, s_lh,
-        HKV, P_CODED, P, CBV_PER_HEAD,
+        HKV, P_CODED, P, PS, CBV_PER_HEAD,
         G: tl.constexpr, TQ: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
         PB: tl.constexpr,
     ):
@@ -319,7 +411,7 @@ if HAS_TRITON:
         m_c = tl.full([R_PAD], float("-inf"), tl.float32)
         l_c = tl.zeros([R_PAD], tl.float32)
         acc_c = tl.zeros([R_PAD, D], tl.float32)
-        m_c, l_c, acc_c = _merge_range(PO, PL, pid_bh, P, 0, P_CODED, m_c, l_c, acc_c, G * TQ, R_PAD, D, PB)
+        m_c, l_c, acc_c = _merge_range(PO, PL, pid_bh, PS, 0, P_CODED, m_c, l_c, acc_c, G * TQ, R_PAD, D, PB, R_PAD)
         has_c = l_c > 0.0
         out_c = acc_c / tl.where(has_c, l_c, 1.0)[:, None]
         hv = h * CBV_PER_HEAD
@@ -330,7 +422,7 @@ if HAS_TRITON:
         m_i = tl.where(has_c, m_c + tl.log2(tl.where(has_c, l_c, 1.0)), float("-inf"))
         l_i = tl.where(has_c, 1.0, 0.0)
         acc = tl.where(has_c[:, None], out_c, 0.0)
-        m_i, l_i, acc = _merge_range(PO, PL, pid_bh, P, P_CODED, P, m_i, l_i, acc, G * TQ, R_PAD, D, PB)
+        m_i, l_i, acc = _merge_range(PO, PL, pid_bh, PS, P_CODED, P, m_i, l_i, acc, G * TQ, R_PAD, D, PB, R_PAD)
         nonempty = l_i > 0.0
         out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
         lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453,
@@ -370,7 +462,7 @@ class DecodePlan:
     def __init__(self, q, codes_k, codes_v, anchor_bits, n_coded, anchor_k, anchor_v, anchor_pos, win_k, win_v,
                  win_len, cent_k, inv_k, mean_k, cent_v, inv_v, mean_v, scale, *, splits=None, block_n=64,
                  num_warps=4, num_stages=1, out=None, poison=False, gather_cache=".ca", rows_on_n=False,
-                 submajor=False, split_mult=1.0, prologue="triton", merge="triton"):
+                 submajor=False, split_mult=1.0, prologue="triton", merge="fused", key_lut=None, merge_pb=8):
         require_triton()
         b, hq, tq, d = q.shape
         hkv, n_cap = codes_k.shape[1], codes_k.shape[2]
@@ -388,8 +480,19 @@ class DecodePlan:
         p_total = p_coded + p_exact
         dev = q.device
         self.splits = (p_coded, p_exact)
-        self.po = torch.empty(b * hkv, p_total, r_pad, d, dtype=torch.float32, device=dev)
-        self.pl = torch.empty(b * hkv, p_total, r_pad, dtype=torch.float32, device=dev)
+        fuse = merge == "fused"
+        rv = g * tq
+        if key_lut is None:
+            key_lut = rv <= 8
+        r_g = max(4, next_pow2(rv)) if (key_lut or fuse) else max(1, next_pow2(rv))
+        if rows_on_n and not (key_lut or fuse):
+            r_g = max(1, next_pow2(rv))
+        p_slots = p_total + 2 if fuse else p_total  # two scratch slots for the fused merge
+        self.po = torch.empty(b * hkv, p_slots, r_pad, d, dtype=torch.float32, device=dev)
+        self.pl = torch.empty(b * hkv, p_slots, r_pad, dtype=torch.float32, device=dev)
+        self.cnt = torch.empty(max(1, b * hkv), dtype=torch.int32, device=dev)
+        self.lut = (torch.empty(b * hkv * st_k * s_k * m_k * r_g, dtype=torch.float32, device=dev) if key_lut
+                    else self.cnt)
         if poison:
             self.po.fill_(float("nan"))
             self.pl.fill_(float("nan"))
@@ -402,6 +505,7 @@ class DecodePlan:
         dt, prec = dot_dtype(q.dtype), dot_precision(q.dtype)
         cbk_ph, cbv_ph = int(hcb_k == hkv and hkv > 1), int(hcb_v == hkv and hkv > 1)
         inv_k32, mean_k32 = inv_k.float().contiguous(), mean_k.float().contiguous()
+        inv_v32, mean_v32 = inv_v.float().contiguous(), mean_v.float().contiguous()
         qk_scale = float(scale) * LOG2E
         self.empty = b * hkv == 0 or tq == 0
         qc = self.qc
@@ -414,11 +518,17 @@ class DecodePlan:
                 view = qc.view(b, hkv, r_pad * (d + 1))
                 view[:, :, :g * tq * d] = (torch.einsum("bhrd,hed->bhre", qr, inv) * qk_scale).reshape(b, hkv, -1)
                 view[:, :, r_pad * d:r_pad * d + g * tq] = torch.einsum("bhrd,hd->bhr", qr, mean) * qk_scale
-                return
-            _decode_prologue_kernel[(b * hkv,)](
-                q, inv_k32, mean_k32, qc, q.stride(0), q.stride(1), q.stride(2), hkv, cbk_ph, qk_scale,
-                G=g, TQ=tq, R_PAD=r_pad, D=d, PREC=prec, num_warps=4,
-            )
+                self.cnt.zero_()
+            else:
+                _decode_prologue_kernel[(b * hkv,)](
+                    q, inv_k32, mean_k32, qc, self.cnt, q.stride(0), q.stride(1), q.stride(2), hkv, cbk_ph, qk_scale,
+                    G=g, TQ=tq, R_PAD=r_pad, D=d, PREC=prec, num_warps=4,
+                )
+            if key_lut:
+                _decode_lut_kernel[(b * hkv, st_k * s_k)](
+                    qc, cent_k.contiguous(), self.lut, hkv, hcb_k, cbk_ph,
+                    R_PAD=r_pad, D=d, S=s_k, M=m_k, SUB=sub_k, ST=st_k, R_L=r_g, num_warps=4,
+                )
 
         def _partials():
             LAST_LAUNCH["decode"] = _decode_partials_kernel[(b * hkv, p_total)](
@@ -426,17 +536,18 @@ class DecodePlan:
                 anchor_k.contiguous(), anchor_v.contiguous(), anchor_pos.contiguous(),
                 win_k.contiguous(), win_v.contiguous(), win_len.contiguous(),
                 cent_k.contiguous(), cent_v.contiguous(),
-                self.po, self.pl,
-                q.stride(0), q.stride(1), q.stride(2),
-                hkv, n_cap, anchor_bits.shape[2], a_cap, w_cap, p_coded, p_exact, p_total,
+                self.po, self.pl, self.lut, self.cnt, inv_v32, mean_v32, self.out, self.lse,
+                q.stride(0), q.stride(1), q.stride(2), self.out.stride(0), self.out.stride(1), self.out.stride(2),
+                self.lse.stride(0), self.lse.stride(1),
+                hkv, n_cap, anchor_bits.shape[2], a_cap, w_cap, p_coded, p_exact, p_total, p_slots,
                 hcb_k, cbk_ph, hcb_v, cbv_ph,
                 qk_scale,
                 G=g, TQ=tq, R_PAD=r_pad, D=d,
                 C_K=codes_k.shape[3], S_K=s_k, M_K=m_k, SUB_K=sub_k, ST_K=st_k,
                 C_V=codes_v.shape[3], S_V=s_v, M_V=m_v, SUB_V=sub_v, ST_V=st_v,
                 BLOCK_N=block_n, BLOCK_A=32, BLOCK_W=16, DOT=dt, PREC=prec, CACHE=gather_cache,
-                ROWS_T=rows_on_n, R_G=max(1, next_pow2(g * tq)), SUBMAJOR=submajor,
-                num_warps=num_warps, num_stages=num_stages,
+                ROWS_T=rows_on_n, R_G=r_g, SUBMAJOR=submajor, KLUT=key_lut, FUSE=fuse, PB=merge_pb,
+                KC=min(32, d), num_warps=num_warps, num_stages=num_stages,
             )
 
         def _merge():
@@ -463,10 +574,12 @@ class DecodePlan:
                 self.out.copy_(o.view(b, hkv, g, tq, d).reshape(b, hq, tq, d).to(self.out.dtype))
                 self.lse.copy_(tot.view(b, hkv, g, tq).reshape(b, hq, tq))
                 return
+            if fuse:
+                return  # merged by the last split program of each head
             _decode_merge_kernel[(b * hkv,)](
-                self.po, self.pl, inv_v.float().contiguous(), mean_v.float().contiguous(), self.out, self.lse,
+                self.po, self.pl, inv_v32, mean_v32, self.out, self.lse,
                 self.out.stride(0), self.out.stride(1), self.out.stride(2), self.lse.stride(0), self.lse.stride(1),
-                hkv, p_coded, p_total, cbv_ph,
+                hkv, p_coded, p_total, p_slots, cbv_ph,
                 G=g, TQ=tq, R_PAD=r_pad, D=d, PREC=prec, PB=8, num_warps=8,
             )
 

@@ -1,0 +1,146 @@
+"""Capacity planner: a symbolic (sympy) memory model of a model served with the AnTKV cache.
+
+Bytes on the device, as functions of batch B and context N (tokens per sequence):
+
+    weights    params x weight bytes
+    codes      B N L Hkv (C_k + C_v) bits / 8              (C = stages x sub-spaces x code bits)
+    anchors    B L Hkv (rho N + 1) (2 D e + 4 + 4)          (K, V at e bytes, int32 position, fp32 score)
+               + B L Hkv N / 8                              (one anchor bit per token)
+    window     B L Hkv W 2 D e + B L Hq W (2 D e + 4)       (K, V; the window's queries, outputs, LSE)
+    codebooks  L 2 Hcb (S M d' + D D + D) 2                 (fp16 centroids, one D x D map, mean)
+    workspace  decode activations + logits + split-K partials, prefill chunk activations
+
+The planner answers the longest context per batch size and the largest batch per context that fit
+a memory budget, and the same for a full-precision cache for comparison. It counts what this
+project allocates; the benchmark of issue 5 checks it against measured peaks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import sympy as sp
+
+from .config import VQPreset, get_preset
+
+B, N = sp.symbols("B N", positive=True, integer=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    name: str
+    params: int
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+
+    @classmethod
+    def from_config(cls, config, name: str | None = None) -> "ModelShape":
+        """Shape of a transformers config; parameters counted on the meta device (no memory, no download)."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        params = sum(p.numel() for p in model.parameters())
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(name or config.model_type, params, config.num_hidden_layers, config.num_attention_heads,
+                   config.num_key_value_heads, head_dim, config.hidden_size, config.intermediate_size, config.vocab_size)
+
+
+def llama3_8b_config():
+    """Llama-3-8B's shape from transformers' own LlamaConfig (no weights involved)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=1 << 23,
+                       rope_theta=500000.0, tie_word_embeddings=False)
+
+
+KNOWN_MODELS = {"llama3-8b": llama3_8b_config}
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryModel:
+    shape: ModelShape
+    preset: VQPreset | None  # None = full-precision cache
+    anchor_ratio: float = 0.01
+    window: int = 64
+    element_bytes: int = 2  # bf16 / fp16 cache entries and activations
+    weight_bytes: float = 2.0
+    prefill_chunk: int = 4096
+    decode_splits: int = 32
+
+    def terms(self) -> dict[str, sp.Expr]:
+        s, e = self.shape, self.element_bytes
+        L, hkv, hq, d = s.num_layers, s.num_kv_heads, s.num_q_heads, s.head_dim
+        out: dict[str, sp.Expr] = {"weights": sp.Integer(math.ceil(s.params * self.weight_bytes))}
+        if self.preset is None:
+            out["kv_full_precision"] = B * N * L * hkv * 2 * d * e
+        else:
+            p = self.preset
+            code_bits = 2 * p.stages * p.num_subspaces(d) * p.code_bits
+            out["codes"] = B * N * L * hkv * sp.Rational(code_bits, 8)
+            out["anchors"] = B * L * hkv * ((sp.nsimplify(self.anchor_ratio) * N + 1) * (2 * d * e + 8) + N / 8)
+            out["window"] = B * L * (hkv * self.window * 2 * d * e + hq * self.window * (2 * d * e + 4))
+            per_book = hkv * (p.stages * p.num_subspaces(d) * p.num_centroids * p.sub_dim + d * d + d)
+            out["codebooks"] = sp.Integer(L * 2 * per_book * 2)
+        decode = B * (4 * s.hidden_size + 2 * s.intermediate_size) * e + B * s.vocab_size * 4
+        decode += B * hq * self.decode_splits * (d + 2) * 4
+        prefill = self.prefill_chunk * (4 * s.hidden_size + 3 * s.intermediate_size) * e + self.prefill_chunk * s.vocab_size * 4
+        out["workspace"] = sp.Max(decode, prefill)
+        return out
+
+    def total(self) -> sp.Expr:
+        return sum(self.terms().values())
+
+    def bytes_at(self, batch: int, context: int) -> dict[str, int]:
+        vals = {k: int(sp.ceiling(v.subs({B: batch, N: context}))) for k, v in self.terms().items()}
+        vals["total"] = sum(vals.values())
+        return vals
+
+    def longest_context(self, batch: int, budget: int) -> int:
+        """Largest N with total(batch, N) <= budget (0 if not even one token fits)."""
+        return _largest(lambda n: self.bytes_at(batch, n)["total"] <= budget)
+
+    def largest_batch(self, context: int, budget: int) -> int:
+        """Largest B with total(B, context) <= budget (0 if not even one sequence fits)."""
+        return _largest(lambda b: self.bytes_at(b, context)["total"] <= budget)
+
+
+def _largest(fits) -> int:
+    """Largest positive integer x with fits(x), for a monotone predicate (doubling, then bisection)."""
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def parse_bytes(text: str) -> int:
+    """'80GB' / '80GiB' / '79.2e9' -> bytes (GB = 1e9, GiB = 2**30)."""
+    t = text.strip().upper().replace(" ", "")
+    units = {"GIB": 1 << 30, "MIB": 1 << 20, "GB": 10**9, "MB": 10**6, "TB": 10**12, "B": 1}
+    for u, f in units.items():
+        if t.endswith(u):
+            return int(float(t[: -len(u)]) * f)
+    return int(float(t))
+
+
+def plan(shape: ModelShape, bits: str | None, budget: int, batches=(1, 8, 32, 128), contexts=(8192, 32768, 131072, 1 << 20),
+         **kw) -> dict:
+    mm = MemoryModel(shape, get_preset(bits) if bits else None, **kw)
+    return {
+        "model": shape.name, "bits": bits or "16 (full precision)", "budget_bytes": budget,
+        "symbolic_total_bytes": str(sp.simplify(mm.total())),
+        "longest_context": {b: mm.longest_context(b, budget) for b in batches},
+        "largest_batch": {n: mm.largest_batch(n, budget) for n in contexts},
+    }

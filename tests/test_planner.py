@@ -1,0 +1,45 @@
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from antkv_compile.config import get_preset
+from antkv_compile.planner import MemoryModel, ModelShape, llama3_8b_config, parse_bytes, plan
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return ModelShape.from_config(llama3_8b_config(), "llama3-8b")
+
+
+def test_llama3_8b_shape_and_per_token_bytes(llama):
+    assert 8.0e9 < llama.params < 8.1e9
+    full = MemoryModel(llama, None).bytes_at(1, 1000)
+    assert full["kv_full_precision"] == 1000 * 128 * 1024  # 128 KiB per token in bf16
+    one = MemoryModel(llama, get_preset("1")).bytes_at(1, 1000)
+    assert one["codes"] == 1000 * 8 * 1024  # 1 bit per element: 8 KiB per token
+
+
+@settings(max_examples=15, deadline=None)
+@given(bits=st.sampled_from(["1", "0.375", "2"]), batch=st.integers(1, 64), gb=st.integers(20, 140))
+def test_longest_context_is_the_boundary_of_the_budget(llama, bits, batch, gb):
+    mm = MemoryModel(llama, get_preset(bits))
+    budget = gb * 10**9
+    n = mm.longest_context(batch, budget)
+    if n:
+        assert mm.bytes_at(batch, n)["total"] <= budget < mm.bytes_at(batch, n + 1)["total"]
+    else:
+        assert mm.bytes_at(batch, 1)["total"] > budget
+
+
+def test_compression_buys_context_and_fewer_bits_buy_more(llama):
+    budget = parse_bytes("80GB")
+    full, one, tiny = (plan(llama, b, budget, batches=(1,), contexts=(32768,)) for b in (None, "1", "0.375"))
+    assert full["longest_context"][1] < one["longest_context"][1] < tiny["longest_context"][1]
+    assert one["longest_context"][1] > 4_000_000  # the capacity target is within the model's reach
+    assert full["largest_batch"][32768] < one["largest_batch"][32768]
+
+
+def test_parse_bytes():
+    assert parse_bytes("80GB") == 80 * 10**9
+    assert parse_bytes("1GiB") == 1 << 30
+    assert parse_bytes("512") == 512
