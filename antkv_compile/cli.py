@@ -166,6 +166,66 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    """Explain what backend="antkv" does to each graph of a model's prefill and one decode step."""
+    from transformers import StaticCache
+
+    from .explain import explain
+    from .models import tiny_model
+
+    if args.model.startswith("tiny-"):
+        model = tiny_model(args.model[len("tiny-"):])
+    else:
+        model, _ = _load(args)
+    ids = torch.randint(3, model.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(args.seed))
+    cache = StaticCache(config=model.config, max_cache_len=args.prompt_len + 8)
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)  # fill the cache eagerly
+    steps = {"decode": dict(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True)}
+    ex = explain(model, steps["decode"])
+    print(ex.text(code=args.code))
+    if args.dot:
+        out = Path(args.dot)
+        out.mkdir(parents=True, exist_ok=True)
+        for g in ex:
+            for which in ("before", "after"):
+                path = g.write_dot(out / f"graph{g.index}_{which}.dot", which)
+                if args.svg:
+                    try:
+                        g.write_svg(path.with_suffix(".svg"), which)
+                    except RuntimeError as e:
+                        print(f"svg skipped: {e}")
+        print(f"wrote DOT files to {out}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .planner import KNOWN_MODELS, ModelShape, parse_bytes, plan
+    from .reporting import print_table, write_json
+
+    if args.model in KNOWN_MODELS:
+        shape = ModelShape.from_config(KNOWN_MODELS[args.model](), args.model)
+    else:
+        from .models import load_model
+
+        model, _ = load_model(args.model)
+        shape = ModelShape.from_config(model.config, _model_id(args))
+    budget = parse_bytes(args.gpu_memory)
+    kw = dict(anchor_ratio=args.anchor_ratio, window=args.window)
+    ours = plan(shape, args.bits, budget, batches=args.batches, contexts=args.contexts, **kw)
+    full = plan(shape, None, budget, batches=args.batches, contexts=args.contexts, **kw)
+    rows = [{"what": f"longest context, batch {b}", "antkv": ours["longest_context"][b], "full": full["longest_context"][b]}
+            for b in args.batches]
+    rows += [{"what": f"largest batch, context {n}", "antkv": ours["largest_batch"][n], "full": full["largest_batch"][n]}
+             for n in args.contexts]
+    print_table(rows, [("what", "method", "s"), ("antkv", f"antkv {args.bits}-bit", ","), ("full", "16-bit cache", ",")],
+                f"{shape.name} in {args.gpu_memory} (memory model: antkv_compile/planner.py)")
+    print(f"total bytes = {ours['symbolic_total_bytes']}")
+    if args.out:
+        write_json(args.out, {"antkv": ours, "full_precision": full})
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="antkv-compile", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -202,6 +262,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 1 context of 1024 tokens, full / antkv-1 / kivi-2, codebooks from 2048 tokens")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("inspect", help="show the attention/cache nodes backend='antkv' matches and rewrites")
+    _common(p)
+    p.add_argument("--prompt-len", type=int, default=8)
+    p.add_argument("--code", action="store_true", help="print each graph before and after the rewrite")
+    p.add_argument("--dot", default=None, help="directory for DOT exports (before/after per graph)")
+    p.add_argument("--svg", action="store_true", help="also render SVG (needs Graphviz `dot`)")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("plan", help="longest context / largest batch that fit a GPU, from the symbolic memory model")
+    p.add_argument("--model", default="llama3-8b", help="'llama3-8b' (shape only) or a model accepted by eval")
+    p.add_argument("--gpu-memory", default="80GB", help="memory budget, e.g. 80GB, 79GiB")
+    p.add_argument("--bits", default="1")
+    p.add_argument("--anchor-ratio", type=float, default=0.01)
+    p.add_argument("--window", type=int, default=64)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
+    p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072, 1048576])
+    p.add_argument("--out", default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_plan)
     return parser
 
 

@@ -37,7 +37,11 @@ Algorithm (three launches: prologue, partials, merge):
 * merge, one program per (sequence, KV head): log-sum-exp of the coded partials, the value inverse
   transform + mean applied once, then the merge with the exact partials.
 
-Measured (H100, NOTES.md): correct, but not fast. The split kernel is latency-bound per program
+v3 (NOTES.md): by default the merge runs in the last-arriving split program of each head (arrival counter
+reset by the prologue; ``merge="triton"`` keeps the separate launch), and keys are scored through a per-query
+fp32 lookup table (``key_lut``, when G*Tq <= 8) built by a small kernel after the prologue. Measured v3:
+0.65-1.1x FP16 SDPA at 1 bit, 1.2-1.8x at 0.375 bit (128K); the split loop is still latency-bound.
+Measured v2 (H100, NOTES.md): correct, but not fast. The split kernel is latency-bound per program
 (~0.7 random 16-byte gathers per clock per SM, where the same L1 sustains 2.8 in a tight loop, and
 5-6 % of HBM bandwidth), and the merge launch costs a fixed ~90-200 us at small batch: 0.25-0.9x
 FP16 SDPA at 1 bit, 0.26-1.17x at 0.375 bit. The defaults below are the best measured configuration.
@@ -450,7 +454,7 @@ def default_splits(batch: int, kv_heads: int, capacity: int, anchors: int, sms: 
     (anchors + window) per KV head unless the anchors are a large share of the tokens.
     """
     pairs = max(1, batch * kv_heads)
-    p_coded = max(1, int(min(32, max(3, cdiv(4 * sms, pairs))) * mult))
+    p_coded = max(1, int(min(32, max(3, cdiv(8 * sms, pairs))) * mult))  # v3: 8/SM (B=8: 18 splits beat 9)
     p_coded = max(1, min(p_coded, cdiv(capacity, 4 * block_n)))
     p_exact = max(1, cdiv(anchors * p_coded, max(1, capacity))) if anchors else 1
     return p_coded, p_exact

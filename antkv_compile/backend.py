@@ -1,0 +1,166 @@
+"""``backend="antkv"``: a torch.compile backend that compresses the KV cache of Hugging Face models.
+
+``torch.compile(model, backend="antkv", options={...})`` works after ``pip install`` without importing
+this package: ``pyproject.toml`` registers :func:`antkv_backend` in the ``torch_dynamo_backends``
+entry-point group (a plain, undecorated callable: decorating it with ``register_backend`` would make
+torch's lookup register it twice).
+
+Per Dynamo graph:
+
+1. ``find_attention_sites`` (``antkv_compile.patterns``) pairs static-cache writes with the attention that
+   reads them; ``plan_rewrite`` decides to rewrite all of them or none (see :mod:`antkv_compile.passes`).
+2. Rewrite: each site becomes ``torch.ops.antkv_rt.cache_attend`` (the method core's store); the rest of
+   the graph goes to Inductor (``compile_fx``) as usual, with ``mode``/``options`` mapped to
+   ``config_patches`` and :class:`~antkv_compile.passes.cache_key.ConfigKeyPass` in the cache key.
+3. Fallback: no site / a site we cannot rewrite -> the *untouched* graph goes to ``compile_fx`` exactly as
+   ``backend="inductor"`` would, with one warning naming the reason.
+4. The returned callable binds each layer's store to the live cache tensors of this call, runs the
+   compiled graph, then releases the dense StaticCache K/V buffers the rewritten graph no longer uses
+   (after prefill the KV memory is codes + anchors + window + codebooks).
+
+Options (``options=`` of torch.compile; other keys go to Inductor): ``artifact`` (a
+``CodebookArtifact`` or a directory), ``bits`` ("1"), ``anchor_ratio`` (0.01), ``window`` (64), and the
+other :class:`~antkv_compile.config.AnTKVConfig` fields (``flush``, ``score``, ``value_mode``,
+``coded_path``, ``seed``), ``release_dense`` (True), ``inner`` ("inductor"; "eager" runs the rewritten
+graph without Inductor -- for debugging and fast tests).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from typing import Any
+
+import torch
+
+log = logging.getLogger("antkv_compile.backend")
+
+__all__ = ["antkv_backend", "AntKVFallbackWarning", "AntKVCalibrationWarning", "parse_options", "last_compiles"]
+
+_OUR_KEYS = {f.name for f in dataclasses.fields(__import__("antkv_compile.config", fromlist=["AnTKVConfig"]).AnTKVConfig)}
+_OUR_KEYS |= {"artifact", "release_dense", "inner"}
+
+
+class AntKVFallbackWarning(UserWarning):
+    """A graph was compiled by plain Inductor (nothing rewritten), or some layers were kept exact."""
+
+
+class AntKVCalibrationWarning(UserWarning):
+    """No codebook artifact: codebooks are learned from the prefill itself."""
+
+
+# one record per backend call (most recent last; bounded): what explain/tests inspect
+last_compiles: list = []
+_WARNED: set = set()
+
+
+def _warn_once(message: str, category) -> None:
+    if message in _WARNED:
+        return
+    _WARNED.add(message)
+    log.warning("%s", message)
+    warnings.warn(message, category, stacklevel=3)
+
+
+def parse_options(options: dict | None):
+    """Split torch.compile ``options`` into (AnTKVConfig, artifact or None, release_dense, inductor options)."""
+    from .config import AnTKVConfig
+
+    options = dict(options or {})
+    ours = {k: options.pop(k) for k in list(options) if k in _OUR_KEYS}
+    artifact = ours.pop("artifact", None)
+    release = bool(ours.pop("release_dense", True))
+    inner = ours.pop("inner", "inductor")
+    if inner not in ("inductor", "eager"):
+        raise ValueError(f"options['inner'] must be 'inductor' or 'eager', got {inner!r}")
+    if artifact is not None and not hasattr(artifact, "keys"):
+        from .artifact import load_artifact
+
+        artifact = load_artifact(artifact)
+    config = AnTKVConfig(**ours)
+    if artifact is not None:
+        artifact.check_preset(config.bits)
+    options["__inner"] = inner
+    return config, artifact, release, options
+
+
+def _config_patches(mode: str | None, inductor_options: dict) -> dict:
+    patches: dict = {}
+    if mode is not None and mode != "default":
+        from torch._inductor import list_mode_options
+
+        patches.update(list_mode_options(mode))
+    patches.update(inductor_options)
+    return patches
+
+
+def _compile_fx(gm, example_inputs, patches, inner="inductor"):
+    if inner == "eager":  # debugging / fast tests: run the (rewritten) graph as is, no Inductor
+        return gm.forward
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs, config_patches=patches or None)
+
+
+def antkv_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None = None, options: dict | None = None):
+    """The ``antkv`` torch.compile backend (see the module docstring)."""
+    from .passes import apply_rewrite, plan_rewrite
+    from .passes.cache_key import ConfigKeyPass
+    from .patterns import find_attention_sites
+    from .runtime.state import release_dense, session_for
+
+    config, artifact, release, inductor_options = parse_options(options)
+    inner = inductor_options.pop("__inner")
+    patches = _config_patches(mode, inductor_options)
+    report = find_attention_sites(gm)
+    plan = plan_rewrite(report)
+    record = {"report": report, "plan": plan, "before": gm, "after": None, "mode": mode}
+    last_compiles.append(record)
+    del last_compiles[:-32]
+    log.info("%s", report.summary())
+
+    if not plan.rewrites:
+        _warn_once(f"antkv: graph compiled unchanged by {inner} (KV cache NOT compressed) -- {plan.fallback_reason}",
+                   AntKVFallbackWarning)
+        return _compile_fx(gm, example_inputs, patches, inner)
+
+    session = session_for(config, artifact)
+    if plan.kept_exact:
+        layers = sorted({u.layer for u in plan.kept_exact if u.layer is not None})
+        _warn_once(f"antkv: {len(plan.kept_exact)} sliding-window attention layer(s) {layers} kept exact (full-"
+                   f"precision dense cache); {len(plan.sites)} global layer(s) compressed", AntKVFallbackWarning)
+    if artifact is None:
+        _warn_once("antkv: no codebook artifact given; codebooks are learned per layer from the prefill's own "
+                   "keys and values (plain k-means, lower quality). Calibrate once and pass it: `antkv-compile "
+                   "calibrate --model <model> --bits %s --out <dir>` then options={'artifact': '<dir>'}" % config.preset.name,
+                   AntKVCalibrationWarning)
+    result = apply_rewrite(gm, plan, session.sid)
+    record["after"] = result.gm
+    log.debug("rewritten graph:\n%s", result.gm.code)
+
+    inner = patches.get("post_grad_custom_post_pass")
+    patches["post_grad_custom_post_pass"] = ConfigKeyPass(session.fingerprint, inner)
+    if patches.get("triton.cudagraphs"):
+        # the store is host-side state and reads positions on the host: not CUDA-graph capturable
+        log.warning("antkv: CUDA graphs disabled for a rewritten graph (the store runs on the host)")
+        patches["triton.cudagraphs"] = False
+    compiled = _compile_fx(result.gm, example_inputs, patches, inner)
+
+    bind = result.bind
+    release_in = result.release_inputs if release else []
+    release_out = result.release_outputs if release else []
+
+    def run(*args):
+        for layer, idx in bind:
+            session.bind(layer, args[idx] if idx is not None else None)
+        out = compiled(*args)
+        for i in release_in:
+            release_dense(args[i])
+        if release_out:
+            flat, _ = torch.utils._pytree.tree_flatten(out)
+            for i in release_out:
+                release_dense(flat[i])
+        return out
+
+    run._antkv_result = result  # for inspection
+    return run

@@ -1,0 +1,220 @@
+"""Where the quantized KV state of a compiled model lives.
+
+Design (documented opaque op, see also :mod:`antkv_compile.passes.ops`):
+
+* A :class:`Session` exists per quantization configuration (config + artifact fingerprint). The backend
+  gets (or creates) the session from its options, so the prefill graph and the decode graph of one model
+  (two separate backend calls) share it. The session id is a constant argument of every ``antkv`` op in
+  the rewritten graph, so graphs compiled for different configurations differ (and so do their Inductor
+  cache keys, see :mod:`antkv_compile.passes.cache_key`).
+* Per (layer, cache identity) the session holds one method-core store
+  (:class:`antkv_compile.numerics.store.AnTKVLayerStore`): codes + anchors + window, fixed capacity =
+  the static cache length. The store lives *outside* the graph, in Python; the op reaches it through
+  ``(session, layer)`` plus the *cache identity* that the backend's wrapper binds before each call
+  (``id`` of the live ``cumulative_length`` tensor of that layer, or of its key buffer), so two
+  ``StaticCache`` objects used with one compiled model get two stores.
+* The op is a pure function of its tensor inputs when the new tokens start at position 0 (it starts a
+  fresh store: a new prompt / ``cache.reset()``), and otherwise requires the store to hold exactly
+  ``position`` tokens (raises :class:`StoreStateError` else) -- so a skipped or repeated step is an
+  error, never a silently wrong result.
+* Codebooks: from the artifact (per layer), or learned per layer from the first prefill's own keys and
+  values (k-means in raw space, a weaker fallback; the backend warns once and names calibration).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import threading
+import weakref
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..config import AnTKVConfig
+from ..numerics.store import AnTKVLayerStore, CacheInputError, StoreGeometry
+from ..numerics.vq import Codebook
+
+log = logging.getLogger("antkv_compile.backend")
+
+__all__ = ["Session", "StoreStateError", "get_session", "session_for", "release_dense", "config_fingerprint"]
+
+
+class StoreStateError(RuntimeError):
+    """The compiled step does not continue the store it should (skipped/repeated step, eager prefill)."""
+
+
+def _artifact_fingerprint(artifact) -> str:
+    if artifact is None:
+        return "self-learned"
+    m = artifact.manifest
+    return str(m.get("tensors_sha256") or hashlib.sha256(json.dumps(m, sort_keys=True, default=str).encode()).hexdigest())
+
+
+def config_fingerprint(config: AnTKVConfig, artifact) -> str:
+    """A stable string naming the quantization configuration (part of every compile-cache key)."""
+    d = dataclasses.asdict(config)
+    d["bits"] = dataclasses.asdict(config.preset)
+    payload = json.dumps({"config": d, "artifact": _artifact_fingerprint(artifact)}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def _learn_codebook(x: Tensor, config: AnTKVConfig, layer: int) -> Codebook:
+    """Codebook from the prefill's own vectors x [B, H, T, D] (per KV head, raw space, unweighted)."""
+    from ..numerics.codebook_learning import LearningOptions, learn_codebook
+
+    preset = config.preset
+    b, h, t, d = x.shape
+    data = x.detach().float().permute(1, 0, 2, 3).reshape(h, b * t, d)
+    m = preset.num_centroids
+    if data.shape[1] < m:  # fewer vectors than centroids: tile them (with a tiny jitter) so k-means can seed
+        reps = math.ceil(m / data.shape[1])
+        gen = torch.Generator().manual_seed(config.seed * 7919 + layer)
+        tiled = data.repeat(1, reps, 1)
+        jitter = torch.randn(tiled.shape, generator=gen).to(tiled.device) * (1e-4 * (data.std() + 1e-6))
+        data = tiled + jitter
+    gen = torch.Generator().manual_seed(config.seed * 1000 + layer)
+    opts = LearningOptions(weighted=False, metric=False, rotate=False, iters=8)
+    return learn_codebook(data, None, preset, options=opts, generator=gen)
+
+
+class Session:
+    """The stores and codebooks of one quantization configuration."""
+
+    def __init__(self, sid: int, config: AnTKVConfig, artifact=None, check_mask: bool = True) -> None:
+        self.sid = sid
+        self.config = config
+        self.artifact = artifact
+        self.fingerprint = config_fingerprint(config, artifact)
+        self.check_mask = check_mask
+        self.codebooks: dict[int, tuple[Codebook, Codebook]] = {}
+        self.stores: dict[tuple[int, Any], AnTKVLayerStore] = {}
+        self.current: dict[int, Any] = {}  # layer -> cache identity bound by the wrapper for this call
+        self._finalizers: dict[Any, Any] = {}
+        self.learned_layers: set[int] = set()
+
+    # ------------------------------------------------------------------ binding (called by the wrapper)
+    def bind(self, layer: int, tensor: Tensor | None) -> None:
+        if tensor is None:
+            self.current[layer] = None
+            return
+        key = id(tensor)
+        self.current[layer] = key
+        if key not in self._finalizers:
+            self._finalizers[key] = weakref.finalize(tensor, self._drop, key)
+
+    def _drop(self, key) -> None:
+        self._finalizers.pop(key, None)
+        for k in [k for k in self.stores if k[1] == key]:
+            del self.stores[k]
+
+    # ------------------------------------------------------------------ codebooks / stores
+    def codebooks_for(self, layer: int, k: Tensor, v: Tensor) -> tuple[Codebook, Codebook]:
+        """Artifact codebooks (cached per layer), or -- without an artifact -- codebooks learned from this
+        prefill's own keys and values (learned anew at every store start: a new prompt, a new cache)."""
+        if self.artifact is not None and layer in self.codebooks:
+            return self.codebooks[layer]
+        if self.artifact is not None:
+            if layer >= self.artifact.num_layers:
+                raise CacheInputError(
+                    f"the codebook artifact has {self.artifact.num_layers} layers but layer {layer} is rewritten; "
+                    "use an artifact calibrated for this model (antkv-compile calibrate)")
+            cbs = (self.artifact.keys[layer], self.artifact.values[layer])
+        else:
+            cbs = (_learn_codebook(k, self.config, layer), _learn_codebook(v, self.config, layer))
+            self.learned_layers.add(layer)
+            log.debug("session %d: learned layer %d codebooks from %d prefill tokens", self.sid, layer, k.shape[2])
+        self.codebooks[layer] = cbs
+        return cbs
+
+    def store_for(self, layer: int, q: Tensor, k: Tensor, v: Tensor, start: int, capacity: int,
+                  scale: float) -> AnTKVLayerStore:
+        key = (layer, self.current.get(layer))
+        store = self.stores.get(key)
+        if start == 0:
+            cbk, cbv = self.codebooks_for(layer, k, v)
+            b, h, _, d = k.shape
+            geom = StoreGeometry(b, h, d, capacity, k.dtype, k.device, scale)
+            store = AnTKVLayerStore(geom, cbk, cbv, self.config, layer_index=layer)
+            self.stores[key] = store
+            return store
+        if store is None:
+            raise StoreStateError(
+                f"layer {layer}: the compiled step writes position {start} but no antkv store holds this cache's "
+                "earlier tokens. The prompt (prefill) must run through the same compiled model: compile the "
+                "whole model (torch.compile(model, backend='antkv') / model.compile(backend='antkv')), not only "
+                "the decode step")
+        if len(store) != start:
+            raise StoreStateError(
+                f"layer {layer}: the antkv store holds {len(store)} tokens but the cache writes position {start}; "
+                "a step was skipped or repeated (cache cropping / beam reordering is not supported)")
+        return store
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Tensor storage bytes held by the stores (codes, anchors, window) and codebooks."""
+        seen: set[int] = set()
+        out = {"codes": 0, "anchors": 0, "window": 0, "codebooks": 0}
+
+        def add(kind, t):
+            if t is None:
+                return
+            st = t.untyped_storage()
+            if st.data_ptr() in seen:
+                return
+            seen.add(st.data_ptr())
+            out[kind] += st.nbytes()
+
+        for s in self.stores.values():
+            add("codes", s.codes_k)
+            add("codes", s.codes_v)
+            for t in (s.anchor_k, s.anchor_v, s.anchor_pos, s.anchor_score):
+                add("anchors", t)
+            for t in (s.win_k, s.win_v, s.win_q, s.win_out, s.win_lse):  # window K/V + its queries (for scoring)
+                add("window", t)
+        for cbk, cbv in self.codebooks.values():
+            for cb in (cbk, cbv):
+                for t in dataclasses.astuple(cb):
+                    add("codebooks", t)
+        return out
+
+
+_LOCK = threading.Lock()
+_SESSIONS: dict[int, Session] = {}
+_BY_FINGERPRINT: dict[str, int] = {}
+
+
+def session_for(config: AnTKVConfig, artifact=None) -> Session:
+    """The session of this configuration (created on first use; stable for the process)."""
+    fp = config_fingerprint(config, artifact)
+    with _LOCK:
+        sid = _BY_FINGERPRINT.get(fp)
+        if sid is None:
+            sid = len(_SESSIONS) + 1
+            _SESSIONS[sid] = Session(sid, config, artifact)
+            _BY_FINGERPRINT[fp] = sid
+        return _SESSIONS[sid]
+
+
+def get_session(sid: int) -> Session:
+    try:
+        return _SESSIONS[sid]
+    except KeyError:
+        raise StoreStateError(f"no antkv session {sid} in this process (a compiled artifact from another "
+                              "process was loaded?); recompile with backend='antkv'") from None
+
+
+def release_dense(t: Tensor) -> bool:
+    """Give back the storage of a dense cache buffer the rewritten graph no longer reads or writes.
+
+    The tensor object stays (HF's cache holds it and Dynamo guards on it) but becomes a stride-0 view of
+    one element: ``cache.reset()`` (``zero_``) still works, any dense write (``index_copy_``) raises
+    instead of writing, so a graph that was *not* rewritten can never silently use a released cache.
+    Returns True when storage was released."""
+    if not isinstance(t, Tensor) or t.numel() <= 1 or all(s == 0 for s in t.stride()):
+        return False
+    with torch.no_grad():
+        t.set_(torch.zeros(1, dtype=t.dtype, device=t.device).untyped_storage(), 0, t.shape, (0,) * t.dim())
+    return True
