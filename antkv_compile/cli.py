@@ -86,7 +86,7 @@ def cmd_calibrate(args) -> int:
 def cmd_eval(args) -> int:
     from .artifact import ArtifactError, load_artifact
     from .calibration import collect_statistics
-    from .eval_suite import ABLATIONS, MAIN, QUICK, RECIPES, resolve
+    from .eval_suite import ABLATIONS, MAIN, PRE_ROPE, QUICK, RECIPES, resolve
     from .evaluation import evaluate_method
     from .reporting import environment, markdown_table, plot_perplexity, print_table, write_json
     from .texts import load_text, token_contexts
@@ -97,7 +97,7 @@ def cmd_eval(args) -> int:
         args.methods = args.methods or "quick"
         if args.artifacts == ARTIFACTS_DEFAULT:
             args.artifacts = "artifacts/smollm2-quick"
-    groups = {"main": MAIN, "ablations": ABLATIONS, "all": MAIN + ABLATIONS, "quick": QUICK}
+    groups = {"main": MAIN, "ablations": ABLATIONS, "all": MAIN + ABLATIONS, "quick": QUICK, "pre_rope": PRE_ROPE}
     names = []
     for part in (args.methods or "all").split(","):
         names += groups.get(part, [part])
@@ -226,6 +226,12 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="antkv-compile", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -282,6 +288,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("demo", help="the main job: compile SmolLM2 with backend='antkv', generate, KV memory, perplexity")
+    p.add_argument("--bits", default="1")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--ppl-tokens", type=int, default=1024)
+    p.add_argument("--artifact", default=None, help="codebook artifact dir (default: calibrated on first run)")
+    p.add_argument("--calib-tokens", type=int, default=4096)
+    p.add_argument("--out", default=None, help="JSON results path")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -34,6 +34,7 @@ RECIPES: dict[str, Recipe] = {
     "no-rotate-1": Recipe("1", LearningOptions(metric=False, rotate=False), LearningOptions(rotate=False)),
     "shared-1": Recipe("1", LearningOptions(metric=False, shared=True), LearningOptions(shared=True)),
     "pre-rope-1": Recipe("1", key_space="pre_rope"),
+    **{f"antkv-pre-rope-{b}": Recipe(b, key_space="pre_rope") for b in PRESETS},
 }
 
 
@@ -58,6 +59,8 @@ METHODS: dict[str, MethodSpec] = {
     "no-rotate-1": _antkv("no-rotate-1", "no-rotate-1"),
     "shared-codebooks-1": _antkv("shared-codebooks-1", "shared-1"),
     "pre-rope-keys-1": _antkv("pre-rope-keys-1", "pre-rope-1", key_space="pre_rope", coded_path="dequantized"),
+    **{f"antkv-pre-rope-{b}": _antkv(f"antkv-pre-rope-{b}", f"antkv-pre-rope-{b}", key_space="pre_rope",
+                                      coded_path="dequantized") for b in PRESETS},
 }
 
 MAIN = ["full", "antkv-4", "antkv-2", "antkv-1", "antkv-0.75", "antkv-0.375", "kivi-2", "kivi-1", "plain-vq-1",
@@ -65,6 +68,7 @@ MAIN = ["full", "antkv-4", "antkv-2", "antkv-1", "antkv-0.75", "antkv-0.375", "k
 ABLATIONS = ["anchors-sensitivity-1", "anchors-none-1", "kmeans-unweighted-1", "key-metric-1", "no-rotate-1",
              "shared-codebooks-1", "pre-rope-keys-1"]
 QUICK = ["full", "antkv-1", "kivi-2"]
+PRE_ROPE = ["full", *[f"antkv-pre-rope-{b}" for b in PRESETS]]
 
 
 def resolve(names: list[str], **overrides) -> list[MethodSpec]:

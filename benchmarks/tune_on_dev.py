@@ -51,7 +51,7 @@ VARIANTS_ROUND3: dict[str, tuple[VQPreset | str, LearningOptions, LearningOption
 }
 # round 4: the 4- and 2-bit presets (4:vm/flush32 was 1.062x on dev, 2-bit 1.125x)
 UW = (LearningOptions(metric=False, weighted=False), LearningOptions(weighted=False))
-VARIANTS: dict[str, tuple[VQPreset | str, LearningOptions, LearningOptions, dict]] = {
+VARIANTS_ROUND4: dict[str, tuple[VQPreset | str, LearningOptions, LearningOptions, dict]] = {
     "4:pq2": ("4", *VM, {}),
     "4:pq2-unweighted": ("4", *UW, {}),
     "4:rvq4x2": (VQPreset("4-rvq4x2", 4, 8, 2), *VM, {}),
@@ -59,6 +59,15 @@ VARIANTS: dict[str, tuple[VQPreset | str, LearningOptions, LearningOptions, dict
     "2:pq4": ("2", *VM, {}),
     "2:pq4-unweighted": ("2", *UW, {}),
     "2:rvq8x2": (VQPreset("2-rvq8x2", 8, 8, 2), *VM, {}),
+}
+# round 5: keys coded before RoPE (unrotated by position, rotated back after decoding)
+PRE = {"key_space": "pre_rope"}
+VARIANTS: dict[str, tuple[VQPreset | str, LearningOptions, LearningOptions, dict]] = {
+    "1:post-rope": ("1", *VM, {}),
+    "1:pre-rope": ("1", *VM, PRE),
+    "4:pre-rope": ("4", *VM, PRE),
+    "2:pre-rope": ("2", *VM, PRE),
+    "0.375:pre-rope": ("0.375", *VM, PRE),
 }
 KIVI: dict[str, int] = {}  # round 3 measured kivi-2 and kivi-4
 
@@ -90,6 +99,9 @@ def main() -> None:
     t0 = time.time()
     stats = collect_statistics(model, cctx.to(args.device))
     print(f"statistics over {cctx.numel()} calibration tokens in {time.time() - t0:.0f}s", flush=True)
+    pre_stats = None
+    if any(o.get("key_space") == "pre_rope" for *_, o in variants.values()):
+        pre_stats = collect_statistics(model, cctx.to(args.device), progress=False, key_space="pre_rope")
     big = None
     if any(k.endswith("-64k") for k in variants):
         bctx = token_contexts(tok, calib, args.calib_context_len,
@@ -108,10 +120,12 @@ def main() -> None:
     fitted: dict = {}
     for vname, (preset, kopts, vopts, over) in variants.items():
         t1 = time.time()
-        key = (str(preset), kopts, vopts)
+        space = over.get("key_space", "post_rope")
+        key = (str(preset), kopts, vopts, space)
         if key not in fitted:
-            fitted[key] = learn_artifact(big if vname.endswith("-64k") else stats, get_preset(preset), options=kopts,
-                                         value_options=vopts, model_info=info, text_info={}, progress=False)
+            src = pre_stats if space == "pre_rope" else (big if vname.endswith("-64k") else stats)
+            fitted[key] = learn_artifact(src, get_preset(preset), options=kopts, value_options=vopts, model_info=info,
+                                         text_info={}, progress=False, key_space=space)
         fit_s = time.time() - t1
         cfg = AnTKVConfig(bits=get_preset(preset), coded_path="dequantized", **over)
         r = evaluate_method(model, dctx, MethodSpec(vname, "antkv", cfg, "a"), {"a": fitted[key]},
@@ -126,7 +140,7 @@ def main() -> None:
     write_json(args.out, {"environment": environment(), "protocol": {
         "calibration": f"pydoc topics, first 80% of sorted names, {cctx.numel()} tokens",
         "dev": f"pydoc topics, last 20%, {dctx.shape[0]} x {dctx.shape[1]} tokens", "window": 64, "anchor_ratio": 0.01,
-        "round": 3},
+        "round": 5},
         "results": rows, "markdown": table,
         "variants": {k: [str(p), dataclasses.asdict(ko), dataclasses.asdict(vo), o] for k, (p, ko, vo, o) in variants.items()}})
 
