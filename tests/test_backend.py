@@ -277,7 +277,7 @@ def test_memory_after_prefill_is_codes_anchors_window():
 
     cfg, art, _, _ = parse_options(opts)
     mem = session_for(cfg, art).memory_bytes()
-    ours = mem["codes"] + mem["anchors"] + mem["window"]
+    ours = mem["codes"] + mem["anchors"] + mem["window_kv"] + mem["window_queries"]
     assert left <= 4 * 2 * len(cache.layers)
     assert dense_bytes == 2 * 2 * 2 * cap * 16 * 4  # layers x (k, v) x heads x cap x D x fp32
     # 2 layers, 200 tokens, cap 256, fp32: dense 131072 B; codes 4096 + anchors 1632 + window (<= 8 tokens

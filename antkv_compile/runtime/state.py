@@ -156,7 +156,7 @@ class Session:
     def memory_bytes(self) -> dict[str, int]:
         """Tensor storage bytes held by the stores (codes, anchors, window) and codebooks."""
         seen: set[int] = set()
-        out = {"codes": 0, "anchors": 0, "window": 0, "codebooks": 0}
+        out = {"codes": 0, "anchors": 0, "window_kv": 0, "window_queries": 0, "codebooks": 0}
 
         def add(kind, t):
             if t is None:
@@ -172,8 +172,10 @@ class Session:
             add("codes", s.codes_v)
             for t in (s.anchor_k, s.anchor_v, s.anchor_pos, s.anchor_score):
                 add("anchors", t)
-            for t in (s.win_k, s.win_v, s.win_q, s.win_out, s.win_lse):  # window K/V + its queries (for scoring)
-                add("window", t)
+            for t in (s.win_k, s.win_v):
+                add("window_kv", t)
+            for t in (s.win_q, s.win_out, s.win_lse):  # the window's queries, kept to score it at flush
+                add("window_queries", t)
         for cbk, cbv in self.codebooks.values():
             for cb in (cbk, cbv):
                 for t in dataclasses.astuple(cb):
