@@ -41,6 +41,21 @@ class CodebookArtifact:
     keys: list[Codebook]  # one per layer (None-free; layers without a store are not calibrated)
     values: list[Codebook]
     manifest: dict[str, Any]
+    rope_inv_freq: Any = None  # pre-RoPE key artifacts: the model's RoPE frequencies (manifest["rope"])
+
+    @property
+    def key_space(self) -> str:
+        return self.manifest.get("key_space", "post_rope")
+
+    def rope_table(self):
+        """cos/sin provider for pre-RoPE keys, or None for post-RoPE artifacts."""
+        if self.key_space != "pre_rope":
+            return None
+        if self.rope_inv_freq is None:
+            raise ArtifactError("this pre-RoPE artifact carries no RoPE frequencies; re-run calibration")
+        from .numerics.rope import InvFreqRope
+
+        return InvFreqRope(self.rope_inv_freq, self.manifest.get("rope", {}).get("attention_scaling", 1.0))
 
     @property
     def preset(self) -> VQPreset:
@@ -95,6 +110,8 @@ class CodebookArtifact:
             for kind, cb in (("key", ck), ("value", cv)):
                 for f in _FIELDS:
                     tensors[f"layers.{i}.{kind}.{f}"] = getattr(cb, f).detach().float().cpu().contiguous()
+        if self.rope_inv_freq is not None:
+            tensors["rope.inv_freq"] = self.rope_inv_freq.detach().float().cpu().contiguous()
         save_file(tensors, str(d / TENSORS))
         manifest = dict(self.manifest)
         manifest.update(format=FORMAT, format_version=FORMAT_VERSION, tensors_sha256=_sha256(d / TENSORS),
@@ -143,7 +160,7 @@ def load_artifact(directory: str | Path) -> CodebookArtifact:
                 out.append(Codebook(*(tensors[f"layers.{i}.{kind}.{f}"] for f in _FIELDS)))
     except (KeyError, ValueError) as e:
         raise ArtifactError(f"{d} is missing or has malformed tensors ({e}); re-run calibration") from e
-    art = CodebookArtifact(keys, values, manifest)
+    art = CodebookArtifact(keys, values, manifest, tensors.get("rope.inv_freq"))
     if art.keys and art.keys[0].nominal_bits != art.preset.nominal_bits:
         raise ArtifactError(f"{d}: tensors do not match the preset named in the manifest")
     return art

@@ -77,9 +77,19 @@ def parse_options(options: dict | None):
         from .artifact import load_artifact
 
         artifact = load_artifact(artifact)
+    if artifact is not None and getattr(artifact, "key_space", "post_rope") == "pre_rope":
+        ours.setdefault("key_space", "pre_rope")  # the artifact decides how keys are coded
+    if ours.get("key_space") == "pre_rope":
+        ours.setdefault("coded_path", "dequantized")  # pre-RoPE keys are rotated back after decoding
     config = AnTKVConfig(**ours)
     if artifact is not None:
         artifact.check_preset(config.bits)
+        if config.key_space != artifact.key_space:
+            raise ValueError(f"options ask for key_space={config.key_space!r} but the artifact codes keys "
+                             f"{artifact.key_space}; drop the option or use a matching artifact")
+    elif config.key_space == "pre_rope":
+        raise ValueError("key_space='pre_rope' needs a calibrated artifact (it carries the model's RoPE); "
+                         "antkv-compile calibrate --pre-rope ...")
     options["__inner"] = inner
     return config, artifact, release, options
 

@@ -126,6 +126,7 @@ def learn_artifact(
     seed: int = 0,
     progress: bool = True,
     key_space: str = "post_rope",
+    rope: tuple[Tensor, float] | None = None,
 ) -> CodebookArtifact:
     """Fit key and value codebooks for every layer."""
     value_options = value_options or options
@@ -143,10 +144,13 @@ def learn_artifact(
         "key_options": dataclasses.asdict(options),
         "value_options": dataclasses.asdict(value_options),
         "key_space": key_space,
+        **({"rope": {"attention_scaling": rope[1]}} if rope is not None else {}),
         "calibration": text_info | {"seconds_kmeans": round(time.time() - t0, 1)},
         "seed": seed,
     }
-    return CodebookArtifact(keys, values, manifest)
+    if key_space == "pre_rope" and rope is None:
+        raise ValueError("pre-RoPE codebooks need the model's RoPE parameters: rope=model_rope_parameters(model)")
+    return CodebookArtifact(keys, values, manifest, rope[0] if key_space == "pre_rope" else None)
 
 
 def text_fingerprint(text: str) -> str:

@@ -23,14 +23,15 @@ import torch.nn.functional as F
 PROMPT = "Explain in two sentences what a key-value cache is in a transformer language model."
 
 
-def _artifact(model, tok, bits: str, directory: str | None, calib_tokens: int):
+def _artifact(model, tok, bits: str, directory: str | None, calib_tokens: int, key_space: str = "pre_rope"):
     from .artifact import ArtifactError, load_artifact
     from .calibration import collect_statistics, learn_artifact, model_identity, text_fingerprint
     from .config import get_preset
     from .eval_suite import Recipe
+    from .numerics.rope import model_rope_parameters
     from .texts import calibration_text, token_contexts
 
-    path = Path(directory or f"artifacts/smollm2-demo/antkv-{bits}")
+    path = Path(directory or f"artifacts/smollm2-demo/antkv-{bits}-{key_space.replace('_', '-')}")
     try:
         return load_artifact(path), path
     except ArtifactError:
@@ -38,10 +39,11 @@ def _artifact(model, tok, bits: str, directory: str | None, calib_tokens: int):
     print(f"calibrating {bits}-bit codebooks on {calib_tokens} tokens of pydoc topics -> {path}", flush=True)
     text = calibration_text()
     ctx = token_contexts(tok, text, 1024, num_contexts=max(1, calib_tokens // 1024))
-    stats = collect_statistics(model, ctx)
-    recipe = Recipe(bits)
+    stats = collect_statistics(model, ctx, key_space=key_space)
+    recipe = Recipe(bits, key_space=key_space)
     art = learn_artifact(stats, get_preset(bits), options=recipe.key_options, value_options=recipe.value_options,
-                         model_info=model_identity(model, "SmolLM2-135M-Instruct"),
+                         model_info=model_identity(model, "SmolLM2-135M-Instruct"), key_space=key_space,
+                         rope=model_rope_parameters(model) if key_space == "pre_rope" else None,
                          text_info={"text": "calibration", "sha256_16": text_fingerprint(text), "tokens": int(ctx.numel())})
     art.save(path)
     return art, path
@@ -60,7 +62,7 @@ def _kv_bytes(mem: dict) -> int:
 
 @torch.no_grad()
 def run(bits: str = "1", new_tokens: int = 32, ppl_tokens: int = 1024, artifact: str | None = None,
-        calib_tokens: int = 4096) -> dict:
+        calib_tokens: int = 4096, key_space: str = "pre_rope") -> dict:
     from transformers import StaticCache
 
     from .backend import last_compiles, parse_options
@@ -70,7 +72,7 @@ def run(bits: str = "1", new_tokens: int = 32, ppl_tokens: int = 1024, artifact:
 
     t0 = time.time()
     model, tok = load_model()
-    art, art_path = _artifact(model, tok, bits, artifact, calib_tokens)
+    art, art_path = _artifact(model, tok, bits, artifact, calib_tokens, key_space)
     options = {"artifact": art, "bits": bits}
     # dynamic=False: every cache shares one static length, so each step shape compiles once, statically
     compiled = torch.compile(model, backend="antkv", options=options, dynamic=False)
@@ -114,14 +116,15 @@ def run(bits: str = "1", new_tokens: int = 32, ppl_tokens: int = 1024, artifact:
         "kv_bytes_after_ppl": mem, "kv_bytes_full_precision": _dense_bytes(model, ppl_tokens, element_bytes=element),
         "dtype": str(next(model.parameters()).dtype), "graphs_compiled": len(last_compiles),
         "graphs_rewritten": sum(1 for c in last_compiles if c.get("after") is not None),
-        "artifact": str(art_path), "seconds": round(time.time() - t0, 1),
+        "artifact": str(art_path), "key_space": art.key_space, "seconds": round(time.time() - t0, 1),
     }
 
 
 def main(args) -> int:
-    r = run(args.bits, args.new_tokens, args.ppl_tokens, args.artifact, args.calib_tokens)
+    r = run(args.bits, args.new_tokens, args.ppl_tokens, args.artifact, args.calib_tokens,
+            "post_rope" if args.post_rope else "pre_rope")
     m = r["kv_bytes_after_ppl"]
-    print(f"\nprompt:    {r['prompt']}\nantkv-{args.bits}: {r['generated']!r}")
+    print(f"\nprompt:    {r['prompt']}\nantkv-{args.bits} ({r['key_space']} keys): {r['generated']!r}")
     print(f"perplexity on {r['ppl_tokens']} tokens of the evaluation text: full precision "
           f"{r['perplexity_full_precision']:.3f}, compiled antkv-{args.bits} {r['perplexity_antkv_compiled']:.3f} "
           f"(x{r['perplexity_antkv_compiled'] / r['perplexity_full_precision']:.3f})")

@@ -23,6 +23,7 @@ from antkv_compile.config import AnTKVConfig, VQPreset, get_preset
 from antkv_compile.evaluation import MethodSpec, evaluate_method
 from antkv_compile.models import load_model
 from antkv_compile.numerics.codebook_learning import LearningOptions
+from antkv_compile.numerics.rope import model_rope_parameters
 from antkv_compile.reporting import environment, markdown_table, write_json
 from antkv_compile.texts import token_contexts
 
@@ -125,7 +126,8 @@ def main() -> None:
         if key not in fitted:
             src = pre_stats if space == "pre_rope" else (big if vname.endswith("-64k") else stats)
             fitted[key] = learn_artifact(src, get_preset(preset), options=kopts, value_options=vopts, model_info=info,
-                                         text_info={}, progress=False, key_space=space)
+                                         text_info={}, progress=False, key_space=space,
+                                         rope=model_rope_parameters(model) if space == "pre_rope" else None)
         fit_s = time.time() - t1
         cfg = AnTKVConfig(bits=get_preset(preset), coded_path="dequantized", **over)
         r = evaluate_method(model, dctx, MethodSpec(vname, "antkv", cfg, "a"), {"a": fitted[key]},

@@ -41,3 +41,23 @@ class RopeTable:
         probe = torch.zeros(1, dtype=torch.float32, device=positions.device)
         cos, sin = self.rotary(probe, positions[None].long())
         return cos[0].float(), sin[0].float()
+
+
+class InvFreqRope:
+    """cos/sin of the default (static) RoPE from stored inverse frequencies, as an artifact carries them."""
+
+    def __init__(self, inv_freq: Tensor, attention_scaling: float = 1.0) -> None:
+        self.inv_freq = inv_freq.float()
+        self.attention_scaling = float(attention_scaling)
+        self.head_dim = 2 * inv_freq.numel()
+
+    def __call__(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+
+
+def model_rope_parameters(model) -> tuple[Tensor, float]:
+    """(inv_freq, attention_scaling) of a Hugging Face model's rotary embedding."""
+    rot = model.model.rotary_emb
+    return rot.inv_freq.detach().float().cpu().clone(), float(getattr(rot, "attention_scaling", 1.0))

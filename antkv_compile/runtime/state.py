@@ -138,7 +138,8 @@ class Session:
             cbk, cbv = self.codebooks_for(layer, k, v)
             b, h, _, d = k.shape
             geom = StoreGeometry(b, h, d, capacity, k.dtype, k.device, scale)
-            store = AnTKVLayerStore(geom, cbk, cbv, self.config, layer_index=layer)
+            rope = self.artifact.rope_table() if self.config.key_space == "pre_rope" else None
+            store = AnTKVLayerStore(geom, cbk, cbv, self.config, layer_index=layer, rope=rope)
             self.stores[key] = store
             return store
         if store is None:
