@@ -64,7 +64,8 @@ def reference(model, ids, toks, options):
         if layer not in stores:
             cbk, cbv = session.codebooks[layer]
             geom = StoreGeometry(k.shape[0], k.shape[1], k.shape[3], CAP, k.dtype, k.device, scale)
-            stores[layer] = AnTKVLayerStore(geom, cbk, cbv, config, layer_index=layer)
+            rope = artifact.rope_table() if config.key_space == "pre_rope" else None
+            stores[layer] = AnTKVLayerStore(geom, cbk, cbv, config, layer_index=layer, rope=rope)
         return stores[layer].attend(q, k, v)
 
     out = []

@@ -1,17 +1,15 @@
 """backend="antkv" with a pre-RoPE key artifact: keys are unrotated by position, coded, rotated back."""
 import pytest
 import torch
-from test_backend import CAP, _prompt, compiled, greedy
+from test_backend import _prompt, compiled, greedy, reference
 
 from antkv_compile.artifact import load_artifact
 from antkv_compile.backend import parse_options
 from antkv_compile.calibration import collect_statistics, learn_artifact, model_identity
 from antkv_compile.config import get_preset
-from antkv_compile.hf_routing import chunk_logits, routed
 from antkv_compile.models import tiny_model
 from antkv_compile.numerics.codebook_learning import LearningOptions
 from antkv_compile.numerics.rope import model_rope_parameters
-from antkv_compile.numerics.store import AnTKVLayerStore, StoreGeometry
 
 
 @pytest.fixture(scope="module")
@@ -22,25 +20,6 @@ def setup(tmp_path_factory):
     art = learn_artifact(stats, get_preset("1"), options=LearningOptions(iters=4), model_info=model_identity(model, "tiny"),
                          text_info={}, progress=False, key_space="pre_rope", rope=model_rope_parameters(model))
     return model, load_artifact(art.save(tmp_path_factory.mktemp("pre")))
-
-
-def _reference(model, ids, toks, options):
-    config, artifact, _, _ = parse_options(options)
-    stores = {}
-
-    def handler(layer, q, k, v, scale):
-        if layer not in stores:
-            geom = StoreGeometry(k.shape[0], k.shape[1], k.shape[3], CAP, k.dtype, k.device, scale)
-            stores[layer] = AnTKVLayerStore(geom, artifact.keys[layer], artifact.values[layer], config,
-                                            layer_index=layer, rope=artifact.rope_table())
-        return stores[layer].attend(q, k, v)
-
-    out = []
-    with torch.no_grad(), routed(model, handler):
-        out.append(chunk_logits(model, ids, 0)[:, -1])
-        for i, t in enumerate(toks):
-            out.append(chunk_logits(model, torch.tensor([[t]]), ids.shape[1] + i)[:, -1])
-    return torch.cat(out).float()
 
 
 def test_artifact_carries_the_models_rope(setup):
@@ -61,7 +40,7 @@ def test_pre_rope_backend_is_exact_at_full_anchors_and_matches_the_reference(set
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
     opts = dict(artifact=art, anchor_ratio=0.1, window=4, inner="eager")
     toks_q, logits_q, _ = greedy(compiled(model, **opts), model, ids, teacher=torch.tensor([ref_toks]))
-    torch.testing.assert_close(logits_q, _reference(model, ids, toks_q, opts), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits_q, reference(model, ids, toks_q, opts), atol=1e-4, rtol=1e-4)
     assert (logits_q - ref_logits).abs().max() > 1e-4
 
 
