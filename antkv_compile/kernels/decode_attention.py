@@ -323,6 +323,22 @@ if HAS_TRITON:
                             s_ob, s_oh, s_ot, s_lb, s_lh, G, TQ, R_PAD, R_G, D, PREC, PB, KC)
 
     @triton.jit
+    def _store_output(OUT, LSE, m_i, l_i, acc, rows, offs_d, b, h, s_ob, s_oh, s_ot, s_lb, s_lh,
+                      G: tl.constexpr, TQ: tl.constexpr):
+        """Normalize the merged (m, l, acc) of each query row; write out [.., D] and the natural-log LSE."""
+        nonempty = l_i > 0.0
+        out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+        lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+        rg = rows // TQ
+        rt = rows % TQ
+        rvalid = rows < G * TQ
+        hq = h * G + rg
+        tl.store(OUT + b * s_ob + hq[:, None] * s_oh + rt[:, None] * s_ot + offs_d[None, :],
+                 out.to(OUT.dtype.element_ty), mask=rvalid[:, None])
+        tl.store(LSE + b * s_lb + hq * s_lh + rt, lse, mask=rvalid)
+
+    @triton.jit
     def _merge_tail(PO, PL, INV_V, MEAN_V, OUT, LSE, pid_bh, b, h, PS, P_CODED, P, CBV_PER_HEAD,
                     s_ob, s_oh, s_ot, s_lb, s_lh, G: tl.constexpr, TQ: tl.constexpr, R_PAD: tl.constexpr,
                     RM: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, PB: tl.constexpr, KC: tl.constexpr):
@@ -359,17 +375,7 @@ if HAS_TRITON:
         l_i = tl.where(has_c, 1.0, 0.0)
         acc = tl.where(has_c[:, None], out_c, 0.0)
         m_i, l_i, acc = _merge_range(PO, PL, pid_bh, PS, P_CODED, P, m_i, l_i, acc, G * TQ, RM, D, PB, R_PAD)
-        nonempty = l_i > 0.0
-        out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
-        lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453,
-                       float("-inf"))
-        rg = rows // TQ
-        rt = rows % TQ
-        rvalid = rows < G * TQ
-        hq = h * G + rg
-        tl.store(OUT + b * s_ob + hq[:, None] * s_oh + rt[:, None] * s_ot + offs_d[None, :],
-                 out.to(OUT.dtype.element_ty), mask=rvalid[:, None])
-        tl.store(LSE + b * s_lb + hq * s_lh + rt, lse, mask=rvalid)
+        _store_output(OUT, LSE, m_i, l_i, acc, rows, offs_d, b, h, s_ob, s_oh, s_ot, s_lb, s_lh, G, TQ)
 
     @triton.jit
     def _merge_range(PO, PL, pid_bh, P, lo, hi, m_i, l_i, acc, RV: tl.constexpr, R_PAD: tl.constexpr,
@@ -427,17 +433,7 @@ if HAS_TRITON:
         l_i = tl.where(has_c, 1.0, 0.0)
         acc = tl.where(has_c[:, None], out_c, 0.0)
         m_i, l_i, acc = _merge_range(PO, PL, pid_bh, PS, P_CODED, P, m_i, l_i, acc, G * TQ, R_PAD, D, PB, R_PAD)
-        nonempty = l_i > 0.0
-        out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
-        lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453,
-                       float("-inf"))
-        rg = rows // TQ
-        rt = rows % TQ
-        rvalid = rows < G * TQ
-        hq = h * G + rg
-        tl.store(OUT + b * s_ob + hq[:, None] * s_oh + rt[:, None] * s_ot + offs_d[None, :],
-                 out.to(OUT.dtype.element_ty), mask=rvalid[:, None])
-        tl.store(LSE + b * s_lb + hq * s_lh + rt, lse, mask=rvalid)
+        _store_output(OUT, LSE, m_i, l_i, acc, rows, offs_d, b, h, s_ob, s_oh, s_ot, s_lb, s_lh, G, TQ)
 
 
 LAST_LAUNCH: dict = {}  # the last compiled kernel per launcher (the benchmark reads registers / spills)
