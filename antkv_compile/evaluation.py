@@ -135,14 +135,13 @@ def evaluate_method(
                 nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
                 count += targets.numel()
                 bar.update(1)
+        full_window = 2 * window * b * geom_kv.num_kv_heads * geom_kv.head_dim * FULL_PRECISION_BITS * geom_kv.num_layers
         for st in stores:
             for key, val in st.memory_bits().items():
-                bits[key] += val
+                if key != "window" or spec.family == "full":
+                    bits[key] += val
         if spec.family != "full":
-            # count the window as full (its worst case), whatever it held at the end
-            bits["window"] += (
-                2 * window * b * geom_kv.num_kv_heads * geom_kv.head_dim * FULL_PRECISION_BITS * geom_kv.num_layers
-            ) - sum(st.memory_bits()["window"] for st in stores)
+            bits["window"] += full_window  # the window counted full (its worst case), whatever it held at the end
     bar.close()
     elements = n * length * geom_kv.num_layers * geom_kv.num_kv_heads * geom_kv.head_dim * 2
     memory = {k: v / elements for k, v in bits.items()}

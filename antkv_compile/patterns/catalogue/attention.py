@@ -107,13 +107,20 @@ def _sdpa_args(node):
     return q, k, v, mask, dropout_p, is_causal, scale, enable_gqa
 
 
+def _sdpa_with_kv(node, enable_gqa: bool):
+    """SDPA arguments plus the unwrapped K/V chains, when the node's ``enable_gqa`` is as asked."""
+    a = _sdpa_args(node)
+    if a is None or bool(a[7]) != enable_gqa:
+        return None
+    return (*a[:7], unwrap_kv(a[1]), unwrap_kv(a[2]))
+
+
 def match_sdpa_gqa(node) -> AttentionMatch | None:
     """SDPA with ``enable_gqa=True``; K/V are the cache (or its prefix), no ``repeat_kv``."""
-    a = _sdpa_args(node)
-    if a is None or not a[7]:
+    a = _sdpa_with_kv(node, True)
+    if a is None:
         return None
-    q, k, v, mask, dropout_p, is_causal, scale, enable_gqa = a
-    kc, vc = unwrap_kv(k), unwrap_kv(v)
+    q, k, v, mask, dropout_p, is_causal, scale, kc, vc = a
     if kc.groups is not None or vc.groups is not None:
         return None
     return _build("sdpa_gqa", node, q, k, v, kc, vc, mask, scale=scale, is_causal=is_causal,
@@ -122,11 +129,10 @@ def match_sdpa_gqa(node) -> AttentionMatch | None:
 
 def match_sdpa_repeat_kv(node) -> AttentionMatch | None:
     """SDPA (no ``enable_gqa``) whose K and V both come through a ``repeat_kv`` chain with the same n_rep."""
-    a = _sdpa_args(node)
-    if a is None or a[7]:
+    a = _sdpa_with_kv(node, False)
+    if a is None:
         return None
-    q, k, v, mask, dropout_p, is_causal, scale, _ = a
-    kc, vc = unwrap_kv(k), unwrap_kv(v)
+    q, k, v, mask, dropout_p, is_causal, scale, kc, vc = a
     if kc.groups is None or kc.groups != vc.groups:
         return None
     return _build("sdpa_repeat_kv", node, q, k, v, kc, vc, mask, scale=scale, is_causal=is_causal,
@@ -135,11 +141,10 @@ def match_sdpa_repeat_kv(node) -> AttentionMatch | None:
 
 def match_sdpa_mha(node) -> AttentionMatch | None:
     """SDPA (no ``enable_gqa``, no ``repeat_kv``) with as many K/V heads as query heads."""
-    a = _sdpa_args(node)
-    if a is None or a[7]:
+    a = _sdpa_with_kv(node, False)
+    if a is None:
         return None
-    q, k, v, mask, dropout_p, is_causal, scale, _ = a
-    kc, vc = unwrap_kv(k), unwrap_kv(v)
+    q, k, v, mask, dropout_p, is_causal, scale, kc, vc = a
     if kc.groups is not None or vc.groups is not None:
         return None
     qs, ks = P.shape_of(q), P.shape_of(kc.source)
