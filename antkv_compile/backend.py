@@ -21,7 +21,8 @@ Per Dynamo graph:
 Options (``options=`` of torch.compile; other keys go to Inductor): ``artifact`` (a
 ``CodebookArtifact`` or a directory), ``bits`` ("1"), ``anchor_ratio`` (0.01), ``window`` (64), and the
 other :class:`~antkv_compile.config.AnTKVConfig` fields (``flush``, ``score``, ``value_mode``,
-``coded_path``, ``seed``), ``release_dense`` (True), ``inner`` ("inductor"; "eager" runs the rewritten
+``coded_path``, ``seed``, ``capacity`` -- store tokens per sequence when larger than the static cache,
+``store`` -- "auto"/"kernels"/"reference"), ``release_dense`` (True), ``inner`` ("inductor"; "eager" runs the rewritten
 graph without Inductor -- for debugging and fast tests).
 """
 from __future__ import annotations
@@ -135,6 +136,7 @@ def antkv_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None 
         return _compile_fx(gm, example_inputs, patches, inner)
 
     session = session_for(config, artifact)
+    record["session"] = session
     if plan.kept_exact:
         layers = sorted({u.layer for u in plan.kept_exact if u.layer is not None})
         _warn_once(f"antkv: {len(plan.kept_exact)} sliding-window attention layer(s) {layers} kept exact (full-"
@@ -160,10 +162,20 @@ def antkv_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None 
     release_in = result.release_inputs if release else []
     release_out = result.release_outputs if release else []
 
+    # each layer's dense K/V placeholders: offered to the session during a call, so that a store missing at a
+    # position > 0 (the prompt ran uncompiled, as HF generate's compile_config does) is re-homed from them
+    ph_index = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+    dense_in = [(s.layer, ph_index[s.key_buffer], ph_index[s.value_buffer]) for s in plan.sites
+                if s.key_buffer in ph_index and s.value_buffer in ph_index]
+
     def run(*args):
         for layer, idx in bind:
             session.bind(layer, args[idx] if idx is not None else None)
-        out = compiled(*args)
+        session.offer_dense({layer: (args[ki], args[vi]) for layer, ki, vi in dense_in})
+        try:
+            out = compiled(*args)
+        finally:
+            session.offer_dense(None)
         for i in release_in:
             release_dense(args[i])
         if release_out:

@@ -90,6 +90,12 @@ class AnTKVConfig:
         dense matmuls are much faster on a CPU. The shadow copy is not counted as cache memory.
     key_space: code keys after RoPE (as the model caches them; lookup tables work) or before it
         (unrotated by position, coded, rotated back; an ablation, dequantized path only).
+    capacity: tokens per sequence the compiled model's store holds (default: the static cache's
+        ``max_cache_len``). Larger than the static cache lets the dense cache be allocated small
+        (it is never read after the rewrite) while the store holds a long context.
+    store: which layer store the compiled model runs: "kernels" (the ``antkv::`` ops: Triton on CUDA),
+        "reference" (the plain-PyTorch method core), or "auto" (kernels on CUDA where they support the
+        configuration, the reference otherwise).
     """
 
     bits: str | VQPreset = "1"
@@ -102,6 +108,8 @@ class AnTKVConfig:
     key_space: Literal["post_rope", "pre_rope"] = "post_rope"
     check_finite: bool = True
     seed: int = 0
+    capacity: int | None = None
+    store: Literal["auto", "reference", "kernels"] = "auto"
 
     def __post_init__(self) -> None:
         get_preset(self.bits)
@@ -119,6 +127,10 @@ class AnTKVConfig:
             raise ValueError("pre-RoPE keys are rotated after decoding: use coded_path='dequantized'")
         if self.coded_path not in ("lut", "dequantized"):
             raise ValueError(f"coded_path must be 'lut' or 'dequantized', got {self.coded_path!r}")
+        if self.capacity is not None and self.capacity < 1:
+            raise ValueError(f"capacity must be a positive number of tokens, got {self.capacity}")
+        if self.store not in ("auto", "reference", "kernels"):
+            raise ValueError(f"store must be 'auto', 'reference' or 'kernels', got {self.store!r}")
         if self.value_mode not in ("histogram", "gather"):
             raise ValueError(f"value_mode must be 'histogram' or 'gather', got {self.value_mode!r}")
 

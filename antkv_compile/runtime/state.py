@@ -130,6 +130,27 @@ class Session:
         self.codebooks[layer] = cbs
         return cbs
 
+    def store_kind(self, device: torch.device) -> str:
+        """"kernels" or "reference": which store serves this session's layers on ``device``."""
+        from .kernel_store import kernels_support
+
+        want = self.config.store
+        reason = kernels_support(self.config)
+        if want == "kernels" and reason:
+            raise ValueError(f"options store='kernels' but the kernels do not support {reason}; "
+                             "use store='auto' or 'reference'")
+        if want == "auto":
+            want = "kernels" if device.type == "cuda" and reason is None else "reference"
+        return want
+
+    def new_store(self, geom: StoreGeometry, cbk: Codebook, cbv: Codebook, layer: int):
+        if self.store_kind(geom.device) == "kernels":
+            from .kernel_store import KernelLayerStore
+
+            return KernelLayerStore(geom, cbk, cbv, self.config, layer_index=layer)
+        rope = self.artifact.rope_table() if self.config.key_space == "pre_rope" else None
+        return AnTKVLayerStore(geom, cbk, cbv, self.config, layer_index=layer, rope=rope)
+
     def store_for(self, layer: int, q: Tensor, k: Tensor, v: Tensor, start: int, capacity: int,
                   scale: float) -> AnTKVLayerStore:
         key = (layer, self.current.get(layer))
@@ -137,21 +158,73 @@ class Session:
         if start == 0:
             cbk, cbv = self.codebooks_for(layer, k, v)
             b, h, _, d = k.shape
-            geom = StoreGeometry(b, h, d, capacity, k.dtype, k.device, scale)
-            rope = self.artifact.rope_table() if self.config.key_space == "pre_rope" else None
-            store = AnTKVLayerStore(geom, cbk, cbv, self.config, layer_index=layer, rope=rope)
+            geom = StoreGeometry(b, h, d, self.config.capacity or capacity, k.dtype, k.device, scale)
+            store = self.new_store(geom, cbk, cbv, layer)
             self.stores[key] = store
             return store
         if store is None:
-            raise StoreStateError(
-                f"layer {layer}: the compiled step writes position {start} but no antkv store holds this cache's "
-                "earlier tokens. The prompt (prefill) must run through the same compiled model: compile the "
-                "whole model (torch.compile(model, backend='antkv') / model.compile(backend='antkv')), not only "
-                "the decode step")
+            # the prefix was written eagerly (HF generate's uncompiled prefill): re-home it from the dense cache
+            store = self._rehome_prefix(layer, q, k, start, capacity, scale)
+            if store is None:
+                raise StoreStateError(
+                    f"layer {layer}: the compiled step writes position {start} but no antkv store holds this "
+                    "cache's earlier tokens, and the dense cache that held them was already released (or is not "
+                    "an input of this graph). The prompt (prefill) must run through the same compiled model: "
+                    "compile the whole model (torch.compile(model, backend='antkv') / "
+                    "model.compile(backend='antkv')), not only the decode step")
+            self.stores[key] = store
         if len(store) != start:
             raise StoreStateError(
                 f"layer {layer}: the antkv store holds {len(store)} tokens but the cache writes position {start}; "
                 "a step was skipped or repeated (cache cropping / beam reordering is not supported)")
+        return store
+
+    # ------------------------------------------------------------------ re-homing an eagerly written prefix
+    def offer_dense(self, buffers: dict[int, tuple[Tensor, Tensor]] | None) -> None:
+        """The backend's wrapper hands over, for the duration of one compiled call, each rewritten layer's
+        dense StaticCache K/V buffers (``{layer: (keys, values)}``; ``None`` withdraws them). They are read
+        only when a layer's store is missing at a position > 0 (:meth:`_rehome_prefix`), and must be offered
+        before the wrapper releases them."""
+        self._dense_offer = dict(buffers) if buffers else {}
+
+    def _dense_prefix(self, layer: int, start: int, like: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Positions 0..start-1 of the offered dense K/V of ``layer`` ([B, Hkv, start, D] copies), or None
+        when none was offered, it was released (a stride-0 one-element view), or its shape does not fit."""
+        kv = getattr(self, "_dense_offer", {}).get(layer)
+        if kv is None:
+            return None
+        out = []
+        for t in kv:
+            if (not isinstance(t, Tensor) or t.dim() != 4 or t.shape[0] != like.shape[0]
+                    or t.shape[1] != like.shape[1] or t.shape[3] != like.shape[3] or t.shape[2] < start
+                    or any(s == 0 for s in t.stride())
+                    or t.untyped_storage().nbytes() < t.numel() * t.element_size()):
+                return None
+            out.append(t[:, :, :start].to(like.dtype, copy=True))
+        return out[0], out[1]
+
+    def _rehome_prefix(self, layer: int, q: Tensor, k: Tensor, start: int, capacity: int, scale: float):
+        """A fresh store holding the ``start`` tokens an *uncompiled* prefill wrote into the dense StaticCache
+        (``generate(compile_config=...)`` runs the prompt eagerly and only the decode steps compiled), or None.
+
+        Policy (the prompt's own queries were never seen, so they cannot score it): the prefix enters the
+        store's full-precision window *without queries* (its rows carry log-normaliser +inf, so they add
+        nothing to any Anchor Score). It is then scored, like every window token, at its flush -- but only
+        over the queries of the compiled steps that arrived while it was in the window: for a prefix longer
+        than the window that is the first compiled step's queries alone (the flush happens in that step).
+        Codebooks are the artifact's, or (no artifact) learned from this prefix. The first compiled step
+        attends over the whole prefix exactly; with ``anchor_ratio=1.0`` every token stays exact as usual."""
+        prefix = self._dense_prefix(layer, start, k)
+        if prefix is None:
+            return None
+        k_pre, v_pre = prefix
+        cbk, cbv = self.codebooks_for(layer, k_pre, v_pre)
+        b, h, _, d = k.shape
+        geom = StoreGeometry(b, h, d, self.config.capacity or capacity, k.dtype, k.device, scale)
+        store = self.new_store(geom, cbk, cbv, layer)
+        _seed_window(store, q, k_pre, v_pre, self.config.check_finite)
+        log.info("session %d: layer %d re-homed %d eagerly written prefix tokens from the dense cache",
+                 self.sid, layer, start)
         return store
 
     def memory_bytes(self) -> dict[str, int]:
@@ -171,7 +244,8 @@ class Session:
         for s in self.stores.values():
             add("codes", s.codes_k)
             add("codes", s.codes_v)
-            for t in (s.anchor_k, s.anchor_v, s.anchor_pos, s.anchor_score):
+            for t in (s.anchor_k, s.anchor_v, s.anchor_pos, s.anchor_score, getattr(s, "anchor_bits", None),
+                      getattr(s, "n_coded_t", None)):
                 add("anchors", t)
             for t in (s.win_k, s.win_v):
                 add("window_kv", t)
@@ -181,7 +255,30 @@ class Session:
             for cb in (cbk, cbv):
                 for t in dataclasses.astuple(cb):
                     add("codebooks", t)
+        for s in self.stores.values():  # the stores' device copies (kernel dtypes) of the codebooks
+            for cb in (s.cb_k, s.cb_v):
+                for t in dataclasses.astuple(cb):
+                    add("codebooks", t)
+            for t in (getattr(s, "cent_k", None), getattr(s, "cent_v", None), *getattr(s, "_cb32", ())):
+                add("codebooks", t)
         return out
+
+
+def _seed_window(store, q: Tensor, k: Tensor, v: Tensor, check_finite: bool = True) -> None:
+    """Put ``k``/``v`` [B, Hkv, n, D] into an empty store's window as tokens that no query has read yet.
+
+    Their query rows are zeros with log-normaliser +inf and output 0: in the Anchor Score (any kind) their
+    attention weight exp(s - lse) is 0, so only queries that arrive later score them."""
+    if len(store):
+        raise StoreStateError("can only seed the window of an empty store")
+    b, hq, _, d = q.shape
+    n = k.shape[2]
+    q0 = q.new_zeros(b, hq, n, d)
+    store._validate(q0, k, v, check_finite)
+    store.win_k, store.win_v = k, v
+    store.win_q = q0
+    store.win_out = torch.zeros(b, hq, n, d, dtype=torch.float32, device=q.device)
+    store.win_lse = torch.full((b, hq, n), float("inf"), dtype=torch.float32, device=q.device)
 
 
 _LOCK = threading.Lock()

@@ -1,0 +1,183 @@
+"""The layer store the compiled model uses on the GPU: the reference store's layout, driven by the kernels.
+
+:class:`KernelLayerStore` keeps exactly the buffers of
+:class:`antkv_compile.numerics.store.AnTKVLayerStore` (codes, anchors, window with its queries) plus
+what the kernels read on the device (an anchor bitmask and the coded length as int32 tensors, the
+codebooks in the kernels' dtypes), and replaces the two expensive steps by the ``antkv::`` ops of
+:mod:`antkv_compile.kernels.ops` (Triton on CUDA, the PyTorch references on CPU -- which is how CI tests
+this class):
+
+* **decode** (``G * T <= 64`` query rows per KV head): one ``antkv::decode_attention`` over the codes
+  (lookup tables), the anchors and the window with the new tokens (exact), merged inside the kernel;
+* **long chunks** (prefill, chunked prefill): the prefix (codes decoded, anchors restored at their
+  positions, then the window) is attended without a mask by FlashAttention (``aten`` flash with its
+  log-sum-exp; the plain reference off CUDA), the chunk itself causally by ``antkv::prefill_attention``,
+  and the two partials merged by log-sum-exp. Decoding the prefix costs one [n, D] buffer per head for
+  the call; it is not kept.
+* **flush** (window full): ``antkv::window_flush`` encodes the oldest tokens, scores them over the
+  window's queries (Anchor Score kernel) and merges them into the anchors, all in place.
+
+Semantics equal the reference store's (same window/flush policy, same anchors), tested on CPU against it.
+:meth:`fill` appends tokens through the same encode path without attending over the coded prefix (chunk
+queries see the window and the chunk): what the long-context benchmark uses to fill a store to millions
+of tokens without an O(n^2) prefill.
+
+Not covered (the session falls back to the reference store): pre-RoPE key codebooks (the decode kernel
+reads post-RoPE codes) and the ``dequantized`` read path.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..config import AnTKVConfig
+from ..numerics.attention import exact_attention, merge_partials
+from ..numerics.store import AnTKVLayerStore, StoreGeometry
+from ..numerics.vq import Codebook
+
+__all__ = ["KernelLayerStore", "kernels_support"]
+
+_DECODE_ROWS = 64  # G * T query rows per KV head up to which the decode kernel is used
+
+
+def kernels_support(config: AnTKVConfig) -> str | None:
+    """None when the kernel store can serve ``config``, else the reason it cannot."""
+    if config.key_space != "post_rope":
+        return "pre-RoPE key codes (the decode kernel reads post-RoPE codes)"
+    if config.coded_path != "lut":
+        return "coded_path='dequantized'"
+    return None
+
+
+def _ops():
+    from ..kernels import ops  # noqa: F401  (registers torch.ops.antkv.*)
+
+    return torch.ops.antkv
+
+
+def _flash_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Unmasked attention of q [B, Hq, T, D] over k, v [B, Hkv, n, D] -> (out float32, lse float32)."""
+    g = q.shape[1] // k.shape[1]
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+        kx = k.repeat_interleave(g, dim=1) if g > 1 else k
+        vx = v.repeat_interleave(g, dim=1) if g > 1 else v
+        res = torch.ops.aten._scaled_dot_product_flash_attention(q, kx, vx, 0.0, False, False, scale=scale)
+        return res[0].float(), res[1].float()
+    outs, lses = [], []
+    for lo in range(0, q.shape[2], 1024):  # bound the [T, n] logits
+        o, l_ = exact_attention(q[:, :, lo:lo + 1024], k, v, scale)
+        outs.append(o)
+        lses.append(l_)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+class KernelLayerStore(AnTKVLayerStore):
+    """AnTKV store of one layer whose attention, encode, scoring and selection run as ``antkv::`` ops."""
+
+    def __init__(self, geometry: StoreGeometry, codebook_k: Codebook, codebook_v: Codebook, config: AnTKVConfig,
+                 layer_index: int = 0, centroid_dtype: torch.dtype | None = None) -> None:
+        reason = kernels_support(config)
+        if reason:
+            raise ValueError(f"the kernel store does not support {reason}; use AnTKVLayerStore")
+        super().__init__(geometry, codebook_k, codebook_v, config, layer_index=layer_index)
+        g = geometry
+        nw = max(1, -(-g.capacity // 32))
+        self.anchor_bits = torch.zeros(g.batch, g.num_kv_heads, nw, dtype=torch.int32, device=g.device)
+        self.n_coded_t = torch.zeros(g.batch, dtype=torch.int32, device=g.device)
+        # centroids read by the decode gathers: 16-bit halves the gather bytes (NOTES.md); fp32 elsewhere
+        if centroid_dtype is None:
+            centroid_dtype = torch.float16 if g.device.type == "cuda" else torch.float32
+        self.cent_k = self.cb_k.centroids.to(centroid_dtype).contiguous()
+        self.cent_v = self.cb_v.centroids.to(centroid_dtype).contiguous()
+        self._cb32 = [t.float().contiguous() for t in (self.cb_k.centroids, self.cb_k.transform, self.cb_k.inverse,
+                                                       self.cb_k.mean, self.cb_v.centroids, self.cb_v.transform,
+                                                       self.cb_v.inverse, self.cb_v.mean)]
+
+    # ------------------------------------------------------------------ attention
+    def _decode(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        keys = torch.cat([self.win_k, k], dim=2)
+        values = torch.cat([self.win_v, v], dim=2)
+        win_len = torch.full((self.geom.batch,), keys.shape[2], dtype=torch.int32, device=q.device)
+        _, _, inv_k, mean_k, _, _, inv_v, mean_v = self._cb32
+        out, lse = _ops().decode_attention(
+            q, self.codes_k, self.codes_v, self.anchor_bits, self.n_coded_t, self.anchor_k, self.anchor_v,
+            self.anchor_pos, keys, values, win_len, self.cent_k, inv_k, mean_k, self.cent_v, inv_v, mean_v,
+            float(self.geom.scale))
+        return out, lse
+
+    def _prefix(self, coded: bool) -> tuple[Tensor, Tensor]:
+        """Full-precision view of what precedes a chunk: decoded codes with anchors restored (if ``coded``),
+        then the window."""
+        ks, vs = [], []
+        n = self.n_coded
+        if coded and n:
+            dt, d = self.geom.dtype, self.geom.head_dim
+            # one spare row at n takes the empty anchor slots' writes
+            spare = self.codes_k.new_zeros(self.codes_k.shape[:2] + (1, self.codes_k.shape[3]))
+            k_hat = self.cb_k.decode(torch.cat([self.codes_k[:, :, :n], spare], dim=2)).to(dt)
+            v_hat = self.cb_v.decode(torch.cat([self.codes_v[:, :, :n], spare], dim=2)).to(dt)
+            if self.anchor_capacity:
+                idx = torch.where(self.anchor_pos >= 0, self.anchor_pos, n).long()[..., None].expand(-1, -1, -1, d)
+                k_hat.scatter_(2, idx, self.anchor_k)
+                v_hat.scatter_(2, idx, self.anchor_v)
+            ks.append(k_hat[:, :, :n])
+            vs.append(v_hat[:, :, :n])
+        ks.append(self.win_k)
+        vs.append(self.win_v)
+        return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+
+    def _chunk(self, q: Tensor, k: Tensor, v: Tensor, coded: bool) -> tuple[Tensor, Tensor]:
+        out, lse = _ops().prefill_attention(q, k, v, float(self.geom.scale))
+        parts = [(out.float(), lse)]
+        pk, pv = self._prefix(coded)
+        if pk.shape[2]:
+            parts.insert(0, _flash_with_lse(q, pk, pv, float(self.geom.scale)))
+        return merge_partials(parts)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, check_finite: bool = True) -> Tensor:
+        self._validate(q, k, v, check_finite)
+        g = q.shape[1] // k.shape[1]
+        if g * k.shape[2] <= _DECODE_ROWS:
+            out, lse = self._decode(q, k, v)
+        else:
+            out, lse = self._chunk(q, k, v, coded=True)
+        self._append(q, k, v, out, lse)
+        return out.to(q.dtype)
+
+    def fill(self, q: Tensor, k: Tensor, v: Tensor) -> None:
+        """Append T tokens through the real encode path (chunk-local causal attention over the window and
+        the chunk, Anchor Scores over those queries, VQ encode, anchor selection) without attending over the
+        coded prefix: how a store is brought to a long context quickly. Not a model's attention output."""
+        self._validate(q, k, v, False)
+        out, lse = self._chunk(q, k, v, coded=False)
+        self._append(q, k, v, out, lse)
+
+    # ------------------------------------------------------------------ window and flush
+    def _append(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor) -> None:
+        self.win_k = torch.cat([self.win_k, k], dim=2)
+        self.win_v = torch.cat([self.win_v, v], dim=2)
+        self.win_q = q if self.win_q is None else torch.cat([self.win_q, q], dim=2)
+        self.win_out = out if self.win_out is None else torch.cat([self.win_out, out.to(self.win_out.dtype)], dim=2)
+        self.win_lse = lse if self.win_lse is None else torch.cat([self.win_lse, lse], dim=2)
+        if self.n_window >= self.window:
+            n = self.n_window - (self.window - self.flush)
+            self._flush(n)
+            self.win_k, self.win_v = self.win_k[:, :, n:].clone(), self.win_v[:, :, n:].clone()
+            self.win_q = self.win_q[:, :, n:].clone()
+            self.win_out, self.win_lse = self.win_out[:, :, n:].clone(), self.win_lse[:, :, n:].clone()
+
+    def _flush(self, n: int) -> None:
+        cent_k, tr_k, inv_k, mean_k, cent_v, tr_v, inv_v, mean_v = self._cb32
+        ratio = self.config.anchor_ratio if self.anchor_capacity else 0.0
+        _ops().window_flush(
+            self.codes_k, self.codes_v, self.anchor_k, self.anchor_v, self.anchor_pos, self.anchor_score,
+            self.anchor_bits, self.n_coded_t, self.win_q, self.win_k[:, :, :n].contiguous(),
+            self.win_v[:, :, :n].contiguous(), self.win_out.contiguous(), self.win_lse.contiguous(),
+            cent_k, tr_k, inv_k, mean_k, cent_v, tr_v, inv_v, mean_v, float(self.geom.scale), float(ratio),
+            self.config.score)
+        self.n_coded_t += n
+        self.n_coded += n
+
+    @property
+    def num_anchors(self) -> int:
+        return int((self.anchor_pos[0, 0] >= 0).sum()) if self.anchor_capacity else 0

@@ -1,0 +1,139 @@
+"""The kernel-driven layer store equals the reference store (CPU: the antkv ops run their references)."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from antkv_compile.config import AnTKVConfig
+from antkv_compile.numerics.attention import causal_mask, exact_attention
+from antkv_compile.numerics.store import AnTKVLayerStore, CacheOverflowError, StoreGeometry
+from antkv_compile.runtime.kernel_store import KernelLayerStore, kernels_support
+from numerics_helpers import codebook_with_transform, randn
+
+D = 16
+
+
+def _pair(batch, kv_heads, capacity, **cfg):
+    geom = StoreGeometry(batch, kv_heads, D, capacity, torch.float32, torch.device("cpu"), scale=0.25)
+    config = AnTKVConfig(**{"bits": "1", "window": 8, **cfg})
+    cbk = codebook_with_transform(config.bits, kv_heads, D, 1)
+    cbv = codebook_with_transform(config.bits, kv_heads, D, 2)
+    return AnTKVLayerStore(geom, cbk, cbv, config), KernelLayerStore(geom, cbk, cbv, config)
+
+
+def _run(store, q, k, v, prefill):
+    outs = [store.attend(q[:, :, :prefill], k[:, :, :prefill], v[:, :, :prefill])] if prefill else []
+    for t in range(prefill, k.shape[2]):
+        outs.append(store.attend(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1]))
+    return torch.cat(outs, dim=2)
+
+
+@settings(max_examples=10, deadline=None)
+@given(prefill=st.integers(0, 40), n=st.integers(1, 60), batch=st.integers(1, 2), group=st.sampled_from([1, 3, 8]),
+       ratio=st.sampled_from([0.0, 0.05, 0.3]), score=st.sampled_from(["ans", "sensitivity", "attention"]),
+       window=st.integers(1, 9), seed=st.integers(0, 999))
+def test_kernel_store_equals_reference_store(prefill, n, batch, group, ratio, score, window, seed):
+    """Same outputs step by step, same codes, same anchors: prefills long enough to take the chunk path
+    (G * T > 64) and decode steps through the decode op, across several flushes."""
+    prefill = min(prefill, n)
+    ref, ker = _pair(batch, 2, 80, anchor_ratio=ratio, score=score, window=window)
+    q = randn(batch, 2 * group, n, D, seed=seed)
+    k, v = randn(batch, 2, n, D, seed=seed + 1), randn(batch, 2, n, D, seed=seed + 2)
+    torch.testing.assert_close(_run(ker, q, k, v, prefill), _run(ref, q, k, v, prefill), atol=2e-5, rtol=2e-5)
+    assert ker.n_coded == ref.n_coded and int(ker.n_coded_t[0]) == ref.n_coded
+    assert torch.equal(ker.codes_k[:, :, :ker.n_coded], ref.codes_k[:, :, :ref.n_coded])
+    assert torch.equal(ker.codes_v[:, :, :ker.n_coded], ref.codes_v[:, :, :ref.n_coded])
+    assert torch.equal(ker.anchor_pos.sort(dim=2).values, ref.anchor_pos.sort(dim=2).values)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.1])
+def test_chunked_prefill_over_a_coded_prefix_equals_reference(ratio):
+    """Long chunks after the store holds codes and anchors (the prefix path: codes decoded, anchors
+    restored, window), then decode steps; up to the full capacity."""
+    ref, ker = _pair(1, 2, 120, anchor_ratio=ratio, window=8)
+    n = 120
+    q = randn(1, 16, n, D, seed=7)
+    k, v = randn(1, 2, n, D, seed=8), randn(1, 2, n, D, seed=9)
+    outs = {}
+    for name, s in (("ref", ref), ("ker", ker)):
+        o = [s.attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b]) for a, b in ((0, 40), (40, 90), (90, 110))]
+        o += [s.attend(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1]) for t in range(110, n)]
+        outs[name] = torch.cat(o, dim=2)
+    torch.testing.assert_close(outs["ker"], outs["ref"], atol=2e-5, rtol=2e-5)
+    assert ker.num_anchors == ref.num_anchors
+
+
+def test_fill_with_every_token_anchored_then_decode_is_exact():
+    """fill() appends through the encode path; with anchor ratio 1.0 every flushed token is an anchor, so a
+    decode step after it must equal exact attention over all tokens."""
+    _, ker = _pair(1, 2, 300, anchor_ratio=1.0, window=16)
+    n = 200
+    q = randn(1, 6, n + 1, D, seed=3)
+    k, v = randn(1, 2, n + 1, D, seed=4), randn(1, 2, n + 1, D, seed=5)
+    for lo in range(0, n, 64):
+        ker.fill(q[:, :, lo:min(n, lo + 64)], k[:, :, lo:min(n, lo + 64)], v[:, :, lo:min(n, lo + 64)])
+    assert len(ker) == n and ker.num_anchors == ker.n_coded > 0
+    out = ker.attend(q[:, :, n:], k[:, :, n:], v[:, :, n:])
+    pos = torch.arange(n + 1)
+    want = exact_attention(q, k, v, 0.25, causal_mask(pos, pos))[0][:, :, n:]
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+def test_fill_keeps_the_anchor_budget():
+    _, ker = _pair(2, 2, 1000, anchor_ratio=0.02, window=32)
+    q, k, v = randn(2, 4, 900, D, seed=1), randn(2, 2, 900, D, seed=2), randn(2, 2, 900, D, seed=3)
+    for lo in range(0, 900, 300):
+        ker.fill(q[:, :, lo:lo + 300], k[:, :, lo:lo + 300], v[:, :, lo:lo + 300])
+    assert ker.n_coded == 900 - 16 and len(ker) == 900
+    valid = (ker.anchor_pos >= 0).sum(dim=2)
+    assert bool((valid == math.ceil(0.02 * ker.n_coded)).all())
+    assert bool((ker.anchor_pos[ker.anchor_pos >= 0] < ker.n_coded).all())
+
+
+def test_overflow_and_unsupported_configs_are_refused():
+    _, ker = _pair(1, 2, 20)
+    with pytest.raises(CacheOverflowError, match="larger cache"):
+        ker.attend(randn(1, 2, 21, D), randn(1, 2, 21, D), randn(1, 2, 21, D))
+    assert kernels_support(AnTKVConfig(key_space="pre_rope", coded_path="dequantized")) is not None
+    assert kernels_support(AnTKVConfig()) is None
+
+
+# ------------------------------------------------------------------------------------- through the backend
+def _greedy_manual(fn, model, ids, steps, cap):
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=cap)
+    logits = []
+    with torch.no_grad():
+        out = fn(input_ids=ids, past_key_values=cache, use_cache=True)
+        for i in range(steps):
+            nxt = out.logits[:, -1:].argmax(-1)
+            logits.append(out.logits[:, -1].float())
+            pos = torch.tensor([ids.shape[1] + i])
+            out = fn(input_ids=nxt, past_key_values=cache, use_cache=True, cache_position=pos,
+                     position_ids=pos[None])
+    return torch.cat(logits)
+
+
+def test_backend_kernel_store_equals_reference_store_and_capacity_beyond_the_static_cache():
+    """options store='kernels' (the antkv ops; their CPU references here) gives the reference store's
+    logits; options capacity=N lets a 16-slot static cache serve 22 positions (dense cache never read)."""
+    from test_backend import compiled, random_artifact
+
+    from antkv_compile.backend import last_compiles
+    from antkv_compile.models import tiny_model
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    art = random_artifact(model)
+    base = dict(anchor_ratio=0.1, window=4, artifact=art, inner="eager")
+    ref = _greedy_manual(compiled(model, store="reference", **base), model, ids, 10, 24)
+    ker = _greedy_manual(compiled(model, store="kernels", **base), model, ids, 10, 24)
+    torch.testing.assert_close(ker, ref, atol=1e-4, rtol=1e-4)
+    assert type(next(iter(last_compiles[-1]["session"].stores.values()))).__name__ == "KernelLayerStore"
+    small = _greedy_manual(compiled(model, store="kernels", capacity=24, **base), model, ids, 10, 16)
+    torch.testing.assert_close(small, ker, atol=1e-4, rtol=1e-4)
+    stores = list(last_compiles[-1]["session"].stores.values())
+    assert stores and all(s.geom.capacity == 24 and len(s) == 12 + 10 for s in stores)
