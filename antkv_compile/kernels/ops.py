@@ -230,3 +230,35 @@ OPS = {
     "select_anchors": select_anchors,
     "window_flush": window_flush,
 }
+
+
+# ------------------------------------------------------------------------------------------------- dense decode
+from . import dense_decode as _dense  # noqa: E402
+
+
+@custom_op("antkv::dense_decode_attention", mutates_args=(), device_types="cuda")
+def dense_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, scale: float
+                           ) -> tuple[Tensor, Tensor]:
+    """Full-precision decode attention over a dense static KV cache (the FP16/BF16 baseline): split-K flash
+    decoding that reads each valid cache byte once (no grouped-query expansion).
+
+    q [B, Hq, Tq, D] (G*Tq <= 64, G = Hq/Hkv; query head h reads KV head h // G); k_cache/v_cache
+    [B, Hkv, L, D] fp16/bf16 (fp32 accepted) that already hold the Tq new tokens; lengths int32 [B] valid
+    positions (clamped to [0, L]): query t of sequence b sees keys j <= lengths[b] - Tq + t. Returns out
+    [B, Hq, Tq, D] in q.dtype and lse [B, Hq, Tq] float32 (natural log; -inf and out 0 for a row that sees
+    nothing). No host sync, fixed shapes: CUDA-graph safe.
+    """
+    return _c(*_dense.dense_decode_triton(q, k_cache, v_cache, lengths, scale))
+
+
+@dense_decode_attention.register_kernel("cpu")
+def _dense_decode_attention_cpu(q, k_cache, v_cache, lengths, scale):
+    return _c(*_dense.dense_decode_reference(q, k_cache, v_cache, lengths, scale))
+
+
+@dense_decode_attention.register_fake
+def _dense_decode_attention_fake(q, k_cache, v_cache, lengths, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+OPS["dense_decode_attention"] = dense_decode_attention
