@@ -14,9 +14,23 @@ Per Dynamo graph:
    ``config_patches`` and :class:`~antkv_compile.passes.cache_key.ConfigKeyPass` in the cache key.
 3. Fallback: no site / a site we cannot rewrite -> the *untouched* graph goes to ``compile_fx`` exactly as
    ``backend="inductor"`` would, with one warning naming the reason.
-4. The returned callable binds each layer's store to the live cache tensors of this call, runs the
-   compiled graph, then releases the dense StaticCache K/V buffers the rewritten graph no longer uses
-   (after prefill the KV memory is codes + anchors + window + codebooks).
+4. The returned callable binds each layer's store to the live cache tensors of this call, offers the
+   session this call's dense StaticCache K/V buffers, runs the compiled graph, then releases those
+   buffers (the rewritten graph no longer uses them; after prefill the KV memory is codes + anchors +
+   window + codebooks).
+5. Eager prefill (``generate(compile_config=CompileConfig(backend="antkv"))``: transformers runs the prompt
+   uncompiled and only the decode steps compiled): the first compiled step finds no store for a cache at a
+   position > 0 and *re-homes* the prefix from the dense buffers offered in step 4, still unreleased
+   (:meth:`~antkv_compile.runtime.state.Session._rehome_prefix`). The prompt's own queries were never seen,
+   so the prefix cannot be scored by them. Policy: the prefix enters the store's full-precision window
+   without queries and is scored at its flush only by the queries of compiled steps that arrived while it
+   was in the window -- for a prompt longer than ``window``, the first compiled step's queries alone (the
+   flush happens in that step). The first compiled step attends over the prefix exactly. Without an
+   artifact the codebooks are learned from the prefix. The first step sees the dense buffers unreleased and
+   the next ones released, so the decode graph compiles twice (2 graphs, as with a compiled prefill). To
+   score the prompt with its own queries instead, let transformers compile the prefill too:
+   ``generate(..., prefill_chunk_size=N)`` with N >= the prompt length runs it through the compiled forward.
+   A dense cache already released (a compiled model ran on it) with no store raises ``StoreStateError``.
 
 Options (``options=`` of torch.compile; other keys go to Inductor): ``artifact`` (a
 ``CodebookArtifact`` or a directory), ``bits`` ("1"), ``anchor_ratio`` (0.01), ``window`` (64), and the
@@ -150,8 +164,8 @@ def antkv_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None 
     record["after"] = result.gm
     log.debug("rewritten graph:\n%s", result.gm.code)
 
-    inner = patches.get("post_grad_custom_post_pass")
-    patches["post_grad_custom_post_pass"] = ConfigKeyPass(session.fingerprint, inner)
+    user_pass = patches.get("post_grad_custom_post_pass")
+    patches["post_grad_custom_post_pass"] = ConfigKeyPass(session.fingerprint, user_pass)
     if patches.get("triton.cudagraphs"):
         # the store is host-side state and reads positions on the host: not CUDA-graph capturable
         log.warning("antkv: CUDA graphs disabled for a rewritten graph (the store runs on the host)")

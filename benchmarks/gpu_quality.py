@@ -35,7 +35,9 @@ def compiled_nll(model, ids: torch.Tensor, artifact, chunk: int, store: str) -> 
     from antkv_compile.backend import last_compiles
 
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="antkv", options={"artifact": artifact, "store": store}, dynamic=False)
+    from antkv_compile.backend import antkv_backend
+
+    compiled = torch.compile(model, backend=antkv_backend, options={"artifact": artifact, "store": store}, dynamic=False)
     cache = StaticCache(config=model.config, max_cache_len=ids.shape[1])
     nll: list[float] = []
     n = ids.shape[1]

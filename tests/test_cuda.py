@@ -23,7 +23,7 @@ def _rel(a, b):
 def test_kernel_store_matches_reference_store_on_cuda(bits, dtype):
     from antkv_compile.runtime.kernel_store import KernelLayerStore
 
-    dev = torch.device("cuda")
+    dev = torch.device("cuda", torch.cuda.current_device())
     b, hkv, g, d = 2, 8, 4, 128
     cfg = AnTKVConfig(bits=bits, anchor_ratio=0.01, window=64)
     gen = torch.Generator().manual_seed(0)
@@ -51,6 +51,7 @@ def test_kernel_store_matches_reference_store_on_cuda(bits, dtype):
 def test_compiled_tiny_llama_kernels_equal_reference_on_cuda():
     from transformers import StaticCache
 
+    from antkv_compile.backend import antkv_backend
     from antkv_compile.models import tiny_model
 
     from test_backend import random_artifact
@@ -62,7 +63,7 @@ def test_compiled_tiny_llama_kernels_equal_reference_on_cuda():
     logits = {}
     for store in ("reference", "kernels"):
         torch._dynamo.reset()
-        fn = torch.compile(model, backend="antkv", options={"store": store, "window": 16, "anchor_ratio": 0.05,
+        fn = torch.compile(model, backend=antkv_backend, options={"store": store, "window": 16, "anchor_ratio": 0.05,
                                                                   "artifact": art})
         cache = StaticCache(config=model.config, max_cache_len=160)
         out, seq = [], []

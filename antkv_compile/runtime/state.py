@@ -162,6 +162,11 @@ class Session:
             store = self.new_store(geom, cbk, cbv, layer)
             self.stores[key] = store
             return store
+        if store is None and key[1] is not None and (layer, None) in self.stores:
+            # the prefill graph created the cache lazily (its buffers were not graph inputs, so that call had no
+            # identity to bind): the first step on a bound cache adopts that store
+            store = self.stores.pop((layer, None))
+            self.stores[key] = store
         if store is None:
             # the prefix was written eagerly (HF generate's uncompiled prefill): re-home it from the dense cache
             store = self._rehome_prefix(layer, q, k, start, capacity, scale)
@@ -171,7 +176,8 @@ class Session:
                     "cache's earlier tokens, and the dense cache that held them was already released (or is not "
                     "an input of this graph). The prompt (prefill) must run through the same compiled model: "
                     "compile the whole model (torch.compile(model, backend='antkv') / "
-                    "model.compile(backend='antkv')), not only the decode step")
+                    "model.compile(backend='antkv')), not only the decode step "
+                    f"[bound cache identity {key[1]}; this layer's stores: {[i for l, i in self.stores if l == layer]}]")
             self.stores[key] = store
         if len(store) != start:
             raise StoreStateError(
