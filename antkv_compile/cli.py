@@ -235,6 +235,12 @@ def cmd_demo(args) -> int:
     return demo_main(args)
 
 
+def cmd_bench(args) -> int:
+    from .bench import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="antkv-compile", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -305,6 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="JSON results path")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="end-to-end benchmark: decode throughput, capacity, prefill, memory vs baselines "
+                                     "(Llama-3-8B shape, random weights; see antkv_compile/bench.py)")
+    from .bench import add_arguments as _bench_arguments
+
+    _bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
