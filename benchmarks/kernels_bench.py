@@ -754,89 +754,136 @@ V3_VARIANTS = {  # name -> decode_attention_triton options (split_mult handled s
 }
 
 
+# v4 (NOTES.md "v4"): latency hiding and fewer instructions in the coded loop, and L1 locality. "v3" is the
+# current default. "probe" is a timing probe only (every head reads one key LUT and one value codebook, so
+# the gathers of all programs hit a single 2 x 64 KB working set): not exact, never a candidate.
+LVB = dict(lean=True, values_b=True, prefetch=2, merge_pb=2, maxnreg=128)
+V4_VARIANTS = {
+    "v3": dict(merge="fused", key_lut=True),
+    "pf1": dict(prefetch=1),
+    "pf2": dict(prefetch=2),
+    "s2": dict(streams=2, prefetch=1),
+    "lean": dict(lean=True, prefetch=2, merge_pb=2, maxnreg=128),
+    "lvb": LVB,
+    "lvb_m2": dict(LVB, split_mult=2),
+    "lvb_b128w8": dict(LVB, block_n=128, num_warps=8, maxnreg=None),
+    "lvb_s2": dict(lean=True, values_b=True, prefetch=1, streams=2, merge_pb=2),
+    "aff": dict(LVB, affine=True, split_mult=2),
+    "probe": dict(LVB, probe_tables=True),
+}
+V4_DEFAULT = list(V4_VARIANTS)
+ALL_VARIANTS = {**V3_VARIANTS, **V4_VARIANTS}
+NOT_EXACT = {"probe"}
+
+
+def _opts(name):
+    return {k: v for k, v in ALL_VARIANTS[name].items() if k != "split_mult"}
+
+
 def _run_variant(a_, b, ctx, name, sms):
-    cfg = dict(V3_VARIANTS[name])
+    cfg = dict(ALL_VARIANTS[name])
     mult = cfg.pop("split_mult", 1)
     pc, pa = DA.default_splits(b, HKV, ctx, a_[5].shape[2], sms, cfg.get("block_n", 64), mult=mult)
     return (lambda: DA.decode_attention_triton(*a_, splits=(pc, pa), **cfg)), [pc, pa]
 
 
+def warm_variant(name, shapes):
+    """Subprocess body of --warm: compile `name` for the given (bits, B, ctx, dtype) shapes (fills the on-disk
+    Triton cache, so the main process only loads the kernels)."""
+    for bits, b, ctx, dt in shapes:
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        args = decode_inputs(bits, b, ctx, getattr(torch, dt), seed=1)
+        fn, _ = _run_variant(args, b, ctx, name, sms)
+        fn()
+        DA.decode_attention_triton(*args, poison=True, **_opts(name))
+        torch.cuda.synchronize()
+
+
+@section("decode_warm")
+def warm_all(names, jobs=12):
+    """Compile every (variant, preset, split-count class) in parallel subprocesses (~3-4 s per compile, ~50
+    compiles): the kernels' specializations differ by preset (constexprs) and by the coded split count being
+    a multiple of 16 or not (B = 1: 32 or 64 splits, B = 32: 5 or 10), so 8K at B = 1 and B = 32 cover the
+    grid; plus the correctness shapes (5000 tokens: capacity not a multiple of 16; bf16)."""
+    import concurrent.futures as cf
+    tasks = []
+    for n in names:
+        for bits in ("1", "0.375"):
+            shapes = [(bits, 1, 8192, "float16"), (bits, 32, 8192, "float16")]
+            if bits == "1":
+                shapes.append((bits, 3, 5000, "float16"))
+                if n in ("v3", "lvb", "aff"):
+                    shapes.append((bits, 1, 8192, "bfloat16"))
+            tasks.append((n, shapes))
+    t0 = time.time()
+
+    def run(task):
+        cmd = [sys.executable, os.path.abspath(__file__), "--warm", json.dumps(task)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        return task[0], r.returncode, r.stderr[-400:]
+
+    with cf.ThreadPoolExecutor(jobs) as ex:
+        res = list(ex.map(run, tasks))
+    bad = [(n, rc, err) for n, rc, err in res if rc != 0]
+    log(f"warm-up: {len(tasks)} tasks in {time.time() - t0:.0f} s; failed: {bad}")
+
+
 @section("decode_only")
-def decode_only():
+def decode_only(variants=None, rep_ms=100, grid=None):
+    """Correctness of every variant, then every variant timed on the whole grid (1 and 0.375 bit x 8K/32K/128K x
+    B = 1/8/32, CUDA-graph replays), then a table: ms per variant, the best exact one against FP16 SDPA."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     sms = RESULTS["env"]["sms"]
     copy_bw = RESULTS.get("ceilings", {}).get("copy_GBps", float("nan")) * 1e9
     small = DRY
-    # correctness: every variant vs the references (fresh random inputs per shape), poisoned partials
+    names = list(variants or V4_DEFAULT)
+    base_name = "v3" if "v3" in names else names[0]
+    RESULTS["decode_variants"] = {n: {k: str(v) for k, v in ALL_VARIANTS[n].items()} for n in names}
+    # correctness: every exact variant vs the reference (fresh random inputs per shape), poisoned partials,
+    # then the default-split launch and (GPU) two CUDA-graph replays (the arrival / claim counters are reset)
     corr = {}
-    cshapes = [("1", 2, 8192, torch.float16), ("1", 2, 8192, torch.bfloat16), ("0.375", 2, 8192, torch.float16),
-               ("1", 1, 131072, torch.bfloat16), ("1", 3, 5000, torch.float16)]
+    cshapes = [("1", 2, 8192, torch.float16), ("0.375", 2, 8192, torch.float16), ("1", 3, 5000, torch.float16),
+               ("1", 1, 131072, torch.bfloat16)]
     if small:
         cshapes = [("1", 2, 300, torch.float16), ("0.375", 1, 200, torch.float32)]
     for bits, b, ctx, dt in cshapes:
         args = decode_inputs(bits, b, ctx, dt, seed=17 + b)
         ref_o, ref_l = DA.decode_attention_reference(*args)
-        for name in V3_VARIANTS:
-            fn, _ = _run_variant(args, b, ctx, name, sms)
-            o, l_ = DA.decode_attention_triton(*args, poison=True, **{k: v for k, v in V3_VARIANTS[name].items()
-                                                                         if k != "split_mult"})
-            o2, l2 = fn()
-            rec = {"out": rel(o, ref_o), "lse": rel(l_, ref_l), "out_splits": rel(o2, ref_o),
-                   "nan": bool(o.isnan().any() or l_.isnan().any() or o2.isnan().any())}
-            # graph replay twice: the arrival counters must be reset by every call
-            if not small:
-                rp = graph_of(fn)
-                rp()
-                rp()
-                torch.cuda.synchronize()
-                rec["graph"] = rel(DA.decode_attention_triton(*args, **{k: v for k, v in V3_VARIANTS[name].items()
-                                                                           if k != "split_mult"})[0], ref_o)
+        for name in names:
+            if name in NOT_EXACT or (dt == torch.bfloat16 and name not in (base_name, "lvb", "aff")):
+                continue  # bf16: one more compile per variant; checked for the main candidates only
+            try:
+                fn, _ = _run_variant(args, b, ctx, name, sms)
+                o, l_ = DA.decode_attention_triton(*args, poison=True, **_opts(name))
+                o2, l2 = fn()
+                rec = {"out": rel(o, ref_o), "lse": rel(l_, ref_l), "out_splits": rel(o2, ref_o),
+                       "nan": bool(o.isnan().any() or l_.isnan().any() or o2.isnan().any())}
+                if not small:  # the output of the second replay (counters must be reset by every call)
+                    held = {}
+                    rp = graph_of(lambda: held.__setitem__("o", fn()[0]))
+                    held["o"].fill_(float("nan"))
+                    rp()
+                    rp()
+                    torch.cuda.synchronize()
+                    rec["graph"] = rel(held["o"], ref_o)
+                    rec["nan"] = rec["nan"] or bool(held["o"].isnan().any())
+            except Exception as exc:  # noqa: BLE001 - report and go on
+                rec = {"error": repr(exc)[:500], "nan": True, "out": float("inf"), "out_splits": float("inf")}
+            rec["variant"] = name
             corr[f"{bits}_B{b}_{ctx}_{str(dt)[6:]}_{name}"] = rec
             log("correct", bits, b, ctx, dt, name, rec)
         del args
         empty_cache()
-    RESULTS["correct_v3"] = corr
-    tol = {torch.float16: 2e-3, torch.bfloat16: 6e-3, torch.float32: 1e-4}
-    bad = [k for k, r in corr.items() if r["nan"] or max(r["out"], r["out_splits"], r.get("graph", 0)) > 6e-3]
-    RESULTS["correct_v3_bad"] = bad
-    log("correct_v3_bad", bad, tol[torch.float16])
-    # variant sweep at three shapes
-    sweep = []
-    vshapes = [("1", 1, 131072), ("1", 1, 8192), ("1", 8, 131072), ("1", 32, 32768)]
-    if small:
-        vshapes = [("1", 1, 500)]
-    for bits, b, ctx in vshapes:
-        args = decode_inputs(bits, b, ctx, torch.float16, seed=2)
-        for name in V3_VARIANTS:
-            fn, spl = _run_variant(args, b, ctx, name, sms)
-            try:
-                t = bench(graph_of(fn))
-            except Exception as exc:  # noqa: BLE001
-                log("variant failed", name, exc)
-                t = float("nan")
-            k_ = DA.LAST_LAUNCH.get("decode")
-            rec = {"bits": bits, "batch": b, "ctx": ctx, "variant": name, "ms": t, "splits": spl,
-                   "regs": getattr(k_, "n_regs", None), "spills": getattr(k_, "n_spills", None)}
-            sweep.append(rec)
-            log("variant", rec)
-        del args
-        empty_cache()
-    RESULTS["sweep_v3"] = sweep
-    score = {}
-    for r in sweep:
-        base = min(x["ms"] for x in sweep if (x["batch"], x["ctx"]) == (r["batch"], r["ctx"]) and x["ms"] == x["ms"])
-        if r["ms"] == r["ms"]:
-            score.setdefault(r["variant"], []).append(r["ms"] / base)
-    ranked = sorted(score, key=lambda k: sum(score[k]) / len(score[k]))
-    cands = list(dict.fromkeys(ranked[:3] + ["v2"]))
-    log("ranked", ranked, "cands", cands)
-    # table
-    rows = []
-    shapes = [(bits, ctx, b) for ctx in (8192, 32768, 131072) for b in (1, 8, 32) for bits in ("1",)]
-    shapes += [("0.375", 131072, b) for b in (1, 8, 32)]
+    RESULTS["correct_v4"] = corr
+    bad = sorted({r["variant"] for r in corr.values()
+                  if r["nan"] or max(r["out"], r["out_splits"], r.get("graph", 0)) > 6e-3})
+    RESULTS["correct_v4_bad"] = bad
+    log("correct_v4_bad (variants dropped from 'best')", bad)
+    # the grid: every variant at every shape
+    shapes = grid or [(bits, ctx, b) for bits in ("1", "0.375") for ctx in (8192, 32768, 131072) for b in (1, 8, 32)]
     if small:
         shapes = [("1", 200, 1), ("0.375", 300, 2)]
-    sdpa_t = {}
+    rows, sdpa_t = [], {}
     for bits, ctx, b in shapes:
         if (ctx, b) not in sdpa_t:
             q = torch.randn(b, HQ, 1, D, device=DEV, dtype=torch.float16)
@@ -848,41 +895,72 @@ def decode_only():
                     return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
                 with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                     return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-            sdpa_t[(ctx, b)] = bench(graph_of(sdpa))
+            sdpa_t[(ctx, b)] = bench(graph_of(sdpa), ms=rep_ms, warm=25)
             del q, k, v
             empty_cache()
-        t_sdpa = sdpa_t[(ctx, b)]
         args = decode_inputs(bits, b, ctx, torch.float16, seed=4)
         timed = {}
-        for name in cands:
-            fn, spl = _run_variant(args, b, ctx, name, sms)
-            timed[name] = (bench(graph_of(fn)), spl)
-        best_name = min((n for n in timed if n != "v2"), key=lambda n: timed[n][0], default="v2")
-        t, spl = timed[best_name]
-        by = decode_bytes(args, sum(spl))
-        rec = {"bits": bits, "ctx": ctx, "batch": b, "ms": t, "variant": best_name, "v2_ms": timed["v2"][0],
-               "sdpa_ms": t_sdpa, "speedup": t_sdpa / t, "speedup_v2": t_sdpa / timed["v2"][0],
+        for name in names:
+            try:
+                fn, spl = _run_variant(args, b, ctx, name, sms)
+                t = bench(graph_of(fn), ms=rep_ms, warm=25)
+                k_ = DA.LAST_LAUNCH.get("decode")
+                timed[name] = {"ms": t, "splits": spl, "regs": getattr(k_, "n_regs", None),
+                               "spills": getattr(k_, "n_spills", None)}
+            except Exception as exc:  # noqa: BLE001
+                log("variant failed", name, bits, ctx, b, repr(exc)[:300])
+                timed[name] = {"ms": float("nan"), "splits": None, "error": repr(exc)[:300]}
+            log("variant", bits, ctx, b, name, timed[name])
+        ok = [n for n in names if n not in NOT_EXACT and n not in bad and timed[n]["ms"] == timed[n]["ms"]]
+        best = min(ok, key=lambda n: timed[n]["ms"]) if ok else base_name
+        t = timed[best]["ms"]
+        by = decode_bytes(args, sum(timed[best]["splits"] or [1]))
+        rec = {"bits": bits, "ctx": ctx, "batch": b, "sdpa_ms": sdpa_t[(ctx, b)], "best": best, "ms": t,
+               "base_ms": timed[base_name]["ms"], "speedup": sdpa_t[(ctx, b)] / t,
+               "speedup_base": sdpa_t[(ctx, b)] / timed[base_name]["ms"],
                "GBps": by["total"] / (t * 1e-3) / 1e9, "bw_frac": by["total"] / (t * 1e-3) / copy_bw,
-               "splits": spl, "timed": {k_: v_[0] for k_, v_ in timed.items()}}
+               "timed": timed}
         rows.append(rec)
-        log("decode", rec)
+        log("decode", {k_: v_ for k_, v_ in rec.items() if k_ != "timed"})
         del args
         empty_cache()
-    RESULTS["decode_v3"] = rows
-    lines = ["DECODE v3 (ms, median of CUDA-graph replays; FP16 SDPA flash+GQA vs antkv)",
-             f"{'bits':>5} {'ctx':>7} {'B':>3} {'sdpa':>8} {'v2':>8} {'v3':>8} {'x v3':>6} {'x v2':>6} {'GB/s':>6} "
-             f"{'%copy':>6}  variant"]
+        if PARTIAL:
+            RESULTS["decode_v4"] = rows
+            with open(PARTIAL, "w") as f:
+                json.dump(RESULTS, f, indent=1, default=str)
+    RESULTS["decode_v4"] = rows
+    # tables: ms of every variant; then the best exact variant vs SDPA; then each variant's geometric-mean
+    # speed-up over the base (v3) per preset
+    w = max(9, max(len(n) for n in names) + 2)
+    lines = [f"DECODE v4 (ms, median of CUDA-graph replays; FP16 SDPA flash+GQA; base = {base_name})",
+             f"{'bits':>5} {'ctx':>7} {'B':>3} {'sdpa':>8} " + "".join(f"{n:>{w}}" for n in names)]
     for r in rows:
-        lines.append(f"{r['bits']:>5} {r['ctx']:>7} {r['batch']:>3} {r['sdpa_ms']:8.3f} {r['v2_ms']:8.3f} "
-                     f"{r['ms']:8.3f} {r['speedup']:6.2f} {r['speedup_v2']:6.2f} {r['GBps']:6.0f} "
-                     f"{100 * r['bw_frac']:6.1f}  {r['variant']}")
+        lines.append(f"{r['bits']:>5} {r['ctx']:>7} {r['batch']:>3} {r['sdpa_ms']:8.3f} "
+                     + "".join(f"{r['timed'][n]['ms']:{w}.3f}" for n in names))
+    lines += ["", f"{'bits':>5} {'ctx':>7} {'B':>3} {'sdpa':>8} {'base':>8} {'best':>8} {'x sdpa':>7} "
+                  f"{'x base':>7} {'GB/s':>6} {'%copy':>6}  best variant"]
+    for r in rows:
+        lines.append(f"{r['bits']:>5} {r['ctx']:>7} {r['batch']:>3} {r['sdpa_ms']:8.3f} {r['base_ms']:8.3f} "
+                     f"{r['ms']:8.3f} {r['speedup']:7.2f} {r['speedup_base']:7.2f} {r['GBps']:6.0f} "
+                     f"{100 * r['bw_frac']:6.1f}  {r['best']}")
+    lines += ["", "geometric-mean speed-up over the base per preset (regs/spills at the last shape)"]
+    for n in names:
+        parts = []
+        for bits in ("1", "0.375"):
+            xs = [r["base_ms"] / r["timed"][n]["ms"] for r in rows if r["bits"] == bits and r["timed"][n]["ms"] > 0]
+            parts.append(f"{bits} bit {math.exp(sum(map(math.log, xs)) / len(xs)):5.2f}x" if xs else f"{bits} bit  -")
+        last = next((r["timed"][n] for r in reversed(rows)), {})
+        note = ("  (probe, not exact)" if n in NOT_EXACT else "") + ("  (FAILED correctness)" if n in bad else "")
+        lines.append(f"  {n:<{w}} " + "  ".join(parts) + f"   regs {last.get('regs')} spills {last.get('spills')}" + note)
     log("\n".join(lines))
 
 
-def main_decode_only(out_dir):
+def main_decode_only(out_dir, variants=None, rep_ms=100, grid=None, warm=True):
     env(" ".join(["python"] + sys.argv))
+    if warm and not DRY:
+        warm_all(variants or V4_DEFAULT)
     ceilings()
-    decode_only()
+    decode_only(variants, rep_ms, grid)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     with open(os.path.join(out_dir, f"kernels_bench_decode_{stamp}.json"), "w") as f:
         json.dump(RESULTS, f, indent=1, default=str)
@@ -896,8 +974,20 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default="", help="comma-separated sections to run (default: all)")
     ap.add_argument("--dry", action="store_true", help="CPU + TRITON_INTERPRET=1, tiny shapes: checks the script")
-    ap.add_argument("--decode-only", action="store_true", help="v3 decode: correctness + variants + table only")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="decode: correctness of the variants, every variant on the whole grid, tables")
+    ap.add_argument("--variants", default="",
+                    help=f"comma-separated decode variants for --decode-only (default: {','.join(V4_DEFAULT)}; "
+                         f"also {','.join(V3_VARIANTS)})")
+    ap.add_argument("--rep-ms", type=int, default=100, help="do_bench time per measurement in --decode-only")
+    ap.add_argument("--no-warm", action="store_true", help="--decode-only: no parallel pre-compilation")
+    ap.add_argument("--warm", default="", help=argparse.SUPPRESS)  # internal: subprocess of the warm-up
+    ap.add_argument("--grid", default="",
+                    help="--decode-only shapes as bits:ctx:B,... (default: 1 and 0.375 bit x 8K/32K/128K x B=1/8/32)")
     a = ap.parse_args()
+    if a.warm:
+        name, shapes = json.loads(a.warm)
+        return warm_variant(name, shapes)
     if a.dry:
         global DRY, DEV, HQ, HKV, D
         DRY, DEV, HQ, HKV, D = True, "cpu", 4, 2, 32
@@ -906,7 +996,12 @@ def main():
     global PARTIAL
     PARTIAL = os.path.join(out_dir, "kernels_bench_partial.json")
     if a.decode_only:
-        return main_decode_only(out_dir)
+        names = [n for n in a.variants.split(",") if n]
+        unknown = [n for n in names if n not in ALL_VARIANTS]
+        if unknown:
+            raise SystemExit(f"unknown variants {unknown}; known: {list(ALL_VARIANTS)}")
+        grid = [(x.split(":")[0], int(x.split(":")[1]), int(x.split(":")[2])) for x in a.grid.split(",") if x]
+        return main_decode_only(out_dir, names or None, a.rep_ms, grid or None, warm=not a.no_warm)
     only = set(filter(None, a.only.split(",")))
     want = lambda n: not only or n in only  # noqa: E731
     env(" ".join(["python"] + sys.argv))

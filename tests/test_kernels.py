@@ -195,6 +195,59 @@ def test_decode_attention_fp8_centroids(submajor):
     assert _rel(out, ref_out) < 2 * TOL[torch.float16] and _rel(lse, ref_lse) < TOL[torch.float16]
 
 
+# v4 coded-loop options (NOTES.md "v4"): each must equal the reference. Shapes cover code words of 4, 2 and 1
+# codes (lean), two-stage codebooks, G*Tq = 4/8/1 query rows, a sequence with nothing coded, anchors, splits
+# longer than one block (prefetch and streams cross block boundaries), fp32 and fp16.
+V4_OPTIONS = {
+    "pf1": dict(prefetch=1),
+    "pf2": dict(prefetch=2),
+    "s2": dict(streams=2),
+    "s2_pf2": dict(streams=2, prefetch=2),
+    "lean_pf2": dict(lean=True, prefetch=2),
+    "vb": dict(values_b=True),
+    "lvb": dict(lean=True, values_b=True, prefetch=2, merge_pb=2),
+    "lvb_s2": dict(lean=True, values_b=True, streams=2, prefetch=1),
+    "aff_lvb": dict(affine=True, lean=True, values_b=True, prefetch=2),
+    "aff_s2_merge": dict(affine=True, streams=2, merge="triton"),
+}
+V4_SHAPES = [  # dtype, bits, stages, d, g, tq, block_n, lengths
+    (torch.float32, "1", 1, 32, 4, 1, 32, [150, 0]),
+    (torch.float16, "0.375", 2, 32, 2, 2, 32, [97, 150]),
+    (torch.float16, "1", 1, 16, 1, 1, 64, [150, 61]),
+    (torch.float32, "0.375", 1, 16, 4, 2, 32, [1, 150]),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("name", list(V4_OPTIONS))
+def test_decode_v4_options_match_reference(name):
+    for i, (dtype, bits, stages, d, g, tq, block_n, lengths) in enumerate(V4_SHAPES):
+        args = _decode_inputs(2, 2, g, tq, d, 150, 5, 6, bits, stages, False, dtype, 30 + i, torch.tensor(lengths))
+        out = torch.full_like(args[0], float("nan"))
+        lse = torch.full(args[0].shape[:3], float("nan"), device=DEV)
+        DA.decode_attention_triton(*args, splits=(3, 2), out=(out, lse), poison=True, block_n=block_n,
+                                   **V4_OPTIONS[name])
+        ref_out, ref_lse = DA.decode_attention_reference(*args)
+        assert not out.isnan().any() and not lse.isnan().any(), (name, i)
+        assert _rel(out, ref_out) < 2 * TOL[dtype] and _rel(lse, ref_lse) < TOL[dtype], (name, i)
+
+
+@needs_triton
+def test_decode_v4_affine_default_splits_and_probe():
+    """Affine workers with the default split count (more chunks than SM ranges here), and the timing probe
+    (not exact: every head reads one key LUT and one value codebook) runs and stays finite; v4 options
+    without the key LUT are refused."""
+    args = _decode_inputs(3, 2, 4, 1, 32, 200, 4, 5, "1", 1, False, torch.float16, 41, torch.tensor([200, 0, 77]))
+    ref_out, ref_lse = DA.decode_attention_reference(*args)
+    out, lse = DA.decode_attention_triton(*args, poison=True, affine=True, lean=True, values_b=True, prefetch=2,
+                                          split_mult=2)
+    assert _rel(out, ref_out) < 2 * TOL[torch.float16] and _rel(lse, ref_lse) < TOL[torch.float16]
+    po, pl = DA.decode_attention_triton(*args, probe_tables=True, lean=True, values_b=True)
+    assert bool(torch.isfinite(po).all()) and po.shape == ref_out.shape
+    with pytest.raises(ValueError):
+        DA.decode_attention_triton(*args, key_lut=False, prefetch=1)
+
+
 def _store(b, hkv, d, cap, dtype, seed, window=8, ratio=0.1):
     geom = StoreGeometry(b, hkv, d, cap, dtype, torch.device(DEV), scale=d**-0.5)
     cfg = AnTKVConfig(bits="1", window=window, anchor_ratio=ratio)

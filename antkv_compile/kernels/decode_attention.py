@@ -46,6 +46,13 @@ Measured v2 (H100, NOTES.md): correct, but not fast. The split kernel is latency
 5-6 % of HBM bandwidth), and the merge launch costs a fixed ~90-200 us at small batch: 0.25-0.9x
 FP16 SDPA at 1 bit, 0.26-1.17x at 0.375 bit. The defaults below are the best measured configuration.
 
+v4 (NOTES.md, options of DecodePlan, the default unchanged until measured): ``prefetch`` (next block's codes
+loaded one iteration ahead; 2 = value gathers issued with the key gathers), ``streams=2`` (two token ranges
+interleaved per program), ``lean`` (key codes as 32-bit words, one token per thread, no shuffles),
+``values_b`` (the value product as p^T @ vc with vc as the B operand: one shared-memory round trip per block
+instead of 16 barrier-separated rounds), ``affine`` (coded chunks claimed per multiprocessor via %smid, so
+the programs resident on one SM share one head's tables in L1), ``probe_tables`` (timing probe, not exact).
+
 No host synchronisation and no data-dependent shapes: the per-sequence lengths are read on the device,
 each split covers ``ceil(n_coded[b] / P_coded)`` tokens, so the launch is CUDA-graph safe.
 """
@@ -57,8 +64,8 @@ from torch import Tensor
 from ..numerics.attention import causal_mask, exact_attention, lut_attention, merge_partials
 from ..numerics.vq import Codebook
 from ._common import (
-    HAS_TRITON, LN2, LOG2E, can_launch, cdiv, dot_dtype, dot_precision, next_pow2, require_triton, sm_count, tl,
-    triton,
+    HAS_TRITON, LN2, LOG2E, can_launch, cdiv, dot_dtype, dot_precision, interpreting, next_pow2, require_triton,
+    sm_count, tl, triton,
 )
 
 if HAS_TRITON:
@@ -162,7 +169,7 @@ if HAS_TRITON:
     @triton.jit
     def _decode_prologue_kernel(Q, INV_K, MEAN_K, QC, CNT, s_qb, s_qh, s_qt, HKV, CBK_PER_HEAD, qk_scale,
                                 G: tl.constexpr, TQ: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr,
-                                PREC: tl.constexpr):
+                                PREC: tl.constexpr, CLAIM=None, NR=1, NR_PAD: tl.constexpr = 0):
         """Queries into the key coding space, once per (sequence, KV head): QC[r] = (q @ inv_k^T, q.mean_k),
         both times scale*log2(e). Kept out of the split kernel: the [D, D] operand would set its register
         and shared-memory peak (and be re-read by every split)."""
@@ -181,6 +188,325 @@ if HAS_TRITON:
         tl.store(QC + base + rows[:, None] * D + offs_d[None, :], qc)
         tl.store(QC + base + R_PAD * D + rows, bias)
         tl.store(CNT + pid_bh, 0)  # arrival counter of the fused merge (the split kernel runs after this one)
+        if NR_PAD > 0:  # v4 affine: the chunk-claim counters of the SM ranges
+            if pid_bh == 0:
+                ar = tl.arange(0, NR_PAD)
+                tl.store(CLAIM + ar, 0, mask=ar < NR)
+
+    # ------------------------------------------------------------------ v4: the coded key-LUT loop, latency hiding
+    # Options of DecodePlan (NOTES.md "v4"): PF (prefetch) 1 = the codes and anchor words of block i+1 are loaded
+    # at the top of iteration i (carried in loop variables, so their HBM latency overlaps block i); PF 2 = also
+    # the value-centroid gathers of block i are issued with its key-LUT gathers, before its softmax. NS = 2
+    # streams: two independent token ranges interleaved in one loop (two online-softmax states, merged at the
+    # end). LEAN: key codes read as 32/16-bit words, one token per thread, the sub-space sum of the LUT rows
+    # in registers (no cross-lane shuffles, no replicated softmax), per-slot running sums l. VB: values as the
+    # B operand of p^T @ vc (one shared-memory round trip per block). AFFINE: chunks claimed per SM
+    # (_v4_worker). PROBE: timing probe, not exact (_v4_chunk).
+    @triton.jit
+    def _v4_codes(CK, CV, BITS, ck_base, cv_base, bits_base, n0, lim, BLOCK_N: tl.constexpr, KW: tl.constexpr,
+                  C_V: tl.constexpr):
+        """Key codes [BLOCK_N, KW] (code words when LEAN, else bytes), value codes [BLOCK_N, C_V] and anchor-bit
+        words [BLOCK_N] of the tokens n0 .. n0 + BLOCK_N - 1; tokens >= lim read as 0 (no memory access)."""
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < lim
+        kw = tl.arange(0, KW)
+        kc = tl.load(CK + ck_base + offs_n[:, None] * KW + kw[None, :], mask=nmask[:, None], other=0,
+                     cache_modifier=".cg")  # read once: keep them out of L1 (the tables live there)
+        cv_idx = tl.arange(0, C_V)
+        vc = tl.load(CV + cv_base + offs_n[:, None] * C_V + cv_idx[None, :], mask=nmask[:, None], other=0,
+                     cache_modifier=".cg")
+        word = tl.load(BITS + bits_base + offs_n // 32, mask=nmask, other=0, cache_modifier=".cg")
+        return kc, vc, word
+
+    @triton.jit
+    def _v4_kload(LUT, lut_base, kc, rows_g, C_K: tl.constexpr, KW: tl.constexpr, CPW: tl.constexpr,
+                  M_K: tl.constexpr, R_G: tl.constexpr, BLOCK_N: tl.constexpr, CACHE: tl.constexpr,
+                  LEAN: tl.constexpr):
+        """Key-LUT gathers of one block: LEAN returns the logits [BLOCK_N, R_G] (summed per token in registers),
+        otherwise the raw rows [BLOCK_N, C_K, R_G] (summed by _v4_ksum). Code c of a token indexes LUT table c
+        (= stage * S + sub-space), so multi-stage codebooks need nothing special."""
+        if LEAN:
+            wi = tl.arange(0, KW)
+            kc32 = kc.to(tl.int32)
+            out = tl.zeros([BLOCK_N, R_G], tl.float32)
+            for c in tl.static_range(C_K):
+                word = tl.sum(tl.where(wi[None, :] == c // CPW, kc32, 0), axis=1)  # the word holding code c
+                code = (word >> (8 * (c % CPW))) & 255
+                out += tl.load(LUT + lut_base + (c * M_K + code[:, None]) * R_G + rows_g[None, :],
+                               cache_modifier=CACHE)
+        else:
+            ck_idx = tl.arange(0, C_K)
+            lptr = (LUT + lut_base + (ck_idx[None, :, None] * M_K + kc.to(tl.int32)[:, :, None]) * R_G
+                    + rows_g[None, None, :])
+            out = tl.load(lptr, cache_modifier=CACHE)
+        return out
+
+    @triton.jit
+    def _v4_ksum(raw, LEAN: tl.constexpr):
+        if LEAN:
+            lg = raw
+        else:
+            lg = tl.sum(raw, axis=1)
+        return lg
+
+    @triton.jit
+    def _v4_vload(CENT_V, vc, hv, HCB_V, C_V: tl.constexpr, S_V: tl.constexpr, M_V: tl.constexpr,
+                  SUB_V: tl.constexpr, CACHE: tl.constexpr, BLOCK_N: tl.constexpr, VB: tl.constexpr):
+        """Value-centroid gathers of one block (one per token and code): [BLOCK_N, C_V, SUB_V], or with VB the
+        same as one 2-D [BLOCK_N, C_V * SUB_V] load (16-byte runs declared to the compiler), which then feeds the
+        product as its B operand through one shared-memory round trip."""
+        c_idx = tl.arange(0, C_V)
+        e_idx = tl.arange(0, SUB_V)
+        tab = ((c_idx // S_V) * HCB_V + hv) * S_V + c_idx % S_V  # (stage, head, sub-space) table of code c
+        offs = (tab[None, :, None] * M_V + vc.to(tl.int32)[:, :, None]) * SUB_V + e_idx[None, None, :]
+        if VB:
+            offs2 = tl.reshape(offs, [BLOCK_N, C_V * SUB_V])
+            offs2 = tl.max_contiguous(tl.multiple_of(offs2, [1, SUB_V]), [1, SUB_V])
+            x = tl.load(CENT_V + offs2, cache_modifier=CACHE)
+        else:
+            x = tl.load(CENT_V + offs, cache_modifier=CACHE)
+        return x
+
+    @triton.jit
+    def _v4_pad(x, R: tl.constexpr, R_PAD: tl.constexpr):
+        """Zero-pad the last dimension of x ([R] or [N, R]) to R_PAD (R_PAD / R in {1, 2, 4})."""
+        if R * 2 <= R_PAD:
+            j = tl.join(x, tl.zeros_like(x))
+            if len(x.shape) == 1:
+                x = tl.reshape(tl.trans(j), [2 * R])
+            else:
+                x = tl.reshape(tl.permute(j, (0, 2, 1)), [x.shape[0], 2 * R])
+        if R * 4 <= R_PAD:
+            j = tl.join(x, tl.zeros_like(x))
+            if len(x.shape) == 1:
+                x = tl.reshape(tl.trans(j), [4 * R])
+            else:
+                x = tl.reshape(tl.permute(j, (0, 2, 1)), [x.shape[0], 4 * R])
+        return x
+
+    @triton.jit
+    def _v4_softmax(lg, bias_g, word, n0, lim, m_t, l_t, BLOCK_N: tl.constexpr, LSLOT: tl.constexpr):
+        """Online-softmax step (base 2) of one block: returns (p, alpha, m_new, l_new); LSLOT keeps the running
+        sum per token slot [BLOCK_N, R_G] (reduced once after the loop) instead of reducing every block."""
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        keep = (offs_n < lim) & (((word >> (offs_n % 32)) & 1) == 0)
+        lg = tl.where(keep[:, None], lg + bias_g[None, :], float("-inf"))
+        m_new = tl.maximum(m_t, tl.max(lg, axis=0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_t - m_use)
+        p = tl.exp2(lg - m_use[None, :])
+        if LSLOT:
+            l_new = l_t * alpha[None, :] + p
+        else:
+            l_new = l_t * alpha + tl.sum(p, axis=0)
+        return p, alpha, m_new, l_new
+
+    @triton.jit
+    def _v4_accum(acc_t, alpha, p, x, ST_V: tl.constexpr, S_V: tl.constexpr, SUB_V: tl.constexpr,
+                  BLOCK_N: tl.constexpr, D: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                  R_G: tl.constexpr, R_PAD: tl.constexpr, VB: tl.constexpr):
+        """acc_t [D, R_G] = acc_t * alpha + vc^T p, vc [BLOCK_N, D] = the gathered centroids x summed over stages;
+        with VB acc [R_PAD, D] = acc * alpha + p^T vc (rows padded with zeros to the MMA's 16)."""
+        if ST_V == 1:
+            xs = x.to(DOT)
+        else:
+            xs = tl.sum(tl.reshape(x.to(tl.float32), [BLOCK_N, ST_V, S_V * SUB_V]), axis=1).to(DOT)
+        vc = tl.reshape(xs, [BLOCK_N, D])
+        if VB:
+            p16 = _v4_pad(p.to(DOT), R_G, R_PAD)  # [BLOCK_N, R_PAD]
+            a16 = _v4_pad(alpha, R_G, R_PAD)
+            acc = acc_t * a16[:, None] + tl.dot(tl.trans(p16), vc, input_precision=PREC)
+        else:
+            acc = acc_t * alpha[None, :] + tl.dot(tl.trans(vc), p.to(DOT), input_precision=PREC)
+        return acc
+
+    @triton.jit
+    def _v4_merge2(m_a, l_a, acc_a, m_b, l_b, acc_b, R_G: tl.constexpr, R_PAD: tl.constexpr, VB: tl.constexpr):
+        m = tl.maximum(m_a, m_b)
+        m_use = tl.where(m == float("-inf"), 0.0, m)
+        fa = tl.exp2(m_a - m_use)
+        fb = tl.exp2(m_b - m_use)
+        if VB:
+            acc = acc_a * _v4_pad(fa, R_G, R_PAD)[:, None] + acc_b * _v4_pad(fb, R_G, R_PAD)[:, None]
+        else:
+            acc = acc_a * fa[None, :] + acc_b * fb[None, :]
+        return m, l_a * fa + l_b * fb, acc
+
+    @triton.jit
+    def _coded_v4(CK, CV, BITS, LUT, CENT_V, QC, qc_base, start, end, ck_base, cv_base, bits_base, lut_base, hv,
+                  HCB_V, R_PAD: tl.constexpr, D: tl.constexpr, C_K: tl.constexpr, KW: tl.constexpr,
+                  CPW: tl.constexpr, M_K: tl.constexpr, C_V: tl.constexpr, S_V: tl.constexpr, M_V: tl.constexpr,
+                  SUB_V: tl.constexpr, ST_V: tl.constexpr, R_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                  DOT: tl.constexpr, PREC: tl.constexpr, CACHE: tl.constexpr, LEAN: tl.constexpr, PF: tl.constexpr,
+                  NS: tl.constexpr, VB: tl.constexpr):
+        """The coded tokens start .. end-1 of one split program, key-LUT path; returns (m [R_G], l [R_G], acc), acc
+        = acc^T [D, R_G], or with VB acc [R_PAD, D] (rows >= R_G zero)."""
+        rows_g = tl.arange(0, R_G)
+        bias_g = tl.load(QC + qc_base + R_PAD * D + rows_g)
+        n_tok = tl.maximum(end - start, 0)
+        if NS == 2:
+            span = tl.cdiv(tl.cdiv(n_tok, 2), BLOCK_N) * BLOCK_N  # stream a: [start, start+span), b: the rest
+        else:
+            span = n_tok
+        lim_a = tl.minimum(start + span, end)
+        start_b = start + span
+        n_blk = tl.cdiv(span, BLOCK_N)
+        m_a = tl.full([R_G], float("-inf"), tl.float32)
+        if VB:
+            acc_a = tl.zeros([R_PAD, D], tl.float32)
+        else:
+            acc_a = tl.zeros([D, R_G], tl.float32)
+        if LEAN:
+            l_a = tl.zeros([BLOCK_N, R_G], tl.float32)
+        else:
+            l_a = tl.zeros([R_G], tl.float32)
+        if NS == 2:
+            m_b = tl.full([R_G], float("-inf"), tl.float32)
+            if VB:
+                acc_b = tl.zeros([R_PAD, D], tl.float32)
+            else:
+                acc_b = tl.zeros([D, R_G], tl.float32)
+            if LEAN:
+                l_b = tl.zeros([BLOCK_N, R_G], tl.float32)
+            else:
+                l_b = tl.zeros([R_G], tl.float32)
+        if PF >= 1:
+            kc_a, vc_a, w_a = _v4_codes(CK, CV, BITS, ck_base, cv_base, bits_base, start, lim_a, BLOCK_N, KW, C_V)
+            if NS == 2:
+                kc_b, vc_b, w_b = _v4_codes(CK, CV, BITS, ck_base, cv_base, bits_base, start_b, end, BLOCK_N, KW,
+                                            C_V)
+        for it in range(0, n_blk):
+            n_a = start + it * BLOCK_N
+            n_b = start_b + it * BLOCK_N
+            # codes: this block's (PF 0) or the next block's (PF >= 1, this block's were loaded one iteration ago)
+            if PF >= 1:
+                kc_an, vc_an, w_an = _v4_codes(CK, CV, BITS, ck_base, cv_base, bits_base, n_a + BLOCK_N, lim_a,
+                                               BLOCK_N, KW, C_V)
+                if NS == 2:
+                    kc_bn, vc_bn, w_bn = _v4_codes(CK, CV, BITS, ck_base, cv_base, bits_base, n_b + BLOCK_N, end,
+                                                   BLOCK_N, KW, C_V)
+            else:
+                kc_a, vc_a, w_a = _v4_codes(CK, CV, BITS, ck_base, cv_base, bits_base, n_a, lim_a, BLOCK_N, KW, C_V)
+                if NS == 2:
+                    kc_b, vc_b, w_b = _v4_codes(CK, CV, BITS, ck_base, cv_base, bits_base, n_b, end, BLOCK_N, KW,
+                                                C_V)
+            # gathers: key-LUT rows (and with PF >= 2 the value centroids) of every stream, before any softmax
+            raw_a = _v4_kload(LUT, lut_base, kc_a, rows_g, C_K, KW, CPW, M_K, R_G, BLOCK_N, CACHE, LEAN)
+            if PF >= 2:
+                x_a = _v4_vload(CENT_V, vc_a, hv, HCB_V, C_V, S_V, M_V, SUB_V, CACHE, BLOCK_N, VB)
+            if NS == 2:
+                raw_b = _v4_kload(LUT, lut_base, kc_b, rows_g, C_K, KW, CPW, M_K, R_G, BLOCK_N, CACHE, LEAN)
+                if PF >= 2:
+                    x_b = _v4_vload(CENT_V, vc_b, hv, HCB_V, C_V, S_V, M_V, SUB_V, CACHE, BLOCK_N, VB)
+            p_a, al_a, m_a, l_a = _v4_softmax(_v4_ksum(raw_a, LEAN), bias_g, w_a, n_a, lim_a, m_a, l_a, BLOCK_N,
+                                              LEAN)
+            if NS == 2:
+                p_b, al_b, m_b, l_b = _v4_softmax(_v4_ksum(raw_b, LEAN), bias_g, w_b, n_b, end, m_b, l_b, BLOCK_N,
+                                                  LEAN)
+            if PF < 2:
+                x_a = _v4_vload(CENT_V, vc_a, hv, HCB_V, C_V, S_V, M_V, SUB_V, CACHE, BLOCK_N, VB)
+                if NS == 2:
+                    x_b = _v4_vload(CENT_V, vc_b, hv, HCB_V, C_V, S_V, M_V, SUB_V, CACHE, BLOCK_N, VB)
+            acc_a = _v4_accum(acc_a, al_a, p_a, x_a, ST_V, S_V, SUB_V, BLOCK_N, D, DOT, PREC, R_G, R_PAD, VB)
+            if NS == 2:
+                acc_b = _v4_accum(acc_b, al_b, p_b, x_b, ST_V, S_V, SUB_V, BLOCK_N, D, DOT, PREC, R_G, R_PAD, VB)
+            if PF >= 1:
+                kc_a, vc_a, w_a = kc_an, vc_an, w_an
+                if NS == 2:
+                    kc_b, vc_b, w_b = kc_bn, vc_bn, w_bn
+        if LEAN:
+            l_a = tl.sum(l_a, axis=0)
+        if NS == 2:
+            if LEAN:
+                l_b = tl.sum(l_b, axis=0)
+            m_a, l_a, acc_a = _v4_merge2(m_a, l_a, acc_a, m_b, l_b, acc_b, R_G, R_PAD, VB)
+        return m_a, l_a, acc_a
+
+    @triton.jit
+    def _v4_chunk(CK, CV, BITS, NCODED, LUT, CENT_V, QC, PO, PL, pair, cidx, HKV, N_CAP, NW, P_CODED, PS, HCB_V,
+                  CBV_PER_HEAD, G: tl.constexpr, TQ: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr,
+                  C_K: tl.constexpr, KW: tl.constexpr, CPW: tl.constexpr, M_K: tl.constexpr, C_V: tl.constexpr,
+                  S_V: tl.constexpr, M_V: tl.constexpr, SUB_V: tl.constexpr, ST_V: tl.constexpr, R_G: tl.constexpr,
+                  BLOCK_N: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, CACHE: tl.constexpr,
+                  LEAN: tl.constexpr, PF: tl.constexpr, NS: tl.constexpr, VB: tl.constexpr, PROBE: tl.constexpr):
+        """Coded chunk cidx (of P_CODED) of one (sequence, KV head) = pair through the v4 loop, stored as partial
+        slot cidx. PROBE (timing only, not exact): every pair reads pair 0's key LUT and head 0's value codebook,
+        i.e. the gathers of all programs hit one 2 x 64 KB working set."""
+        b = pair // HKV
+        h = pair % HKV
+        n_b = tl.load(NCODED + b)
+        chunk = tl.cdiv(tl.cdiv(n_b, P_CODED), BLOCK_N) * BLOCK_N
+        start = cidx * chunk
+        end = tl.minimum(start + chunk, n_b)
+        if PROBE:
+            hv = 0
+            lut_base = 0
+        else:
+            hv = h * CBV_PER_HEAD
+            lut_base = pair * (C_K * M_K * R_G)
+        m, l, acc = _coded_v4(CK, CV, BITS, LUT, CENT_V, QC, pair * R_PAD * (D + 1), start, end, pair * N_CAP * KW,
+                              pair * N_CAP * C_V, pair * NW, lut_base, hv, HCB_V, R_PAD, D, C_K, KW, CPW, M_K, C_V,
+                              S_V, M_V, SUB_V, ST_V, R_G, BLOCK_N, DOT, PREC, CACHE, LEAN, PF, NS, VB)
+        if VB:
+            _store_partial(PO, PL, pair, cidx, PS, acc, _v4_pad(m, R_G, R_PAD), _v4_pad(l, R_G, R_PAD), G * TQ,
+                           R_PAD, D, R_PAD)
+        else:
+            _store_partial(PO, PL, pair, cidx, PS, tl.trans(acc), m, l, G * TQ, R_G, D, R_PAD)
+
+    @triton.jit
+    def _arrive_merge(PO, PL, CNT, INV_V, MEAN_V, OUT, LSE, pair, HKV, PS, P_CODED, P, CBV_PER_HEAD,
+                      s_ob, s_oh, s_ot, s_lb, s_lh, G: tl.constexpr, TQ: tl.constexpr, R_PAD: tl.constexpr,
+                      R_G: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, PB: tl.constexpr, KC: tl.constexpr):
+        """Count one partial of `pair` as arrived; the last of its P partials merges them all (fused merge)."""
+        tl.debug_barrier()
+        done = tl.atomic_add(CNT + pair, 1, sem="acq_rel")
+        if done == P - 1:
+            _merge_tail(PO, PL, INV_V, MEAN_V, OUT, LSE, pair, pair // HKV, pair % HKV, PS, P_CODED, P, CBV_PER_HEAD,
+                        s_ob, s_oh, s_ot, s_lb, s_lh, G, TQ, R_PAD, R_G, D, PREC, PB, KC)
+
+    @triton.jit
+    def _v4_worker(CK, CV, BITS, NCODED, LUT, CENT_V, QC, PO, PL, CNT, CLAIM, INV_V, MEAN_V, OUT, LSE,
+                   s_ob, s_oh, s_ot, s_lb, s_lh, HKV, N_CAP, NW, P_CODED, P, PS, HCB_V, CBV_PER_HEAD, NR,
+                   G: tl.constexpr, TQ: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr,
+                   C_K: tl.constexpr, KW: tl.constexpr, CPW: tl.constexpr, M_K: tl.constexpr, C_V: tl.constexpr,
+                   S_V: tl.constexpr, M_V: tl.constexpr, SUB_V: tl.constexpr, ST_V: tl.constexpr, R_G: tl.constexpr,
+                   BLOCK_N: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, CACHE: tl.constexpr,
+                   LEAN: tl.constexpr, PF: tl.constexpr, NS: tl.constexpr, VB: tl.constexpr, PROBE: tl.constexpr,
+                   PB: tl.constexpr, KC: tl.constexpr, NR_PAD: tl.constexpr, INTERP: tl.constexpr,
+                   FUSE: tl.constexpr):
+        """SM-affine coded worker (v4 "affine"). The C = pairs x P_CODED coded chunks, in (pair, chunk) order, are
+        cut into NR contiguous ranges, one per multiprocessor; a worker claims chunks of its own SM's range
+        (%smid) with an atomic counter, so the programs resident on one SM work on consecutive chunks, i.e. on
+        the same pair and the same key-LUT / value-codebook tables (L1 reuse instead of L2 traffic); when its
+        range is empty it takes chunks from the range with most left. Every chunk is claimed exactly once."""
+        pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        if INTERP:  # no %smid under the interpreter
+            smid = pid % NR
+        else:
+            smid = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [pid], dtype=tl.int32, is_pure=True,
+                                             pack=1)
+        n_chunks = tl.num_programs(0) * P_CODED
+        r = smid % NR
+        ar = tl.arange(0, NR_PAD)
+        size_all = (ar + 1) * n_chunks // NR - ar * n_chunks // NR
+        go = pid >= 0
+        while go:
+            c = tl.atomic_add(CLAIM + r, 1, sem="relaxed")
+            lo = r * n_chunks // NR
+            chunk = lo + c
+            if chunk < (r + 1) * n_chunks // NR:
+                pair = chunk // P_CODED
+                _v4_chunk(CK, CV, BITS, NCODED, LUT, CENT_V, QC, PO, PL, pair, chunk % P_CODED, HKV, N_CAP, NW,
+                          P_CODED, PS, HCB_V, CBV_PER_HEAD, G, TQ, R_PAD, D, C_K, KW, CPW, M_K, C_V, S_V, M_V, SUB_V,
+                          ST_V, R_G, BLOCK_N, DOT, PREC, CACHE, LEAN, PF, NS, VB, PROBE)
+                if FUSE:
+                    _arrive_merge(PO, PL, CNT, INV_V, MEAN_V, OUT, LSE, pair, HKV, PS, P_CODED, P, CBV_PER_HEAD,
+                                  s_ob, s_oh, s_ot, s_lb, s_lh, G, TQ, R_PAD, R_G, D, PREC, PB, KC)
+            else:
+                taken = tl.load(CLAIM + ar, mask=ar < NR, other=0, volatile=True)  # L2, not a stale L1 line
+                left = tl.where(ar < NR, size_all - taken, -1)
+                go = tl.max(left, axis=0) > 0
+                r = tl.argmax(left, axis=0)
 
     @triton.jit
     def _decode_partials_kernel(
@@ -197,6 +523,9 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_W: tl.constexpr,
         DOT: tl.constexpr, PREC: tl.constexpr, CACHE: tl.constexpr, ROWS_T: tl.constexpr, R_G: tl.constexpr,
         SUBMAJOR: tl.constexpr, KLUT: tl.constexpr, FUSE: tl.constexpr, PB: tl.constexpr, KC: tl.constexpr,
+        V4: tl.constexpr = False, LEAN: tl.constexpr = False, PF: tl.constexpr = 0, NS: tl.constexpr = 1,
+        KW: tl.constexpr = 1, CPW: tl.constexpr = 1, VB: tl.constexpr = False, PROBE: tl.constexpr = False,
+        AFFINE: tl.constexpr = False, CLAIM=None, NR=1, NR_PAD: tl.constexpr = 1, INTERP: tl.constexpr = False,
     ):
         pid_bh = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -208,75 +537,88 @@ if HAS_TRITON:
         l_i = tl.zeros([R_PAD], tl.float32)
         acc = tl.zeros([R_PAD, D], tl.float32)
         if pid_s < P_CODED:
-            # ---------------------------------------------------------------- coded tokens
-            n_b = tl.load(NCODED + b)
-            chunk = tl.cdiv(tl.cdiv(n_b, P_CODED), BLOCK_N) * BLOCK_N
-            start = pid_s * chunk
-            end = tl.minimum(start + chunk, n_b)
-            hk = h * CBK_PER_HEAD
-            hv = h * CBV_PER_HEAD
-            qc_base = pid_bh * R_PAD * (D + 1)
-            ck_base = pid_bh * N_CAP * C_K
-            cv_base = pid_bh * N_CAP * C_V
-            bits_base = pid_bh * NW
-            if ROWS_T or KLUT:
-                # tokens on the MMA's M side, the R_G query rows on its N side (padded to 8, not 16)
-                rows_g = tl.arange(0, R_G)
-                if not KLUT:
-                    qc_t = tl.load(QC + qc_base + rows_g[None, :] * D + offs_d[:, None]).to(DOT)  # [D, R_G]
-                bias_g = tl.load(QC + qc_base + R_PAD * D + rows_g)
-                lut_base = pid_bh * (ST_K * S_K * M_K * R_G)
-                sk_idx = tl.arange(0, S_K)
-                m_t = tl.full([R_G], float("-inf"), tl.float32)
-                l_t = tl.zeros([R_G], tl.float32)
-                acc_t = tl.zeros([D, R_G], tl.float32)
-                for n0 in range(start, end, BLOCK_N):
-                    offs_n = n0 + tl.arange(0, BLOCK_N)
-                    nmask = offs_n < end
-                    if KLUT:
-                        # logits = sum over sub-spaces of one 16-byte LUT row [R_G] per (token, sub-space)
-                        lg = tl.zeros([BLOCK_N, R_G], tl.float32)
-                        for st in tl.static_range(ST_K):
-                            code = tl.load(CK + ck_base + offs_n[:, None] * C_K + st * S_K + sk_idx[None, :],
-                                           mask=nmask[:, None], other=0).to(tl.int32)  # [BLOCK_N, S]
-                            lptr = (LUT + lut_base + ((st * S_K + sk_idx[None, :, None]) * M_K + code[:, :, None]) * R_G
-                                    + rows_g[None, None, :])
-                            lg += tl.sum(tl.load(lptr, cache_modifier=CACHE), axis=1)
-                        lg = lg + bias_g[None, :]
-                    else:
+            if V4:
+                # ---------------------------------------------------------------- coded tokens, v4 loop (key LUT)
+                if AFFINE:
+                    _v4_worker(CK, CV, BITS, NCODED, LUT, CENT_V, QC, PO, PL, CNT, CLAIM, INV_V, MEAN_V, OUT, LSE,
+                               s_ob, s_oh, s_ot, s_lb, s_lh, HKV, N_CAP, NW, P_CODED, P, PS, HCB_V, CBV_PER_HEAD, NR,
+                               G, TQ, R_PAD, D, ST_K * S_K, KW, CPW, M_K, C_V, S_V, M_V, SUB_V, ST_V, R_G, BLOCK_N, DOT,
+                               PREC, CACHE, LEAN, PF, NS, VB, PROBE, PB, KC, NR_PAD, INTERP, FUSE)
+                else:
+                    _v4_chunk(CK, CV, BITS, NCODED, LUT, CENT_V, QC, PO, PL, pid_bh, pid_s, HKV, N_CAP, NW, P_CODED,
+                              PS, HCB_V, CBV_PER_HEAD, G, TQ, R_PAD, D, ST_K * S_K, KW, CPW, M_K, C_V, S_V, M_V, SUB_V,
+                              ST_V, R_G, BLOCK_N, DOT, PREC, CACHE, LEAN, PF, NS, VB, PROBE)
+            else:
+                # ---------------------------------------------------------------- coded tokens
+                n_b = tl.load(NCODED + b)
+                chunk = tl.cdiv(tl.cdiv(n_b, P_CODED), BLOCK_N) * BLOCK_N
+                start = pid_s * chunk
+                end = tl.minimum(start + chunk, n_b)
+                hk = h * CBK_PER_HEAD
+                hv = h * CBV_PER_HEAD
+                qc_base = pid_bh * R_PAD * (D + 1)
+                ck_base = pid_bh * N_CAP * C_K
+                cv_base = pid_bh * N_CAP * C_V
+                bits_base = pid_bh * NW
+                if ROWS_T or KLUT:
+                    # tokens on the MMA's M side, the R_G query rows on its N side (padded to 8, not 16)
+                    rows_g = tl.arange(0, R_G)
+                    if not KLUT:
+                        qc_t = tl.load(QC + qc_base + rows_g[None, :] * D + offs_d[:, None]).to(DOT)  # [D, R_G]
+                    bias_g = tl.load(QC + qc_base + R_PAD * D + rows_g)
+                    lut_base = pid_bh * (ST_K * S_K * M_K * R_G)
+                    sk_idx = tl.arange(0, S_K)
+                    m_t = tl.full([R_G], float("-inf"), tl.float32)
+                    l_t = tl.zeros([R_G], tl.float32)
+                    acc_t = tl.zeros([D, R_G], tl.float32)
+                    for n0 in range(start, end, BLOCK_N):
+                        offs_n = n0 + tl.arange(0, BLOCK_N)
+                        nmask = offs_n < end
+                        if KLUT:
+                            # logits = sum over sub-spaces of one 16-byte LUT row [R_G] per (token, sub-space)
+                            lg = tl.zeros([BLOCK_N, R_G], tl.float32)
+                            for st in tl.static_range(ST_K):
+                                code = tl.load(CK + ck_base + offs_n[:, None] * C_K + st * S_K + sk_idx[None, :],
+                                               mask=nmask[:, None], other=0).to(tl.int32)  # [BLOCK_N, S]
+                                lptr = (LUT + lut_base
+                                        + ((st * S_K + sk_idx[None, :, None]) * M_K + code[:, :, None]) * R_G
+                                        + rows_g[None, None, :])
+                                lg += tl.sum(tl.load(lptr, cache_modifier=CACHE), axis=1)
+                            lg = lg + bias_g[None, :]
+                        else:
+                            kc = _dequant(CK, ck_base, offs_n, nmask, C_K, CENT_K, hk, HCB_K, S_K, M_K, SUB_K, ST_K,
+                                          BLOCK_N, D, DOT, CACHE, SUBMAJOR)
+                            lg = tl.dot(kc, qc_t, input_precision=PREC) + bias_g[None, :]  # [BLOCK_N, R_G]
+                        word = tl.load(BITS + bits_base + offs_n // 32, mask=nmask, other=0)
+                        keep = nmask & (((word >> (offs_n % 32)) & 1) == 0)
+                        lg = tl.where(keep[:, None], lg, float("-inf"))
+                        m_new = tl.maximum(m_t, tl.max(lg, axis=0))
+                        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                        alpha = tl.exp2(m_t - m_use)
+                        p = tl.exp2(lg - m_use[None, :])
+                        l_t = l_t * alpha + tl.sum(p, axis=0)
+                        vc = _dequant(CV, cv_base, offs_n, nmask, C_V, CENT_V, hv, HCB_V, S_V, M_V, SUB_V, ST_V,
+                                      BLOCK_N, D, DOT, CACHE, SUBMAJOR)
+                        acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(vc), p.to(DOT), input_precision=PREC)
+                        m_t = m_new
+                    _store_partial(PO, PL, pid_bh, pid_s, PS, tl.trans(acc_t), m_t, l_t, G * TQ, R_G, D, R_PAD)
+                else:
+                    qc = tl.load(QC + qc_base + rows[:, None] * D + offs_d[None, :]).to(DOT)
+                    bias = tl.load(QC + qc_base + R_PAD * D + rows)
+                    for n0 in range(start, end, BLOCK_N):
+                        offs_n = n0 + tl.arange(0, BLOCK_N)
+                        nmask = offs_n < end
                         kc = _dequant(CK, ck_base, offs_n, nmask, C_K, CENT_K, hk, HCB_K, S_K, M_K, SUB_K, ST_K,
                                       BLOCK_N, D, DOT, CACHE, SUBMAJOR)
-                        lg = tl.dot(kc, qc_t, input_precision=PREC) + bias_g[None, :]  # [BLOCK_N, R_G]
-                    word = tl.load(BITS + bits_base + offs_n // 32, mask=nmask, other=0)
-                    keep = nmask & (((word >> (offs_n % 32)) & 1) == 0)
-                    lg = tl.where(keep[:, None], lg, float("-inf"))
-                    m_new = tl.maximum(m_t, tl.max(lg, axis=0))
-                    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    alpha = tl.exp2(m_t - m_use)
-                    p = tl.exp2(lg - m_use[None, :])
-                    l_t = l_t * alpha + tl.sum(p, axis=0)
-                    vc = _dequant(CV, cv_base, offs_n, nmask, C_V, CENT_V, hv, HCB_V, S_V, M_V, SUB_V, ST_V,
-                                  BLOCK_N, D, DOT, CACHE, SUBMAJOR)
-                    acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(vc), p.to(DOT), input_precision=PREC)
-                    m_t = m_new
-                _store_partial(PO, PL, pid_bh, pid_s, PS, tl.trans(acc_t), m_t, l_t, G * TQ, R_G, D, R_PAD)
-            else:
-                qc = tl.load(QC + qc_base + rows[:, None] * D + offs_d[None, :]).to(DOT)
-                bias = tl.load(QC + qc_base + R_PAD * D + rows)
-                for n0 in range(start, end, BLOCK_N):
-                    offs_n = n0 + tl.arange(0, BLOCK_N)
-                    nmask = offs_n < end
-                    kc = _dequant(CK, ck_base, offs_n, nmask, C_K, CENT_K, hk, HCB_K, S_K, M_K, SUB_K, ST_K,
-                                  BLOCK_N, D, DOT, CACHE, SUBMAJOR)
-                    logits = tl.dot(qc, tl.trans(kc), input_precision=PREC) + bias[:, None]
-                    word = tl.load(BITS + bits_base + offs_n // 32, mask=nmask, other=0)
-                    keep = nmask & (((word >> (offs_n % 32)) & 1) == 0)
-                    logits = tl.where(keep[None, :], logits, float("-inf"))
-                    p, alpha, m_i, l_i = _online_update(logits, m_i, l_i, acc)
-                    vc = _dequant(CV, cv_base, offs_n, nmask, C_V, CENT_V, hv, HCB_V, S_V, M_V, SUB_V, ST_V,
-                                  BLOCK_N, D, DOT, CACHE, SUBMAJOR)
-                    acc = acc * alpha[:, None] + tl.dot(p.to(DOT), vc, input_precision=PREC)
-                _store_partial(PO, PL, pid_bh, pid_s, PS, acc, m_i, l_i, G * TQ, R_PAD, D, R_PAD)
+                        logits = tl.dot(qc, tl.trans(kc), input_precision=PREC) + bias[:, None]
+                        word = tl.load(BITS + bits_base + offs_n // 32, mask=nmask, other=0)
+                        keep = nmask & (((word >> (offs_n % 32)) & 1) == 0)
+                        logits = tl.where(keep[None, :], logits, float("-inf"))
+                        p, alpha, m_i, l_i = _online_update(logits, m_i, l_i, acc)
+                        vc = _dequant(CV, cv_base, offs_n, nmask, C_V, CENT_V, hv, HCB_V, S_V, M_V, SUB_V, ST_V,
+                                      BLOCK_N, D, DOT, CACHE, SUBMAJOR)
+                        acc = acc * alpha[:, None] + tl.dot(p.to(DOT), vc, input_precision=PREC)
+                    _store_partial(PO, PL, pid_bh, pid_s, PS, acc, m_i, l_i, G * TQ, R_PAD, D, R_PAD)
         else:
             # ---------------------------------------------------------------- exact: anchors (+ window)
             q = _load_rows(Q, b, h, s_qb, s_qh, s_qt, G, TQ, R_PAD, D)
@@ -316,11 +658,16 @@ if HAS_TRITON:
             _store_partial(PO, PL, pid_bh, pid_s, PS, acc, m_i, l_i, G * TQ, R_PAD, D, R_PAD)
         if FUSE:
             # the last program of this (sequence, KV head) to finish merges all its partials (no merge launch)
-            tl.debug_barrier()
-            done = tl.atomic_add(CNT + pid_bh, 1, sem="acq_rel")
-            if done == P - 1:
-                _merge_tail(PO, PL, INV_V, MEAN_V, OUT, LSE, pid_bh, b, h, PS, P_CODED, P, CBV_PER_HEAD,
-                            s_ob, s_oh, s_ot, s_lb, s_lh, G, TQ, R_PAD, R_G, D, PREC, PB, KC)
+            if AFFINE:
+                if pid_s >= P_CODED:  # the affine coded workers arrived per chunk
+                    _arrive_merge(PO, PL, CNT, INV_V, MEAN_V, OUT, LSE, pid_bh, HKV, PS, P_CODED, P, CBV_PER_HEAD,
+                                  s_ob, s_oh, s_ot, s_lb, s_lh, G, TQ, R_PAD, R_G, D, PREC, PB, KC)
+            else:
+                tl.debug_barrier()
+                done = tl.atomic_add(CNT + pid_bh, 1, sem="acq_rel")
+                if done == P - 1:
+                    _merge_tail(PO, PL, INV_V, MEAN_V, OUT, LSE, pid_bh, b, h, PS, P_CODED, P, CBV_PER_HEAD,
+                                s_ob, s_oh, s_ot, s_lb, s_lh, G, TQ, R_PAD, R_G, D, PREC, PB, KC)
 
     @triton.jit
     def _store_output(OUT, LSE, m_i, l_i, acc, rows, offs_d, b, h, s_ob, s_oh, s_ot, s_lb, s_lh,
@@ -462,7 +809,8 @@ class DecodePlan:
     def __init__(self, q, codes_k, codes_v, anchor_bits, n_coded, anchor_k, anchor_v, anchor_pos, win_k, win_v,
                  win_len, cent_k, inv_k, mean_k, cent_v, inv_v, mean_v, scale, *, splits=None, block_n=64,
                  num_warps=4, num_stages=1, out=None, poison=False, gather_cache=".ca", rows_on_n=False,
-                 submajor=False, split_mult=1.0, prologue="triton", merge="fused", key_lut=None, merge_pb=8):
+                 submajor=False, split_mult=1.0, prologue="triton", merge="fused", key_lut=None, merge_pb=8,
+                 prefetch=0, streams=1, lean=None, values_b=False, affine=False, probe_tables=False, maxnreg=None):
         require_triton()
         b, hq, tq, d = q.shape
         hkv, n_cap = codes_k.shape[1], codes_k.shape[2]
@@ -484,10 +832,28 @@ class DecodePlan:
         rv = g * tq
         if key_lut is None:
             key_lut = rv <= 8
+        if lean is None:  # v4 measurement (NOTES.md): the lean loop is the fastest exact variant, 1.20x / 1.55x v3
+            lean = bool(key_lut)
         r_g = max(4, next_pow2(rv)) if (key_lut or fuse) else max(1, next_pow2(rv))
         if rows_on_n and not (key_lut or fuse):
             r_g = max(1, next_pow2(rv))
         p_slots = p_total + 2 if fuse else p_total  # two scratch slots for the fused merge
+        # v4 coded loop (NOTES.md): prefetch 0/1/2, streams 1/2, lean, values_b, affine; key-LUT path only.
+        # probe_tables is a timing probe, not exact (all heads read one key LUT and one value codebook).
+        v4 = bool(prefetch or streams != 1 or lean or values_b or affine or probe_tables)
+        if prefetch not in (0, 1, 2) or streams not in (1, 2):
+            raise ValueError(f"prefetch must be 0, 1 or 2 and streams 1 or 2 (got {prefetch}, {streams})")
+        if v4 and not key_lut:
+            raise ValueError("prefetch / streams / lean are options of the key-LUT loop (key_lut, G*Tq <= 8)")
+        c_k = codes_k.shape[3]
+        cpw = (4 if c_k % 4 == 0 else 2 if c_k % 2 == 0 else 1) if lean else 1  # key codes per loaded word
+        ck_arg = codes_k.contiguous()
+        if cpw > 1:
+            ck_arg = ck_arg.view(torch.int32 if cpw == 4 else torch.int16)
+        extra = {} if maxnreg is None else {"maxnreg": int(maxnreg)}
+        nr = sm_count(q) if affine else 1  # affine: one chunk range per multiprocessor
+        nr_pad = next_pow2(nr)
+        self.claim = torch.empty(nr_pad, dtype=torch.int32, device=dev)  # zeroed by the prologue (affine)
         self.po = torch.empty(b * hkv, p_slots, r_pad, d, dtype=torch.float32, device=dev)
         self.pl = torch.empty(b * hkv, p_slots, r_pad, dtype=torch.float32, device=dev)
         self.cnt = torch.empty(max(1, b * hkv), dtype=torch.int32, device=dev)
@@ -519,10 +885,13 @@ class DecodePlan:
                 view[:, :, :g * tq * d] = (torch.einsum("bhrd,hed->bhre", qr, inv) * qk_scale).reshape(b, hkv, -1)
                 view[:, :, r_pad * d:r_pad * d + g * tq] = torch.einsum("bhrd,hd->bhr", qr, mean) * qk_scale
                 self.cnt.zero_()
+                if affine:
+                    self.claim.zero_()
             else:
                 _decode_prologue_kernel[(b * hkv,)](
                     q, inv_k32, mean_k32, qc, self.cnt, q.stride(0), q.stride(1), q.stride(2), hkv, cbk_ph, qk_scale,
                     G=g, TQ=tq, R_PAD=r_pad, D=d, PREC=prec, num_warps=4,
+                    **({"CLAIM": self.claim, "NR": nr, "NR_PAD": nr_pad} if affine else {}),
                 )
             if key_lut:
                 _decode_lut_kernel[(b * hkv, st_k * s_k)](
@@ -532,7 +901,7 @@ class DecodePlan:
 
         def _partials():
             LAST_LAUNCH["decode"] = _decode_partials_kernel[(b * hkv, p_total)](
-                q, qc, codes_k.contiguous(), codes_v.contiguous(), anchor_bits.contiguous(), n_coded.contiguous(),
+                q, qc, ck_arg, codes_v.contiguous(), anchor_bits.contiguous(), n_coded.contiguous(),
                 anchor_k.contiguous(), anchor_v.contiguous(), anchor_pos.contiguous(),
                 win_k.contiguous(), win_v.contiguous(), win_len.contiguous(),
                 cent_k.contiguous(), cent_v.contiguous(),
@@ -547,7 +916,10 @@ class DecodePlan:
                 C_V=codes_v.shape[3], S_V=s_v, M_V=m_v, SUB_V=sub_v, ST_V=st_v,
                 BLOCK_N=block_n, BLOCK_A=32, BLOCK_W=16, DOT=dt, PREC=prec, CACHE=gather_cache,
                 ROWS_T=rows_on_n, R_G=r_g, SUBMAJOR=submajor, KLUT=key_lut, FUSE=fuse, PB=merge_pb,
-                KC=min(32, d), num_warps=num_warps, num_stages=num_stages,
+                KC=min(32, d), V4=v4, LEAN=bool(lean), PF=int(prefetch), NS=int(streams), KW=c_k // cpw, CPW=cpw,
+                VB=bool(values_b), PROBE=bool(probe_tables), AFFINE=bool(affine), CLAIM=self.claim, NR=nr,
+                NR_PAD=nr_pad, INTERP=interpreting(),
+                num_warps=num_warps, num_stages=num_stages, **extra,
             )
 
         def _merge():
@@ -603,7 +975,9 @@ def decode_attention_triton(
 
     Options (DecodePlan): splits=(coded, exact) or split_mult, block_n, num_warps, num_stages,
     gather_cache (".ca" = keep centroid gathers in L1), submajor, rows_on_n, prologue ("triton"/"torch");
-    out=(out, lse) preallocated; poison=True fills the split partials with NaN first (tests)."""
+    v4 coded-loop options (key-LUT path only): prefetch (0/1/2), streams (1/2), lean, values_b, affine, maxnreg,
+    merge_pb, and probe_tables (timing only, not exact); out=(out, lse) preallocated; poison=True fills the
+    split partials with NaN first (tests)."""
     return DecodePlan(q, codes_k, codes_v, anchor_bits, n_coded, anchor_k, anchor_v, anchor_pos, win_k, win_v,
                       win_len, cent_k, inv_k, mean_k, cent_v, inv_v, mean_v, scale, **options)()
 
