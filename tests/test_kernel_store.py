@@ -137,3 +137,35 @@ def test_backend_kernel_store_equals_reference_store_and_capacity_beyond_the_sta
     torch.testing.assert_close(small, ker, atol=1e-4, rtol=1e-4)
     stores = list(last_compiles[-1]["session"].stores.values())
     assert stores and all(s.geom.capacity == 24 and len(s) == 12 + 10 for s in stores)
+
+
+def test_store_whose_cache_identity_died_is_adopted_by_the_next_step_of_the_same_length():
+    """transformers 5.17 on CUDA hands the prefill graph a cache-length tensor that dies after the call (seen on
+    the H100): the store must survive as the layer's orphan and be adopted by the next step at its length;
+    a step at another length must not adopt it, and a new prompt frees it."""
+    import gc
+
+    from antkv_compile.runtime.state import Session, StoreStateError
+
+    s = Session(999, AnTKVConfig(window=4))
+    q, k, v = randn(1, 4, 6, D, seed=1), randn(1, 2, 6, D, seed=2), randn(1, 2, 6, D, seed=3)
+    ident = torch.zeros(1)
+    s.bind(0, ident)
+    store = s.store_for(0, q, k, v, 0, 32, 0.25)
+    store.attend(q, k, v)
+    del ident
+    gc.collect()
+    assert not s.stores and len(s.orphans[0]) == 6
+    other = torch.zeros(1)
+    s.bind(0, other)
+    with pytest.raises(StoreStateError):
+        s.store_for(0, q[:, :, :1], k[:, :, :1], v[:, :, :1], 5, 32, 0.25)  # wrong length: not adopted
+    assert s.store_for(0, q[:, :, :1], k[:, :, :1], v[:, :, :1], 6, 32, 0.25) is store
+    assert not s.orphans
+    ident2 = torch.zeros(1)
+    s.bind(0, ident2)
+    del ident2
+    gc.collect()
+    s.bind(0, other)
+    fresh = s.store_for(0, q, k, v, 0, 32, 0.25)  # a new prompt: the orphan (if any) is freed
+    assert fresh is not store and not s.orphans

@@ -94,6 +94,7 @@ class Session:
         self.stores: dict[tuple[int, Any], AnTKVLayerStore] = {}
         self.current: dict[int, Any] = {}  # layer -> cache identity bound by the wrapper for this call
         self._finalizers: dict[Any, Any] = {}
+        self.orphans: dict[int, AnTKVLayerStore] = {}  # layer -> store whose cache identity died (see _drop)
         self.learned_layers: set[int] = set()
 
     # ------------------------------------------------------------------ binding (called by the wrapper)
@@ -107,9 +108,14 @@ class Session:
             self._finalizers[key] = weakref.finalize(tensor, self._drop, key)
 
     def _drop(self, key) -> None:
+        """The identity tensor of a cache died. Its stores become the layers' *orphans* (one per layer, the
+        newest): some transformers versions replace the identity tensor between steps (a new
+        ``cumulative_length`` object per step, seen with transformers 5.17 on CUDA), so the next step may come
+        back under a new identity holding exactly an orphan's length, and adopts it. An orphan is freed by the
+        next fresh store of its layer (a new prompt)."""
         self._finalizers.pop(key, None)
         for k in [k for k in self.stores if k[1] == key]:
-            del self.stores[k]
+            self.orphans[k[0]] = self.stores.pop(k)
 
     # ------------------------------------------------------------------ codebooks / stores
     def codebooks_for(self, layer: int, k: Tensor, v: Tensor) -> tuple[Codebook, Codebook]:
@@ -156,12 +162,16 @@ class Session:
         key = (layer, self.current.get(layer))
         store = self.stores.get(key)
         if start == 0:
+            self.orphans.pop(layer, None)
             cbk, cbv = self.codebooks_for(layer, k, v)
             b, h, _, d = k.shape
             geom = StoreGeometry(b, h, d, self.config.capacity or capacity, k.dtype, k.device, scale)
             store = self.new_store(geom, cbk, cbv, layer)
             self.stores[key] = store
             return store
+        if store is None and layer in self.orphans and len(self.orphans[layer]) == start:
+            store = self.orphans.pop(layer)
+            self.stores[key] = store
         if store is None and key[1] is not None and (layer, None) in self.stores:
             # the prefill graph created the cache lazily (its buffers were not graph inputs, so that call had no
             # identity to bind): the first step on a bound cache adopts that store
@@ -247,7 +257,7 @@ class Session:
             seen.add(st.data_ptr())
             out[kind] += st.nbytes()
 
-        for s in self.stores.values():
+        for s in [*self.stores.values(), *self.orphans.values()]:
             add("codes", s.codes_k)
             add("codes", s.codes_v)
             for t in (s.anchor_k, s.anchor_v, s.anchor_pos, s.anchor_score, getattr(s, "anchor_bits", None),
