@@ -83,7 +83,8 @@ class MemoryModel:
             out["kv_full_precision"] = B * N * L * hkv * 2 * d * e
         else:
             p = self.preset
-            code_bits = 2 * p.stages * p.num_subspaces(d) * p.code_bits
+            # codes are stored one per byte (6-bit codes too: the kernels read uint8), not bit-packed
+            code_bits = 2 * p.stages * p.num_subspaces(d) * 8 * math.ceil(p.code_bits / 8)
             out["codes"] = B * N * L * hkv * sp.Rational(code_bits, 8)
             out["anchors"] = B * L * hkv * ((sp.nsimplify(self.anchor_ratio) * N + 1) * (2 * d * e + 8) + N / 8)
             out["window"] = B * L * (hkv * self.window * 2 * d * e + hq * self.window * (2 * d * e + 4))
