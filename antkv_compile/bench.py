@@ -92,6 +92,18 @@ TARGET_CAPACITY = 4_000_000
 SCHEMA = 1
 
 
+def _greedy_step(fn, cache, first_ids):
+    """One greedy decode step per call through ``fn`` on ``cache``, feeding back its own argmax token."""
+    state = {"ids": first_ids}
+
+    def step():
+        with torch.no_grad():
+            o = fn(input_ids=state["ids"], past_key_values=cache, use_cache=True)
+            state["ids"] = o.logits[:, -1:].argmax(-1)
+
+    return step
+
+
 @dataclasses.dataclass(frozen=True)
 class ConfigSpec:
     name: str
@@ -664,12 +676,7 @@ class Bench:
                 layer.values.normal_()
         set_position(cache, ctx)
         rec["fill"] = "dense cache buffers filled with random bf16 K/V, cache position set"
-        state = {"ids": torch.randint(3, self.model.config.vocab_size, (b, 1), device=self.device)}
-
-        def step():
-            with torch.no_grad():
-                out = fn(input_ids=state["ids"], past_key_values=cache, use_cache=True)
-                state["ids"] = out.logits[:, -1:].argmax(-1)
+        step = _greedy_step(fn, cache, torch.randint(3, self.model.config.vocab_size, (b, 1), device=self.device))
 
         self._timed(step, rec["steps"], rec)
         if cache_position(cache) != ctx + self.args.warmup + rec["steps"]:
@@ -678,7 +685,7 @@ class Bench:
         self._bound(rec, b * ctx * self.kv_bytes_per_token)
         self._memory(rec, cache, None)
         self.set_attention(CONFIGS["inductor"])
-        del cache, state
+        del cache, step
 
     def _stores_of(self, session, cache) -> dict:
         out = {}
@@ -745,12 +752,7 @@ class Bench:
                                f"expected {ctx}")
         rec["peak_fill"] = self.peak()
         rec["memory_after_fill"] = self.allocated()
-        state = {"ids": last}
-
-        def step():
-            with torch.no_grad():
-                o = dec(input_ids=state["ids"], past_key_values=cache, use_cache=True)
-                state["ids"] = o.logits[:, -1:].argmax(-1)
+        step = _greedy_step(dec, cache, last)
 
         self._timed(step, rec["steps"], rec)
         if check:
@@ -763,7 +765,7 @@ class Bench:
         self._memory(rec, cache, session)
         for key in [k for k, s in session.stores.items() if any(s is t for t in stores.values())]:
             session.stores.pop(key, None)
-        del cache, stores, state
+        del cache, stores, step
 
     def _antkv_bytes_read(self, spec: ConfigSpec, b: int, ctx: int) -> int:
         """Bytes one decode step must read from the store: codes of ``ctx`` tokens, the anchors, the window."""
@@ -1061,12 +1063,7 @@ class Bench:
             raise RuntimeError(f"store lengths {sorted({len(s) for s in stores.values()})} after the prefill, expected {ctx}")
         rec["peak_fill"] = self.peak()
         rec["memory_after_fill"] = self.allocated()
-        state = {"ids": last}
-
-        def step():
-            with torch.no_grad():
-                o = fn(input_ids=state["ids"], past_key_values=cache, use_cache=True)
-                state["ids"] = o.logits[:, -1:].argmax(-1)
+        step = _greedy_step(fn, cache, last)
 
         self._timed(step, rec["steps"], rec)
         if stores:
@@ -1078,7 +1075,7 @@ class Bench:
         if session is not None:
             for key in [k for k, s in session.stores.items() if any(s is t for t in stores.values())]:
                 session.stores.pop(key, None)
-        del cache, stores, state
+        del cache, stores, step
 
     def run_memory(self) -> None:
         """One point per configuration at (--memory-batch, first --contexts) unless already measured."""

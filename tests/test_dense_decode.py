@@ -6,25 +6,17 @@ file runs in well under a minute on 2 cores (the compiled generate is most of it
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernel_helpers import DEV, needs_triton  # noqa: E402  (sets TRITON_INTERPRET=1 without CUDA)
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from antkv_compile.kernels import _common  # noqa: E402
 from antkv_compile.kernels import dense_decode as DD  # noqa: E402
 
-needs_triton = pytest.mark.skipif(not _common.HAS_TRITON, reason=f"triton not importable: {_common.TRITON_IMPORT_ERROR}")
-if _common.HAS_TRITON and not torch.cuda.is_available() and not _common.interpreting():
-    needs_triton = pytest.mark.skip(reason="no CUDA and triton was imported before TRITON_INTERPRET=1 could be set")
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 HYP = settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3}
 

@@ -6,33 +6,26 @@ decorator reads it at import). Shapes are small so the whole file runs in well u
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernel_helpers import DEV, needs_triton  # noqa: E402  (sets TRITON_INTERPRET=1 without CUDA)
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from antkv_compile.config import AnTKVConfig, VQPreset, get_preset  # noqa: E402
-from antkv_compile.kernels import _common  # noqa: E402
 from antkv_compile.numerics.store import AnTKVLayerStore, StoreGeometry  # noqa: E402
 from antkv_compile.numerics.vq import Codebook, random_codebook  # noqa: E402
 from numerics_helpers import codebook_with_transform  # noqa: E402
 
-needs_triton = pytest.mark.skipif(not _common.HAS_TRITON, reason=f"triton not importable: {_common.TRITON_IMPORT_ERROR}")
-if _common.HAS_TRITON and not torch.cuda.is_available() and not _common.interpreting():
-    needs_triton = pytest.mark.skip(reason="no CUDA and triton was imported before TRITON_INTERPRET=1 could be set")
 
 from antkv_compile.kernels import anchors as AN  # noqa: E402
 from antkv_compile.kernels import decode_attention as DA  # noqa: E402
 from antkv_compile.kernels import prefill_attention as PA  # noqa: E402
 from antkv_compile.kernels import vq_encode as VQ  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 HYP = settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
 
