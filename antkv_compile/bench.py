@@ -1307,13 +1307,7 @@ class Bench:
             ax.set_xlabel("batch size")
             ax.set_ylabel("decode tokens/s")
             ax.set_title(f"{self.args.shape} ({WEIGHTS_NOTE})\n{self.results['environment']['device']}", fontsize=8)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-            fig.tight_layout()
-            p = self.out_dir / f"{self.name}_throughput.png"
-            fig.savefig(p, dpi=120)
-            plt.close(fig)
-            written.append(str(p))
+            written.append(self._save_plot(plt, fig, ax, "throughput", legend_size=7))
         fig, ax = plt.subplots(figsize=(7.5, 4.8))
         ns = [2**k for k in range(10, 24)]
         specs = [CONFIGS["inductor"], *[c for c in CONFIGS.values() if c.kind == "antkv"]]
@@ -1336,14 +1330,18 @@ class Bench:
         ax.set_xlabel("context (tokens per sequence), batch 1")
         ax.set_ylabel("device memory (GiB)")
         ax.set_title(f"memory vs context, {self.args.shape} ({WEIGHTS_NOTE})", fontsize=8)
+        written.append(self._save_plot(plt, fig, ax, "memory", legend_size=6))
+        return written
+
+    def _save_plot(self, plt, fig, ax, kind: str, legend_size: int) -> str:
+        """Grid, legend, tight layout; write ``<name>_<kind>.png`` beside the JSON and return its path."""
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=legend_size)
         fig.tight_layout()
-        p = self.out_dir / f"{self.name}_memory.png"
+        p = self.out_dir / f"{self.name}_{kind}.png"
         fig.savefig(p, dpi=120)
         plt.close(fig)
-        written.append(str(p))
-        return written
+        return str(p)
 
 
 # ------------------------------------------------------------------------------------------------ module helpers
