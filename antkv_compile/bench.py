@@ -92,6 +92,54 @@ TARGET_CAPACITY = 4_000_000
 SCHEMA = 1
 
 
+_KERNEL_GROUPS = (  # (group, substrings of kernel names) for the --profile breakdown, first match wins
+    ("antkv coded (CUDA)", ("antkv_coded_partials",)),
+    ("antkv exact + merge", ("_decode_partials_kernel", "_decode_merge_kernel")),
+    ("antkv prologue + LUT", ("_decode_prologue_kernel", "_decode_lut_kernel")),
+    ("antkv window flush / encode", ("window_flush", "_vq_", "encode", "_anchor", "_score", "topk", "radix", "sort")),
+    ("matmul (weights)", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "sm90", "wgmma")),
+    ("inductor fused", ("triton_",)),
+)
+
+
+def _profile_steps(step: Callable[[], None], n: int) -> dict:
+    """GPU time per decode step by kernel (torch.profiler over ``n`` steps): the top kernels, a grouping by
+    role, and how much of the steps' span the GPU was busy (the rest is host time the GPU waited for)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    kern = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if not kern:
+        return {"steps": n, "error": "no CUDA events recorded"}
+    per: dict[str, list] = {}
+    for e in kern:
+        d = per.setdefault(e.name, [0.0, 0])
+        d[0] += e.time_range.elapsed_us()
+        d[1] += 1
+    busy = sum(v[0] for v in per.values())
+    span = max(e.time_range.end for e in kern) - min(e.time_range.start for e in kern)
+    groups: dict[str, float] = {}
+    for name, (us, _) in per.items():
+        g = next((g for g, keys in _KERNEL_GROUPS if any(k in name for k in keys)), "other")
+        groups[g] = groups.get(g, 0.0) + us / n / 1e3
+    top = sorted(per.items(), key=lambda kv: -kv[1][0])[:25]
+    # host side: operators and CUDA runtime calls by self CPU time (a cudaStreamSynchronize / D2H copy here
+    # is a sync that lets the GPU run dry)
+    cpu = sorted((e for e in prof.key_averages() if e.self_cpu_time_total > 0), key=lambda e: -e.self_cpu_time_total)
+    return {"steps": n, "gpu_busy_ms_per_step": busy / n / 1e3, "span_ms_per_step": span / n / 1e3,
+            "groups_ms_per_step": dict(sorted(groups.items(), key=lambda kv: -kv[1])),
+            "top_kernels": [{"name": k[:120], "ms_per_step": v[0] / n / 1e3, "calls_per_step": v[1] / n}
+                            for k, v in top],
+            "cpu_total_ms_per_step": sum(e.self_cpu_time_total for e in cpu) / n / 1e3,
+            "top_cpu": [{"name": e.key[:120], "self_ms_per_step": e.self_cpu_time_total / n / 1e3,
+                         "total_ms_per_step": e.cpu_time_total / n / 1e3, "calls_per_step": e.count / n}
+                        for e in cpu[:30]]}
+
+
 def _greedy_step(fn, cache, first_ids):
     """One greedy decode step per call through ``fn`` on ``cache``, feeding back its own argmax token."""
     state = {"ids": first_ids}
@@ -626,6 +674,16 @@ class Bench:
         self._attach_planner(spec, rec)
         if rec["status"] == "ok":
             self.log("   " + _point_line(rec))
+            prof = rec.get("profile")
+            if prof and "groups_ms_per_step" in prof:
+                self.log(f"   profile: GPU busy {prof['gpu_busy_ms_per_step']:.1f} of {prof['span_ms_per_step']:.1f} "
+                         "ms per step; " + ", ".join(f"{g} {ms:.1f}" for g, ms in prof["groups_ms_per_step"].items()))
+                for k in prof["top_kernels"][:12]:
+                    self.log(f"      {k['ms_per_step']:8.2f} ms  x{k['calls_per_step']:5.0f}  {k['name'][:90]}")
+                self.log(f"   host: {prof['cpu_total_ms_per_step']:.1f} ms of CPU time per step; top by self time:")
+                for k in prof["top_cpu"][:16]:
+                    self.log(f"      {k['self_ms_per_step']:8.2f} ms self {k['total_ms_per_step']:8.2f} total "
+                             f"x{k['calls_per_step']:6.0f}  {k['name'][:80]}")
         return rec
 
     def _timed(self, step: Callable[[], None], steps: int, rec: dict) -> None:
@@ -634,8 +692,12 @@ class Bench:
         step()
         self.sync()
         rec["first_step_s"] = round(time.perf_counter() - t0, 3)  # includes compiling the decode graph
-        for _ in range(max(0, a.warmup - 1)):
-            step()
+        warm = max(0, a.warmup - 1)
+        if getattr(a, "profile", False) and self.cuda and warm:
+            rec["profile"] = _profile_steps(step, warm)  # the warm-up steps after the compiling one
+        else:
+            for _ in range(warm):
+                step()
         self.sync()
         self.reset_peak()
         rec["memory_before_decode"] = self.allocated()
@@ -1462,6 +1524,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-planner-skip", action="store_true", help="also run batch sizes the planner says do not fit")
     p.add_argument("--steps", type=int, default=8, help="timed decode steps per point")
     p.add_argument("--warmup", type=int, default=2, help="decode steps before timing (the first compiles)")
+    p.add_argument("--profile", action="store_true",
+                   help="GPU time per kernel of the warm-up steps after the first (torch.profiler; use --warmup >= 3)")
     p.add_argument("--prompt-len", type=int, default=16,
                    help="real compiled prefill that starts the antkv stores (and learns their codebooks); short, "
                         "because its dense StaticCache (B x prompt-len tokens) is allocated until it is released")

@@ -772,16 +772,32 @@ V4_VARIANTS = {
     "probe": dict(LVB, probe_tables=True),
 }
 V4_DEFAULT = list(V4_VARIANTS)
-ALL_VARIANTS = {**V3_VARIANTS, **V4_VARIANTS}
+# v5 (NOTES.md "v5"): the coded split programs as the CUDA C++ kernel (coded_decode.cu, both tables in shared
+# memory); split_mult scales its default of ~4 waves of CTAs. "lean" is the Triton default it replaces.
+V5_VARIANTS = {
+    "cuda": dict(coded="cuda"),
+    "cuda_m0.25": dict(coded="cuda", split_mult=0.25),
+    "cuda_m2": dict(coded="cuda", split_mult=2),
+    "cuda_db": dict(coded="cuda", cuda_db=1),
+    "cuda_db_m0.25": dict(coded="cuda", cuda_db=1, split_mult=0.25),
+}
+V5_DEFAULT = ["lean", *V5_VARIANTS]
+ALL_VARIANTS = {**V3_VARIANTS, **V4_VARIANTS, **V5_VARIANTS}
 NOT_EXACT = {"probe"}
 
 
 def _opts(name):
-    return {k: v for k, v in ALL_VARIANTS[name].items() if k != "split_mult"}
+    opts = {k: v for k, v in ALL_VARIANTS[name].items() if k != "split_mult"}
+    opts.setdefault("coded", "triton")  # the v3 / v4 variants are Triton loops (the default became "auto")
+    return opts
 
 
 def _run_variant(a_, b, ctx, name, sms):
     cfg = dict(ALL_VARIANTS[name])
+    cfg.setdefault("coded", "triton")
+    if cfg["coded"] == "cuda":  # its own split policy (scaled by split_mult), one plan reused by every replay
+        plan = DA.DecodePlan(*a_, **cfg)
+        return plan, list(plan.splits)
     mult = cfg.pop("split_mult", 1)
     pc, pa = DA.default_splits(b, HKV, ctx, a_[5].shape[2], sms, cfg.get("block_n", 64), mult=mult)
     return (lambda: DA.decode_attention_triton(*a_, splits=(pc, pa), **cfg)), [pc, pa]
@@ -836,7 +852,7 @@ def decode_only(variants=None, rep_ms=100, grid=None):
     sms = RESULTS["env"]["sms"]
     copy_bw = RESULTS.get("ceilings", {}).get("copy_GBps", float("nan")) * 1e9
     small = DRY
-    names = list(variants or V4_DEFAULT)
+    names = list(variants or V5_DEFAULT)
     base_name = "v3" if "v3" in names else names[0]
     RESULTS["decode_variants"] = {n: {k: str(v) for k, v in ALL_VARIANTS[n].items()} for n in names}
     # correctness: every exact variant vs the reference (fresh random inputs per shape), poisoned partials,
@@ -850,7 +866,7 @@ def decode_only(variants=None, rep_ms=100, grid=None):
         args = decode_inputs(bits, b, ctx, dt, seed=17 + b)
         ref_o, ref_l = DA.decode_attention_reference(*args)
         for name in names:
-            if name in NOT_EXACT or (dt == torch.bfloat16 and name not in (base_name, "lvb", "aff")):
+            if name in NOT_EXACT or (dt == torch.bfloat16 and name not in (base_name, "lvb", "aff", "cuda")):
                 continue  # bf16: one more compile per variant; checked for the main candidates only
             try:
                 fn, _ = _run_variant(args, b, ctx, name, sms)
@@ -907,6 +923,9 @@ def decode_only(variants=None, rep_ms=100, grid=None):
                 k_ = DA.LAST_LAUNCH.get("decode")
                 timed[name] = {"ms": t, "splits": spl, "regs": getattr(k_, "n_regs", None),
                                "spills": getattr(k_, "n_spills", None)}
+                if getattr(fn, "cuda_coded", None) is not None:  # v5: the CUDA kernel's own figures
+                    kc_ = fn.cuda_coded.kernel
+                    timed[name].update(regs=kc_.regs, spills=kc_.local_bytes, smem=fn.cuda_coded.smem)
             except Exception as exc:  # noqa: BLE001
                 log("variant failed", name, bits, ctx, b, repr(exc)[:300])
                 timed[name] = {"ms": float("nan"), "splits": None, "error": repr(exc)[:300]}
@@ -958,7 +977,7 @@ def decode_only(variants=None, rep_ms=100, grid=None):
 def main_decode_only(out_dir, variants=None, rep_ms=100, grid=None, warm=True):
     env(" ".join(["python"] + sys.argv))
     if warm and not DRY:
-        warm_all(variants or V4_DEFAULT)
+        warm_all([n for n in (variants or V5_DEFAULT) if not n.startswith("cuda")])
     ceilings()
     decode_only(variants, rep_ms, grid)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -977,7 +996,7 @@ def main():
     ap.add_argument("--decode-only", action="store_true",
                     help="decode: correctness of the variants, every variant on the whole grid, tables")
     ap.add_argument("--variants", default="",
-                    help=f"comma-separated decode variants for --decode-only (default: {','.join(V4_DEFAULT)}; "
+                    help=f"comma-separated decode variants for --decode-only (default: {','.join(V5_DEFAULT)}; "
                          f"also {','.join(V3_VARIANTS)})")
     ap.add_argument("--rep-ms", type=int, default=100, help="do_bench time per measurement in --decode-only")
     ap.add_argument("--no-warm", action="store_true", help="--decode-only: no parallel pre-compilation")

@@ -58,6 +58,9 @@ each split covers ``ceil(n_coded[b] / P_coded)`` tokens, so the launch is CUDA-g
 """
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -526,9 +529,10 @@ if HAS_TRITON:
         V4: tl.constexpr = False, LEAN: tl.constexpr = False, PF: tl.constexpr = 0, NS: tl.constexpr = 1,
         KW: tl.constexpr = 1, CPW: tl.constexpr = 1, VB: tl.constexpr = False, PROBE: tl.constexpr = False,
         AFFINE: tl.constexpr = False, CLAIM=None, NR=1, NR_PAD: tl.constexpr = 1, INTERP: tl.constexpr = False,
+        PID0=0,
     ):
         pid_bh = tl.program_id(0)
-        pid_s = tl.program_id(1)
+        pid_s = tl.program_id(1) + PID0  # PID0 = P_CODED: the coded partials came from the CUDA kernel
         b = pid_bh // HKV
         h = pid_bh % HKV
         offs_d = tl.arange(0, D)
@@ -784,6 +788,16 @@ if HAS_TRITON:
 
 
 LAST_LAUNCH: dict = {}  # the last compiled kernel per launcher (the benchmark reads registers / spills)
+# The coded split programs: "auto" = the CUDA C++ kernel (coded_decode.cu) where it supports the call, else the
+# Triton loop; ANTKV_DECODE_CODED=triton|cuda|auto overrides the default of every call that does not pass one.
+DEFAULT_CODED = os.environ.get("ANTKV_DECODE_CODED", "auto")
+_WARNED: set = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 def default_splits(batch: int, kv_heads: int, capacity: int, anchors: int, sms: int, block_n: int = 64,
@@ -810,8 +824,10 @@ class DecodePlan:
                  win_len, cent_k, inv_k, mean_k, cent_v, inv_v, mean_v, scale, *, splits=None, block_n=64,
                  num_warps=4, num_stages=1, out=None, poison=False, gather_cache=".ca", rows_on_n=False,
                  submajor=False, split_mult=1.0, prologue="triton", merge="fused", key_lut=None, merge_pb=8,
-                 prefetch=0, streams=1, lean=None, values_b=False, affine=False, probe_tables=False, maxnreg=None):
+                 prefetch=0, streams=1, lean=None, values_b=False, affine=False, probe_tables=False, maxnreg=None,
+                 coded=None, cuda_db=None):
         require_triton()
+        coded = DEFAULT_CODED if coded is None else coded
         b, hq, tq, d = q.shape
         hkv, n_cap = codes_k.shape[1], codes_k.shape[2]
         g = hq // hkv
@@ -821,6 +837,34 @@ class DecodePlan:
         a_cap, w_cap = anchor_k.shape[2], win_k.shape[2]
         st_k, hcb_k, s_k, m_k, sub_k = cent_k.shape
         st_v, hcb_v, s_v, m_v, sub_v = cent_v.shape
+        # v5 (NOTES.md): the coded split programs as a CUDA C++ kernel with both tables in shared memory
+        if coded not in ("triton", "cuda", "auto"):
+            raise ValueError(f"coded must be 'triton', 'cuda' or 'auto' (got {coded!r})")
+        self.cuda_coded = None
+        if coded != "triton" and not interpreting():
+            from .coded_decode_cuda import CodedDecodeCuda, cuda_splits, unsupported_reason
+
+            reason = unsupported_reason(q, codes_k, codes_v, cent_k, cent_v, r_pad)
+            if reason is None:
+                try:
+                    self.cuda_coded = CodedDecodeCuda(q.device, codes_k.shape[3], m_k, codes_v.shape[3], m_v, sub_v,
+                                                      cent_v.dtype, cuda_db)
+                except Exception as exc:  # noqa: BLE001 - NVRTC / driver missing: "auto" falls back to Triton
+                    if coded == "cuda":
+                        raise
+                    reason = f"the CUDA kernel could not be built ({type(exc).__name__}: {exc})"
+                    _warn_once(reason + "; the Triton coded loop runs instead")
+            if self.cuda_coded is not None:
+                key_lut = True
+                if splits is None:
+                    pc = cuda_splits(b * hkv, n_cap, sm_count(q), self.cuda_coded.ctas_per_sm, 4 * split_mult)
+                    splits = (pc, max(1, cdiv(a_cap * pc, max(1, n_cap))) if a_cap else 1)
+            elif coded == "cuda":
+                raise ValueError(f"coded='cuda' cannot run this call: {reason}; use coded='triton' or 'auto'")
+            if self.cuda_coded is not None and affine:
+                raise ValueError("affine is an option of the Triton coded loop, not of coded='cuda'")
+        elif coded == "cuda":
+            raise ValueError("coded='cuda' needs a GPU (not the Triton interpreter); use coded='triton' or 'auto'")
         if splits is None:
             splits = default_splits(b, hkv, n_cap, a_cap, sm_count(q), block_n, mult=split_mult)
         p_coded, p_exact = splits
@@ -899,8 +943,18 @@ class DecodePlan:
                     R_PAD=r_pad, D=d, S=s_k, M=m_k, SUB=sub_k, ST=st_k, R_L=r_g, num_warps=4,
                 )
 
+        cuda_coded = self.cuda_coded
+        if cuda_coded is not None:
+            cv_arg, bits_arg, nc_arg = codes_v.contiguous(), anchor_bits.contiguous(), n_coded.contiguous()
+            centv_arg = cent_v.contiguous()
+            if nc_arg.dtype != torch.int32 or bits_arg.dtype != torch.int32:
+                raise ValueError("n_coded and anchor_bits must be int32")
+
         def _partials():
-            LAST_LAUNCH["decode"] = _decode_partials_kernel[(b * hkv, p_total)](
+            if cuda_coded is not None:
+                cuda_coded(b * hkv, p_coded, self.lut, qc, codes_k.contiguous(), cv_arg, bits_arg, nc_arg, centv_arg,
+                           self.po, self.pl, self.cnt, hkv, n_cap, anchor_bits.shape[2], p_slots, cbv_ph, g * tq)
+            LAST_LAUNCH["decode"] = _decode_partials_kernel[(b * hkv, p_exact if cuda_coded is not None else p_total)](
                 q, qc, ck_arg, codes_v.contiguous(), anchor_bits.contiguous(), n_coded.contiguous(),
                 anchor_k.contiguous(), anchor_v.contiguous(), anchor_pos.contiguous(),
                 win_k.contiguous(), win_v.contiguous(), win_len.contiguous(),
@@ -918,7 +972,7 @@ class DecodePlan:
                 ROWS_T=rows_on_n, R_G=r_g, SUBMAJOR=submajor, KLUT=key_lut, FUSE=fuse, PB=merge_pb,
                 KC=min(32, d), V4=v4, LEAN=bool(lean), PF=int(prefetch), NS=int(streams), KW=c_k // cpw, CPW=cpw,
                 VB=bool(values_b), PROBE=bool(probe_tables), AFFINE=bool(affine), CLAIM=self.claim, NR=nr,
-                NR_PAD=nr_pad, INTERP=interpreting(),
+                NR_PAD=nr_pad, INTERP=interpreting(), PID0=p_coded if cuda_coded is not None else 0,
                 num_warps=num_warps, num_stages=num_stages, **extra,
             )
 
@@ -976,8 +1030,9 @@ def decode_attention_triton(
     Options (DecodePlan): splits=(coded, exact) or split_mult, block_n, num_warps, num_stages,
     gather_cache (".ca" = keep centroid gathers in L1), submajor, rows_on_n, prologue ("triton"/"torch");
     v4 coded-loop options (key-LUT path only): prefetch (0/1/2), streams (1/2), lean, values_b, affine, maxnreg,
-    merge_pb, and probe_tables (timing only, not exact); out=(out, lse) preallocated; poison=True fills the
-    split partials with NaN first (tests)."""
+    merge_pb, and probe_tables (timing only, not exact); coded="cuda" runs the coded split programs as the CUDA
+    C++ kernel of coded_decode.cu ("auto": where it supports the call, else Triton); out=(out, lse)
+    preallocated; poison=True fills the split partials with NaN first (tests)."""
     return DecodePlan(q, codes_k, codes_v, anchor_bits, n_coded, anchor_k, anchor_v, anchor_pos, win_k, win_v,
                       win_len, cent_k, inv_k, mean_k, cent_v, inv_v, mean_v, scale, **options)()
 

@@ -1,0 +1,282 @@
+// Coded part of AnTKV decode attention, CUDA C++ (compiled at run time by NVRTC, see coded_decode_cuda.py).
+//
+// Why not Triton: the split loop needs two random 16-byte table reads per (token, sub-space) -- the key
+// lookup-table row LUT[c][code] (4 query rows, fp32) and the value centroid -- and Triton 3.6 can only
+// gather through global memory (L1), which measured ~37 SM-clocks per token at 1 bit (NOTES.md v1-v4).
+// Here both tables of one (sequence, KV head) sit in shared memory and every gather is an LDS.128.
+//
+// One CTA = one coded chunk of one (sequence, KV head) pair, tokens [start, end) of that sequence's coded
+// tokens. Each block of NT tokens runs in two phases:
+//   A (one token per thread): logits of the 4 query rows = bias + sum over the CK key codes of LUT rows;
+//     anchor / out-of-range tokens -> -inf; CTA max per row; p = exp2(logit - running max) to shared.
+//   B (CV lanes per token, one lane per value sub-space): acc[r][e] += p[r] * centroid[s][code][e], the
+//     accumulator of a lane covering its sub-space's SUBV dimensions for the 4 rows (registers).
+// At the end the lanes' accumulators are summed (shuffles + shared memory) and the partial is stored in
+// the layout of the Triton kernel (normalized output, log2-sum-exp), then the pair's arrival counter is
+// bumped so that the Triton exact/merge kernel launched after this one merges all P partials.
+//
+// Compile-time constants (defined by the launcher): CK, MK (key codes per token, centroids per key
+// sub-space), CV, MV, SUBV (value codes per token, centroids, sub-space dimension), NT (threads = tokens
+// per block), MINB (CTAs per SM for __launch_bounds__), CT (centroid storage: 0 fp16, 1 bf16, 2 fp32),
+// RPAD (rows per partial slot), DB (1: the per-block tiles are double-buffered, one barrier per block instead of
+// two, so warps done with block i's values start block i+1's keys while others finish).
+#ifndef DB
+#define DB 0
+#endif
+#define NBUF (DB ? 2 : 1)
+
+#define DD (CV * SUBV)
+#define NWARP (NT / 32)
+#define TPW (32 / CV)
+#define NEG_INF (__int_as_float(0xff800000))
+
+typedef unsigned char u8;
+#if CT == 2
+typedef float ct_t;
+#else
+typedef unsigned short ct_t;
+#endif
+
+__device__ __forceinline__ float ct_to_f32(ct_t x) {
+#if CT == 0
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
+    return f;
+#elif CT == 1
+    return __uint_as_float(((unsigned)x) << 16);
+#else
+    return x;
+#endif
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// CK / CV code bytes of one token as 16- or 8-byte words (the launcher only builds CK, CV in {8, 16}).
+template <int C> struct CodeWords;
+template <> struct CodeWords<16> {
+    typedef uint4 T;
+    static __device__ __forceinline__ unsigned get(const T& w, int c) {
+        unsigned x = c < 4 ? w.x : c < 8 ? w.y : c < 12 ? w.z : w.w;
+        return (x >> (8 * (c & 3))) & 255u;
+    }
+    static __device__ __forceinline__ T zero() { return make_uint4(0u, 0u, 0u, 0u); }
+};
+template <> struct CodeWords<8> {
+    typedef uint2 T;
+    static __device__ __forceinline__ unsigned get(const T& w, int c) {
+        unsigned x = c < 4 ? w.x : w.y;
+        return (x >> (8 * (c & 3))) & 255u;
+    }
+    static __device__ __forceinline__ T zero() { return make_uint2(0u, 0u); }
+};
+
+extern "C" __global__ void __launch_bounds__(NT, MINB)
+antkv_coded_partials(const float* __restrict__ lut,      // [pairs, CK, MK, 4] fp32 (scale * log2 e inside)
+                     const float* __restrict__ qc,       // [pairs, RPAD * (DD + 1)]: bias at RPAD * DD + r
+                     const u8* __restrict__ codes_k,     // [pairs, n_cap, CK]
+                     const u8* __restrict__ codes_v,     // [pairs, n_cap, CV]
+                     const int* __restrict__ bits,       // [pairs, nw] anchor bitmask
+                     const int* __restrict__ ncoded,     // [B]
+                     const ct_t* __restrict__ cent_v,    // [H_cb, CV, MV, SUBV]
+                     float* __restrict__ po,             // [pairs, ps, RPAD, DD]
+                     float* __restrict__ pl,             // [pairs, ps, RPAD]
+                     int* __restrict__ cnt,              // [pairs] arrival counters
+                     int hkv, int n_cap, int nw, int p_coded, int ps, int cbv_per_head, int rv)
+{
+    typedef CodeWords<CK> KW;
+    typedef CodeWords<CV> VW;
+    extern __shared__ __align__(16) unsigned char smem[];
+    float4* s_lut = reinterpret_cast<float4*>(smem);                                   // CK * MK
+    ct_t* s_cent = reinterpret_cast<ct_t*>(smem + CK * MK * 16);                       // CV * MV * SUBV
+    float4* s_p0 = reinterpret_cast<float4*>(smem + CK * MK * 16 + CV * MV * SUBV * sizeof(ct_t));  // NBUF * NT
+    u8* s_vc0 = reinterpret_cast<u8*>(s_p0 + NBUF * NT);                               // NBUF * NT * CV
+    float4* s_red0 = reinterpret_cast<float4*>(s_vc0 + NBUF * NT * CV);                // NBUF * NWARP
+
+    const int pair = blockIdx.x, cidx = blockIdx.y;
+    const int b = pair / hkv, h = pair % hkv;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int n_b = ncoded[b];
+    int chunk = (n_b + p_coded - 1) / p_coded;
+    chunk = (chunk + 63) & ~63;
+    const int start = min(cidx * chunk, n_b);
+    const int end = min(start + chunk, n_b);
+
+    // both tables of this pair into shared memory
+    {
+        const float4* g_lut = reinterpret_cast<const float4*>(lut) + (size_t)pair * CK * MK;
+        for (int i = tid; i < CK * MK; i += NT) s_lut[i] = g_lut[i];
+        const uint4* g_cent = reinterpret_cast<const uint4*>(cent_v + (size_t)(h * cbv_per_head) * CV * MV * SUBV);
+        uint4* s_cent4 = reinterpret_cast<uint4*>(s_cent);
+        for (int i = tid; i < (int)(CV * MV * SUBV * sizeof(ct_t) / 16); i += NT) s_cent4[i] = g_cent[i];
+    }
+    const float* bias_p = qc + (size_t)pair * RPAD * (DD + 1) + RPAD * DD;
+    const float4 bias = make_float4(bias_p[0], bias_p[1], bias_p[2], bias_p[3]);
+
+    const u8* ck_base = codes_k + (size_t)pair * n_cap * CK;
+    const u8* cv_base = codes_v + (size_t)pair * n_cap * CV;
+    const int* bits_base = bits + (size_t)pair * nw;
+
+    // phase-B lane role: value sub-space s, token slot sub (TPW tokens per warp step)
+    const int s = lane % CV, sub = lane / CV;
+
+    float m0 = NEG_INF, m1 = NEG_INF, m2 = NEG_INF, m3 = NEG_INF;  // running max per row (CTA-uniform)
+    float l0 = 0.f, l1 = 0.f, l2 = 0.f, l3 = 0.f;                  // this thread's share of the sums
+    float acc[4][SUBV];
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int e = 0; e < SUBV; ++e) acc[r][e] = 0.f;
+
+    // codes of this thread's token in the first block (prefetched one block ahead from then on)
+    typename KW::T kc = KW::zero();
+    typename VW::T vcw = VW::zero();
+    int word = 0;
+    {
+        const int t = start + tid;
+        if (t < end) {
+            kc = *reinterpret_cast<const typename KW::T*>(ck_base + (size_t)t * CK);
+            vcw = *reinterpret_cast<const typename VW::T*>(cv_base + (size_t)t * CV);
+            word = bits_base[t >> 5];
+        }
+    }
+    __syncthreads();  // tables ready
+
+    int buf = 0;
+    for (int n0 = start; n0 < end; n0 += NT) {
+        const int t = n0 + tid;
+        float4* s_p = s_p0 + buf * NT;
+        u8* s_vc = s_vc0 + buf * NT * CV;
+        float4* s_red = s_red0 + buf * NWARP;
+#if DB
+        buf ^= 1;
+#endif
+        // ---------------------------------------------------------------- phase A: logits, softmax
+        float4 lg = make_float4(NEG_INF, NEG_INF, NEG_INF, NEG_INF);
+        if (t < end && !((word >> (t & 31)) & 1)) {
+            float4 a = bias;
+#pragma unroll
+            for (int c = 0; c < CK; ++c) {
+                const float4 v = s_lut[c * MK + KW::get(kc, c)];
+                a.x += v.x; a.y += v.y; a.z += v.z; a.w += v.w;
+            }
+            lg = a;
+        }
+        *reinterpret_cast<typename VW::T*>(s_vc + tid * CV) = vcw;
+        // prefetch the next block's codes (their HBM latency overlaps this block)
+        {
+            const int tn = t + NT;
+            if (tn < end) {
+                kc = *reinterpret_cast<const typename KW::T*>(ck_base + (size_t)tn * CK);
+                vcw = *reinterpret_cast<const typename VW::T*>(cv_base + (size_t)tn * CV);
+                word = bits_base[tn >> 5];
+            } else {
+                vcw = VW::zero();
+            }
+        }
+        {
+            const float4 wm = make_float4(warp_max(lg.x), warp_max(lg.y), warp_max(lg.z), warp_max(lg.w));
+            if (lane == 0) s_red[warp] = wm;
+        }
+        __syncthreads();
+        float b0 = NEG_INF, b1 = NEG_INF, b2 = NEG_INF, b3 = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < NWARP; ++w) {
+            const float4 v = s_red[w];
+            b0 = fmaxf(b0, v.x); b1 = fmaxf(b1, v.y); b2 = fmaxf(b2, v.z); b3 = fmaxf(b3, v.w);
+        }
+        const float n0m = fmaxf(m0, b0), n1m = fmaxf(m1, b1), n2m = fmaxf(m2, b2), n3m = fmaxf(m3, b3);
+        const float u0 = n0m == NEG_INF ? 0.f : n0m, u1 = n1m == NEG_INF ? 0.f : n1m;
+        const float u2 = n2m == NEG_INF ? 0.f : n2m, u3 = n3m == NEG_INF ? 0.f : n3m;
+        const float a0 = exp2f(m0 - u0), a1 = exp2f(m1 - u1), a2 = exp2f(m2 - u2), a3 = exp2f(m3 - u3);
+        m0 = n0m; m1 = n1m; m2 = n2m; m3 = n3m;
+        const float4 p = make_float4(exp2f(lg.x - u0), exp2f(lg.y - u1), exp2f(lg.z - u2), exp2f(lg.w - u3));
+        l0 = l0 * a0 + p.x; l1 = l1 * a1 + p.y; l2 = l2 * a2 + p.z; l3 = l3 * a3 + p.w;
+        s_p[tid] = p;
+#pragma unroll
+        for (int e = 0; e < SUBV; ++e) {
+            acc[0][e] *= a0; acc[1][e] *= a1; acc[2][e] *= a2; acc[3][e] *= a3;
+        }
+        __syncthreads();
+        // ---------------------------------------------------------------- phase B: values
+        const int nblk = min(NT, end - n0);
+#pragma unroll 4
+        for (int j = warp * TPW + sub; j < nblk; j += NWARP * TPW) {
+            const unsigned code = s_vc[j * CV + s];
+            const float4 pp = s_p[j];
+            const ct_t* cp = s_cent + (s * MV + code) * SUBV;
+#pragma unroll
+            for (int e0 = 0; e0 < SUBV; e0 += 16 / (int)sizeof(ct_t)) {
+                const uint4 raw = *reinterpret_cast<const uint4*>(cp + e0);
+                const ct_t* x = reinterpret_cast<const ct_t*>(&raw);
+#pragma unroll
+                for (int e = 0; e < 16 / (int)sizeof(ct_t); ++e) {
+                    const float f = ct_to_f32(x[e]);
+                    acc[0][e0 + e] += pp.x * f;
+                    acc[1][e0 + e] += pp.y * f;
+                    acc[2][e0 + e] += pp.z * f;
+                    acc[3][e0 + e] += pp.w * f;
+                }
+            }
+        }
+#if !DB
+        __syncthreads();  // s_p / s_vc / s_red are rewritten by the next block
+#endif
+    }
+
+    // ---------------------------------------------------------------- reduce and store the partial
+    float4* s_red = s_red0;
+#if DB
+    __syncthreads();  // the last block's phase B may still read the tiles the reduction overwrites
+#endif
+    l0 = warp_sum(l0); l1 = warp_sum(l1); l2 = warp_sum(l2); l3 = warp_sum(l3);
+    if (lane == 0) s_red[warp] = make_float4(l0, l1, l2, l3);
+#pragma unroll
+    for (int o = CV; o < 32; o <<= 1)
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+#pragma unroll
+            for (int e = 0; e < SUBV; ++e) acc[r][e] += __shfl_xor_sync(0xffffffffu, acc[r][e], o);
+    float* s_acc = reinterpret_cast<float*>(smem);  // [NWARP][4][DD], over the LUT (no longer read)
+    __syncthreads();
+    if (sub == 0) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+#pragma unroll
+            for (int e = 0; e < SUBV; ++e) s_acc[(warp * 4 + r) * DD + s * SUBV + e] = acc[r][e];
+    }
+    __syncthreads();
+    float lsum[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int w = 0; w < NWARP; ++w) {
+        const float4 v = s_red[w];
+        lsum[0] += v.x; lsum[1] += v.y; lsum[2] += v.z; lsum[3] += v.w;
+    }
+    const float mr[4] = {m0, m1, m2, m3};
+    const size_t slot = ((size_t)pair * ps + cidx) * RPAD;
+    for (int o = tid; o < 4 * DD; o += NT) {
+        const int r = o / DD, d = o % DD;
+        if (r < rv) {
+            float v = 0.f;
+#pragma unroll 4
+            for (int w = 0; w < NWARP; ++w) v += s_acc[(w * 4 + r) * DD + d];
+            const float l = lsum[r];
+            po[(slot + r) * DD + d] = l > 0.f ? v / l : 0.f;
+            if (d == 0) pl[slot + r] = l > 0.f ? mr[r] + log2f(l) : NEG_INF;
+        }
+    }
+    __syncthreads();
+    if (tid == 0) {
+        __threadfence();
+        atomicAdd(cnt + pair, 1);
+    }
+}

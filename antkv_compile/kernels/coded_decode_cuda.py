@@ -1,0 +1,111 @@
+"""Launcher of the CUDA C++ coded-decode kernel (``coded_decode.cu``), the ``coded="cuda"`` option of
+:class:`~antkv_compile.kernels.decode_attention.DecodePlan`.
+
+It replaces only the coded split programs of the Triton decode: the prologue and the key lookup table are
+the Triton kernels' (same buffers), the CUDA kernel writes the coded partials into the same slots and
+counts its arrivals, and the Triton kernel then runs the exact programs (anchors, window) whose last
+arrival merges all partials. Its reference is therefore the same as the Triton decode's
+(:func:`~antkv_compile.kernels.decode_attention.decode_attention_reference`); tests/test_cuda.py checks it
+on a GPU. Why CUDA here and not Triton: NOTES.md ("v5").
+"""
+from __future__ import annotations
+
+import functools
+import os
+from importlib import resources
+
+import torch
+
+from ._common import cdiv
+
+_CT = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+SMEM_LIMIT = 227 * 1024  # Hopper / Ampere opt-in maximum per block
+
+
+@functools.lru_cache(maxsize=None)
+def _source() -> str:
+    return resources.files(__package__).joinpath("coded_decode.cu").read_text()
+
+
+DEFAULT_DB = int(os.environ.get("ANTKV_CUDA_DB", "0"))  # double-buffered tiles (NOTES.md v5), off until measured
+
+
+@functools.lru_cache(maxsize=None)
+def layout(ck: int, mk: int, cv: int, mv: int, subv: int, cent_dtype: torch.dtype, db: int = 0) -> dict[str, int]:
+    """Compile-time constants and the dynamic shared memory of one configuration."""
+    esize = torch.empty((), dtype=cent_dtype).element_size()
+    tables = ck * mk * 16 + cv * mv * subv * esize
+    nt = 512 if tables > 96 * 1024 else 256  # one CTA per SM at 1 bit (128 KB of tables): 16 warps
+    minb = 1 if nt == 512 else 2
+    nwarp = nt // 32
+    nbuf = 2 if db else 1
+    smem = tables + nbuf * (nt * 16 + nt * cv + nwarp * 16)
+    return {"CK": ck, "MK": mk, "CV": cv, "MV": mv, "SUBV": subv, "NT": nt, "MINB": minb, "CT": _CT[cent_dtype],
+            "RPAD": 16, "DB": int(bool(db)), "_smem": smem, "_reduce": nwarp * 4 * cv * subv * 4,
+            "_reduce_room": smem - nbuf * nwarp * 16}
+
+
+def unsupported_reason(q: torch.Tensor, codes_k: torch.Tensor, codes_v: torch.Tensor, cent_k: torch.Tensor,
+                       cent_v: torch.Tensor, r_pad: int) -> str | None:
+    """Why the CUDA coded kernel cannot run this call (None: it can)."""
+    if not q.is_cuda:
+        return "not a CUDA tensor"
+    b, hq, tq, d = q.shape
+    hkv = codes_k.shape[1]
+    if (hq // hkv) * tq > 4:
+        return f"G*Tq = {(hq // hkv) * tq} query rows per KV head (the kernel packs at most 4)"
+    st_k, _, s_k, m_k, _ = cent_k.shape
+    st_v, _, s_v, m_v, sub_v = cent_v.shape
+    ck, cv = codes_k.shape[3], codes_v.shape[3]
+    if ck not in (8, 16) or cv not in (8, 16):
+        return f"{ck} key / {cv} value codes per token (the kernel reads 8 or 16)"
+    if st_v != 1:
+        return "multi-stage value codebooks"
+    if m_k > 256 or m_v > 256:
+        return "more than 256 centroids"
+    if cent_v.dtype not in _CT:
+        return f"centroid dtype {cent_v.dtype}"
+    esize = cent_v.element_size()
+    if (sub_v * esize) % 16 or cv * sub_v != d:
+        return f"value sub-space of {sub_v} x {esize} bytes (needs whole 16-byte rows, {cv} x {sub_v} = {d})"
+    if r_pad != 16:
+        return f"{r_pad} rows per partial slot"
+    lay = layout(ck, m_k, cv, m_v, sub_v, cent_v.dtype)
+    if lay["_smem"] > SMEM_LIMIT or lay["_reduce"] > lay["_reduce_room"]:
+        return f"{lay['_smem']} bytes of shared memory"
+    props = torch.cuda.get_device_properties(q.device)
+    if props.major < 8:
+        return f"compute capability {props.major}.{props.minor} (needs 8.0+)"
+    return None
+
+
+def cuda_splits(pairs: int, capacity: int, sms: int, ctas_per_sm: int, waves: float = 4.0) -> int:
+    """Coded chunks per (sequence, KV head): about ``waves`` waves of CTAs (the tail of a partial wave costs
+    little at four), chunks of at least 1024 tokens (each CTA first loads its two tables, up to 128 KB)."""
+    p = cdiv(int(waves * sms * ctas_per_sm), max(1, pairs))
+    return max(1, min(p, 64, cdiv(max(capacity, 1), 1024)))
+
+
+class CodedDecodeCuda:
+    """Compiled kernel + launch geometry for one (codebook shape, centroid dtype, device)."""
+
+    def __init__(self, device: torch.device, ck: int, mk: int, cv: int, mv: int, subv: int,
+                 cent_dtype: torch.dtype, db: int | None = None):
+        from .cuda_rtc import load_kernel
+
+        lay = dict(layout(ck, mk, cv, mv, subv, cent_dtype, DEFAULT_DB if db is None else db))
+        self.smem = lay.pop("_smem")
+        lay.pop("_reduce")
+        lay.pop("_reduce_room")
+        self.nt = lay["NT"]
+        self.ctas_per_sm = lay["MINB"]
+        self.kernel = load_kernel(_source(), "antkv_coded_partials", device, lay, self.smem)
+
+    def __call__(self, pairs: int, p_coded: int, lut, qc, codes_k, codes_v, bits, n_coded, cent_v, po, pl, cnt,
+                 hkv: int, n_cap: int, nw: int, ps: int, cbv_per_head: int, rv: int) -> None:
+        self.kernel((pairs, p_coded, 1), self.nt, self.smem,
+                    [lut, qc, codes_k, codes_v, bits, n_coded, cent_v, po, pl, cnt,
+                     hkv, n_cap, nw, p_coded, ps, cbv_per_head, rv])
+
+
+__all__ = ["CodedDecodeCuda", "cuda_splits", "layout", "unsupported_reason"]
