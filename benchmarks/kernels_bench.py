@@ -780,6 +780,8 @@ V5_VARIANTS = {
     "cuda_m2": dict(coded="cuda", split_mult=2),
     "cuda_db": dict(coded="cuda", cuda_db=1),
     "cuda_db_m0.25": dict(coded="cuda", cuda_db=1, split_mult=0.25),
+    "cuda_fma": dict(coded="cuda", cuda_mma=0),  # values on CUDA cores (the first v5 measurement)
+    "cuda_mma": dict(coded="cuda", cuda_mma=1),  # values on tensor cores (16-bit centroids)
 }
 V5_DEFAULT = ["lean", *V5_VARIANTS]
 ALL_VARIANTS = {**V3_VARIANTS, **V4_VARIANTS, **V5_VARIANTS}

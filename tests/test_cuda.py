@@ -151,13 +151,15 @@ def test_cuda_coded_decode_refuses_what_it_cannot_run():
     assert DA.DecodePlan(*args, coded="auto").cuda_coded is None  # auto falls back to the Triton loop
 
 
-def test_cuda_coded_decode_double_buffered_equals_single():
-    """cuda_db=1 (double-buffered tiles, one barrier per block) computes the same partials."""
+def test_cuda_coded_decode_variants_agree():
+    """cuda_db=1 (double-buffered tiles, one barrier per block) computes the same partials; cuda_mma=0 (values
+    on CUDA cores) agrees with the reference too."""
     from antkv_compile.kernels import decode_attention as DA
 
     dev = torch.device("cuda", torch.cuda.current_device())
     args = _decode_case("1", 4, torch.float16, [9000, 700], dev, seed=3)
     one, _ = DA.DecodePlan(*args, coded="cuda", cuda_db=0)()
     two, _ = DA.DecodePlan(*args, coded="cuda", cuda_db=1)()
+    fma, _ = DA.DecodePlan(*args, coded="cuda", cuda_mma=0)()  # values on CUDA cores, fp32 p
     ref, _ = DA.decode_attention_reference(*args)
-    assert _rel(two, one) < 1e-5 and _rel(two, ref) < 3e-3
+    assert _rel(two, one) < 1e-5 and _rel(two, ref) < 3e-3 and _rel(fma, ref) < 3e-3

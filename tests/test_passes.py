@@ -114,3 +114,45 @@ def test_plan_falls_back_on_unsupported():
     eager = capture_step(tiny_model("gemma2", attn_implementation="eager"))  # logit soft-capping
     plan = plan_rewrite(find_attention_sites(eager.gm))
     assert not plan.rewrites
+
+
+@settings(max_examples=60, deadline=None)
+@given(start=st.integers(0, 12), t=st.integers(1, 4), extra=st.integers(0, 5), flip=st.integers(-1, 40),
+       additive=st.booleans(), rows_one=st.booleans())
+def test_device_causal_flag_equals_mask_is_causal(start, t, extra, flip, additive, rows_one):
+    """The sync-free check (_causal_flag, position read on the device) decides exactly as mask_is_causal."""
+    from antkv_compile.passes.ops import _causal_flag, mask_is_causal
+
+    length = start + t + extra
+    q_pos = torch.arange(start, start + t)
+    allowed = torch.arange(length)[None, :] <= q_pos[:, None]
+    if rows_one:
+        allowed = allowed[-1:]
+    if 0 <= flip < allowed.numel():  # one entry changed: inside the held positions it breaks causality
+        allowed.view(-1)[flip] ^= True
+    mask = (torch.where(allowed, 0.0, float("-inf")) if additive else allowed)[None, None]
+    if rows_one and t > 1:
+        return  # decided on the host without the flag (a one-row mask cannot serve several queries)
+    flag = _causal_flag(mask, torch.tensor([start]), t)
+    assert bool(flag) == mask_is_causal(mask, start, t)
+
+
+def test_step_facts_reads_the_device_once_per_forward(monkeypatch):
+    """Later layers of one forward reuse the first layer's read; a lower layer index starts a new forward."""
+    from antkv_compile.passes import ops as pops
+
+    class S:
+        check_mask = True
+
+    s, reads = S(), []
+    real = pops._causal_flag
+    monkeypatch.setattr(pops, "_causal_flag", lambda *a: reads.append(1) or real(*a))
+    mask = (torch.arange(8)[None, :] <= torch.tensor([5])[:, None])[None, None]
+    for layer in (0, 1, 2):
+        assert pops.step_facts(s, layer, torch.tensor([5]), mask, 1) == (5, True)
+    assert len(reads) == 1
+    mask2 = (torch.arange(8)[None, :] <= torch.tensor([6])[:, None])[None, None]
+    assert pops.step_facts(s, 0, torch.tensor([6]), mask2, 1) == (6, True)  # next forward: read again
+    mask3 = (torch.arange(9)[None, :] <= torch.tensor([6, 7])[:, None])[None, None]
+    assert pops.step_facts(s, 1, torch.tensor([6]), mask3, 2) == (6, True)  # two tokens now: read again
+    assert len(reads) == 3

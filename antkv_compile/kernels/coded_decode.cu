@@ -24,6 +24,13 @@
 #define DB 0
 #endif
 #define NBUF (DB ? 2 : 1)
+// MMA (1: phase B on tensor cores, fp16/bf16 centroids, SUBV 8 or 16): per 16 tokens and 16 value dimensions one
+// mma.m16n8k16 with A = the gathered centroids [dims x tokens] (one 4-byte gather of two adjacent dimensions
+// per token; A's rows are the dimensions 2g / 2g + 1 of the tile, a free permutation), B = p [tokens x rows]
+// (4 real rows of 8), fp32 accumulators. 0: the CUDA-core loop (fp32 FMAs, 512 per token).
+#ifndef MMA
+#define MMA 0
+#endif
 
 #define DD (CV * SUBV)
 #define NWARP (NT / 32)
@@ -49,6 +56,32 @@ __device__ __forceinline__ float ct_to_f32(ct_t x) {
 #endif
 }
 
+#if CT == 1
+typedef unsigned short half_t;  // bf16 bits
+__device__ __forceinline__ half_t to_half(float f) {
+    unsigned short h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+#define MMA_TYPES "bf16.bf16"
+#else
+typedef unsigned short half_t;  // fp16 bits
+__device__ __forceinline__ half_t to_half(float f) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+#define MMA_TYPES "f16.f16"
+#endif
+
+__device__ __forceinline__ void mma16816(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
+                                         unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." MMA_TYPES ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
@@ -70,6 +103,9 @@ template <> struct CodeWords<16> {
         return (x >> (8 * (c & 3))) & 255u;
     }
     static __device__ __forceinline__ T zero() { return make_uint4(0u, 0u, 0u, 0u); }
+    static __device__ __forceinline__ unsigned word(const T& w, int i) {
+        return i == 0 ? w.x : i == 1 ? w.y : i == 2 ? w.z : w.w;
+    }
 };
 template <> struct CodeWords<8> {
     typedef uint2 T;
@@ -78,6 +114,7 @@ template <> struct CodeWords<8> {
         return (x >> (8 * (c & 3))) & 255u;
     }
     static __device__ __forceinline__ T zero() { return make_uint2(0u, 0u); }
+    static __device__ __forceinline__ unsigned word(const T& w, int i) { return i == 0 ? w.x : w.y; }
 };
 
 extern "C" __global__ void __launch_bounds__(NT, MINB)
@@ -131,11 +168,20 @@ antkv_coded_partials(const float* __restrict__ lut,      // [pairs, CK, MK, 4] f
 
     float m0 = NEG_INF, m1 = NEG_INF, m2 = NEG_INF, m3 = NEG_INF;  // running max per row (CTA-uniform)
     float l0 = 0.f, l1 = 0.f, l2 = 0.f, l3 = 0.f;                  // this thread's share of the sums
+#if MMA
+    float acc[DD / 16][4];  // D fragments: tile mt, rows (2 tq, 2 tq + 1) x dims (mt*16 + 2g, + 1)
+#pragma unroll
+    for (int mt = 0; mt < DD / 16; ++mt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[mt][i] = 0.f;
+    const int gq = lane >> 2, tq = lane & 3;
+#else
     float acc[4][SUBV];
 #pragma unroll
     for (int r = 0; r < 4; ++r)
 #pragma unroll
         for (int e = 0; e < SUBV; ++e) acc[r][e] = 0.f;
+#endif
 
     // codes of this thread's token in the first block (prefetched one block ahead from then on)
     typename KW::T kc = KW::zero();
@@ -201,14 +247,65 @@ antkv_coded_partials(const float* __restrict__ lut,      // [pairs, CK, MK, 4] f
         m0 = n0m; m1 = n1m; m2 = n2m; m3 = n3m;
         const float4 p = make_float4(exp2f(lg.x - u0), exp2f(lg.y - u1), exp2f(lg.z - u2), exp2f(lg.w - u3));
         l0 = l0 * a0 + p.x; l1 = l1 * a1 + p.y; l2 = l2 * a2 + p.z; l3 = l3 * a3 + p.w;
+#if MMA
+        {
+            half_t* s_ph = reinterpret_cast<half_t*>(s_p);  // [4][NT] p in the MMA operand type
+            s_ph[tid] = to_half(p.x); s_ph[NT + tid] = to_half(p.y);
+            s_ph[2 * NT + tid] = to_half(p.z); s_ph[3 * NT + tid] = to_half(p.w);
+            const float alo = tq == 0 ? a0 : tq == 1 ? a2 : 1.f;  // row 2 tq
+            const float ahi = tq == 0 ? a1 : tq == 1 ? a3 : 1.f;  // row 2 tq + 1
+#pragma unroll
+            for (int mt = 0; mt < DD / 16; ++mt) {
+                acc[mt][0] *= alo; acc[mt][1] *= ahi; acc[mt][2] *= alo; acc[mt][3] *= ahi;
+            }
+        }
+#else
         s_p[tid] = p;
 #pragma unroll
         for (int e = 0; e < SUBV; ++e) {
             acc[0][e] *= a0; acc[1][e] *= a1; acc[2][e] *= a2; acc[3][e] *= a3;
         }
+#endif
         __syncthreads();
         // ---------------------------------------------------------------- phase B: values
         const int nblk = min(NT, end - n0);
+#if MMA
+        {
+            const half_t* s_ph = reinterpret_cast<const half_t*>(s_p);
+            const int nks = (nblk + 15) >> 4;
+            for (int ks = warp; ks < nks; ks += NWARP) {  // 16 tokens per step, all DD/16 tiles
+                const int kb = ks * 16 + 2 * tq;
+                unsigned b0 = 0u, b1 = 0u;
+                if (gq < 4) {
+                    b0 = *reinterpret_cast<const unsigned*>(s_ph + gq * NT + kb);
+                    b1 = *reinterpret_cast<const unsigned*>(s_ph + gq * NT + kb + 8);
+                }
+                const typename VW::T c0 = *reinterpret_cast<const typename VW::T*>(s_vc + kb * CV);
+                const typename VW::T c1 = *reinterpret_cast<const typename VW::T*>(s_vc + (kb + 1) * CV);
+                const typename VW::T c2 = *reinterpret_cast<const typename VW::T*>(s_vc + (kb + 8) * CV);
+                const typename VW::T c3 = *reinterpret_cast<const typename VW::T*>(s_vc + (kb + 9) * CV);
+#pragma unroll
+                for (int mt = 0; mt < DD / 16; ++mt) {
+                    // dims mt*16 + 2 gq, +1: sub-space sv, offset ev (SUBV 8: two sub-spaces per tile)
+                    const int sv = SUBV == 8 ? 2 * mt + (gq >> 2) : mt;
+                    const int ev = SUBV == 8 ? 2 * (gq & 3) : 2 * gq;
+                    const unsigned sh = SUBV == 8 ? 8u * (gq >> 2) : 0u;
+                    const int cbyte = SUBV == 8 ? 2 * mt : mt;  // code byte before the per-thread shift
+                    const unsigned k0 = (VW::word(c0, cbyte >> 2) >> (8u * (cbyte & 3) + sh)) & 255u;
+                    const unsigned k1 = (VW::word(c1, cbyte >> 2) >> (8u * (cbyte & 3) + sh)) & 255u;
+                    const unsigned k2 = (VW::word(c2, cbyte >> 2) >> (8u * (cbyte & 3) + sh)) & 255u;
+                    const unsigned k3 = (VW::word(c3, cbyte >> 2) >> (8u * (cbyte & 3) + sh)) & 255u;
+                    const ct_t* base = s_cent + sv * MV * SUBV + ev;
+                    const unsigned x0 = *reinterpret_cast<const unsigned*>(base + k0 * SUBV);
+                    const unsigned x1 = *reinterpret_cast<const unsigned*>(base + k1 * SUBV);
+                    const unsigned x2 = *reinterpret_cast<const unsigned*>(base + k2 * SUBV);
+                    const unsigned x3 = *reinterpret_cast<const unsigned*>(base + k3 * SUBV);
+                    mma16816(acc[mt], __byte_perm(x0, x1, 0x5410), __byte_perm(x0, x1, 0x7632),
+                             __byte_perm(x2, x3, 0x5410), __byte_perm(x2, x3, 0x7632), b0, b1);
+                }
+            }
+        }
+#else
 #pragma unroll 4
         for (int j = warp * TPW + sub; j < nblk; j += NWARP * TPW) {
             const unsigned code = s_vc[j * CV + s];
@@ -228,6 +325,7 @@ antkv_coded_partials(const float* __restrict__ lut,      // [pairs, CK, MK, 4] f
                 }
             }
         }
+#endif
 #if !DB
         __syncthreads();  // s_p / s_vc / s_red are rewritten by the next block
 #endif
@@ -240,13 +338,26 @@ antkv_coded_partials(const float* __restrict__ lut,      // [pairs, CK, MK, 4] f
 #endif
     l0 = warp_sum(l0); l1 = warp_sum(l1); l2 = warp_sum(l2); l3 = warp_sum(l3);
     if (lane == 0) s_red[warp] = make_float4(l0, l1, l2, l3);
+    float* s_acc = reinterpret_cast<float*>(smem);  // [NWARP][4][DD], over the LUT (no longer read)
+#if MMA
+    __syncthreads();
+    if (tq < 2) {  // rows 2 tq, 2 tq + 1 are real (< 4)
+#pragma unroll
+        for (int mt = 0; mt < DD / 16; ++mt) {
+            const int dcol = mt * 16 + 2 * gq;
+            s_acc[(warp * 4 + 2 * tq) * DD + dcol] = acc[mt][0];
+            s_acc[(warp * 4 + 2 * tq + 1) * DD + dcol] = acc[mt][1];
+            s_acc[(warp * 4 + 2 * tq) * DD + dcol + 1] = acc[mt][2];
+            s_acc[(warp * 4 + 2 * tq + 1) * DD + dcol + 1] = acc[mt][3];
+        }
+    }
+#else
 #pragma unroll
     for (int o = CV; o < 32; o <<= 1)
 #pragma unroll
         for (int r = 0; r < 4; ++r)
 #pragma unroll
             for (int e = 0; e < SUBV; ++e) acc[r][e] += __shfl_xor_sync(0xffffffffu, acc[r][e], o);
-    float* s_acc = reinterpret_cast<float*>(smem);  // [NWARP][4][DD], over the LUT (no longer read)
     __syncthreads();
     if (sub == 0) {
 #pragma unroll
@@ -254,6 +365,7 @@ antkv_coded_partials(const float* __restrict__ lut,      // [pairs, CK, MK, 4] f
 #pragma unroll
             for (int e = 0; e < SUBV; ++e) s_acc[(warp * 4 + r) * DD + s * SUBV + e] = acc[r][e];
     }
+#endif
     __syncthreads();
     float lsum[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll

@@ -28,10 +28,14 @@ def _source() -> str:
 
 
 DEFAULT_DB = int(os.environ.get("ANTKV_CUDA_DB", "0"))  # double-buffered tiles (NOTES.md v5), off until measured
+# values on tensor cores (16-bit centroids): measured (NOTES.md v5) 5 % faster at 0.375 bit (16-dim sub-spaces) and
+# 9 % slower at 1 bit (8-dim), so "auto" = only where the sub-space is 16 dimensions; ANTKV_CUDA_MMA=0/1 forces it
+DEFAULT_MMA = os.environ.get("ANTKV_CUDA_MMA", "auto")
 
 
 @functools.lru_cache(maxsize=None)
-def layout(ck: int, mk: int, cv: int, mv: int, subv: int, cent_dtype: torch.dtype, db: int = 0) -> dict[str, int]:
+def layout(ck: int, mk: int, cv: int, mv: int, subv: int, cent_dtype: torch.dtype, db: int = 0,
+           mma: int = 0) -> dict[str, int]:
     """Compile-time constants and the dynamic shared memory of one configuration."""
     esize = torch.empty((), dtype=cent_dtype).element_size()
     tables = ck * mk * 16 + cv * mv * subv * esize
@@ -41,7 +45,8 @@ def layout(ck: int, mk: int, cv: int, mv: int, subv: int, cent_dtype: torch.dtyp
     nbuf = 2 if db else 1
     smem = tables + nbuf * (nt * 16 + nt * cv + nwarp * 16)
     return {"CK": ck, "MK": mk, "CV": cv, "MV": mv, "SUBV": subv, "NT": nt, "MINB": minb, "CT": _CT[cent_dtype],
-            "RPAD": 16, "DB": int(bool(db)), "_smem": smem, "_reduce": nwarp * 4 * cv * subv * 4,
+            "RPAD": 16, "DB": int(bool(db)), "MMA": int(bool(mma) and _CT[cent_dtype] < 2 and subv in (8, 16)),
+            "_smem": smem, "_reduce": nwarp * 4 * cv * subv * 4,
             "_reduce_room": smem - nbuf * nwarp * 16}
 
 
@@ -90,10 +95,13 @@ class CodedDecodeCuda:
     """Compiled kernel + launch geometry for one (codebook shape, centroid dtype, device)."""
 
     def __init__(self, device: torch.device, ck: int, mk: int, cv: int, mv: int, subv: int,
-                 cent_dtype: torch.dtype, db: int | None = None):
+                 cent_dtype: torch.dtype, db: int | None = None, mma: int | None = None):
         from .cuda_rtc import load_kernel
 
-        lay = dict(layout(ck, mk, cv, mv, subv, cent_dtype, DEFAULT_DB if db is None else db))
+        if mma is None:
+            mma = int(subv == 16) if DEFAULT_MMA == "auto" else int(DEFAULT_MMA)
+        lay = dict(layout(ck, mk, cv, mv, subv, cent_dtype, DEFAULT_DB if db is None else db, mma))
+        self.mma = lay["MMA"]
         self.smem = lay.pop("_smem")
         lay.pop("_reduce")
         lay.pop("_reduce_room")

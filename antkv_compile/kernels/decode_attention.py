@@ -825,7 +825,7 @@ class DecodePlan:
                  num_warps=4, num_stages=1, out=None, poison=False, gather_cache=".ca", rows_on_n=False,
                  submajor=False, split_mult=1.0, prologue="triton", merge="fused", key_lut=None, merge_pb=8,
                  prefetch=0, streams=1, lean=None, values_b=False, affine=False, probe_tables=False, maxnreg=None,
-                 coded=None, cuda_db=None):
+                 coded=None, cuda_db=None, cuda_mma=None):
         require_triton()
         coded = DEFAULT_CODED if coded is None else coded
         b, hq, tq, d = q.shape
@@ -848,7 +848,7 @@ class DecodePlan:
             if reason is None:
                 try:
                     self.cuda_coded = CodedDecodeCuda(q.device, codes_k.shape[3], m_k, codes_v.shape[3], m_v, sub_v,
-                                                      cent_v.dtype, cuda_db)
+                                                      cent_v.dtype, cuda_db, cuda_mma)
                 except Exception as exc:  # noqa: BLE001 - NVRTC / driver missing: "auto" falls back to Triton
                     if coded == "cuda":
                         raise

@@ -33,7 +33,7 @@ from torch.library import custom_op
 
 from ..numerics.store import CacheInputError
 
-__all__ = ["cache_attend", "mask_is_causal"]
+__all__ = ["cache_attend", "mask_is_causal", "step_facts"]
 
 
 def mask_is_causal(mask: Tensor, start: int, t: int) -> bool:
@@ -50,15 +50,51 @@ def mask_is_causal(mask: Tensor, start: int, t: int) -> bool:
     return bool((allowed == expected).all())
 
 
+def _causal_flag(mask: Tensor, position: Tensor, t: int) -> Tensor:
+    """On the device (no host sync): 1 when ``mask`` lets query ``p + i`` (p = position[0]) see exactly keys
+    ``0..p + i`` among the ``min(L, p + t)`` positions held -- :func:`mask_is_causal` without reading p first."""
+    m = mask[..., -t:, :] if mask.shape[-2] >= t else mask
+    allowed = m if m.dtype == torch.bool else (m == 0)
+    p0 = position.reshape(-1)[:1].to(device=mask.device, dtype=torch.long)
+    q_pos = p0 + torch.arange(t, device=mask.device)
+    k_pos = torch.arange(mask.shape[-1], device=mask.device)
+    expected = k_pos[None, :] <= q_pos[:, None]
+    held = k_pos[None, :] < p0 + t  # columns past the held positions are not checked
+    return ((allowed == expected) | ~held).all().to(torch.long)
+
+
+def step_facts(s, layer: int, position: Tensor, mask: Optional[Tensor], t: int) -> tuple[int, bool]:
+    """(start position, mask is plain causal) of this call, read from the device once per forward: every layer
+    of one forward gets the same positions and mask, so the layers after the first reuse what the first read
+    (a forward is recognised by the layer index increasing; a lower index starts a new one). One host sync per
+    decode step instead of two per layer, which let the GPU run dry between layers."""
+    check = mask is not None and s.check_mask
+    key = (t, tuple(position.shape), None if not check else tuple(mask.shape), mask is None)
+    cached = getattr(s, "_step_facts", None)
+    if cached is not None and layer > cached[0] and cached[1] == key:
+        s._step_facts = (layer,) + cached[1:]
+        return cached[2], cached[3]
+    if check and mask.shape[-2] == 1 and t > 1:
+        start, ok = int(position.reshape(-1)[0]), False
+    elif check:
+        flag = _causal_flag(mask, position, t)
+        start, ok_i = torch.stack([position.reshape(-1)[0].to(flag.device, torch.long), flag]).tolist()
+        ok = bool(ok_i)
+    else:
+        start, ok = int(position.reshape(-1)[0]), True
+    s._step_facts = (layer, key, start, ok)
+    return start, ok
+
+
 @custom_op("antkv_rt::cache_attend", mutates_args=())
 def cache_attend(q: Tensor, k: Tensor, v: Tensor, position: Tensor, mask: Optional[Tensor], session: int,
                  layer: int, capacity: int, scale: float) -> Tensor:
     from ..runtime.state import get_session
 
     s = get_session(session)
-    start = int(position.reshape(-1)[0])
     t = k.shape[2]
-    if mask is not None and s.check_mask and not mask_is_causal(mask, start, t):
+    start, causal = step_facts(s, layer, position, mask, t)
+    if not causal:
         raise CacheInputError(
             f"layer {layer}: the attention mask is not the plain causal mask over positions 0..{start + t - 1} "
             "(padding or a custom mask); the antkv store supports unpadded causal attention only -- run "

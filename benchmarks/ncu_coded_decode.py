@@ -1,0 +1,41 @@
+"""Target program for Nsight Compute: the CUDA coded-decode kernel (and the Triton lean loop it replaced) at one
+benchmark shape, a few launches each. Run on the GPU machine, e.g.
+
+    ncu -k regex:antkv_coded_partials -c 1 --set full python benchmarks/ncu_coded_decode.py --bits 1 --ctx 131072 --batch 32
+
+(kernels/NOTES.md "v5" quotes what it reported). ``--coded triton`` profiles the Triton loop instead.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kernels_bench import decode_inputs  # noqa: E402
+
+from antkv_compile.kernels import decode_attention as DA  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bits", default="1")
+    ap.add_argument("--ctx", type=int, default=131072)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--coded", default="cuda", choices=["cuda", "triton"])
+    ap.add_argument("--launches", type=int, default=3)
+    a = ap.parse_args()
+    args = decode_inputs(a.bits, a.batch, a.ctx, torch.float16, seed=4)
+    plan = DA.DecodePlan(*args, coded=a.coded)
+    for _ in range(a.launches):
+        plan()
+    torch.cuda.synchronize()
+    print("splits", plan.splits, "cuda kernel", plan.cuda_coded is not None)
+
+
+if __name__ == "__main__":
+    main()
