@@ -55,6 +55,17 @@ def unsupported_reason(q: torch.Tensor, codes_k: torch.Tensor, codes_v: torch.Te
     """Why the CUDA coded kernel cannot run this call (None: it can)."""
     if not q.is_cuda:
         return "not a CUDA tensor"
+    reason = shape_reason(q, codes_k, codes_v, cent_k, cent_v, r_pad)
+    if reason is None:
+        props = torch.cuda.get_device_properties(q.device)
+        if props.major < 8:
+            reason = f"compute capability {props.major}.{props.minor} (needs 8.0+)"
+    return reason
+
+
+def shape_reason(q: torch.Tensor, codes_k: torch.Tensor, codes_v: torch.Tensor, cent_k: torch.Tensor,
+                 cent_v: torch.Tensor, r_pad: int) -> str | None:
+    """The shape / dtype part of :func:`unsupported_reason` (no device needed)."""
     b, hq, tq, d = q.shape
     hkv = codes_k.shape[1]
     if (hq // hkv) * tq > 4:
@@ -78,9 +89,6 @@ def unsupported_reason(q: torch.Tensor, codes_k: torch.Tensor, codes_v: torch.Te
     lay = layout(ck, m_k, cv, m_v, sub_v, cent_v.dtype)
     if lay["_smem"] > SMEM_LIMIT or lay["_reduce"] > lay["_reduce_room"]:
         return f"{lay['_smem']} bytes of shared memory"
-    props = torch.cuda.get_device_properties(q.device)
-    if props.major < 8:
-        return f"compute capability {props.major}.{props.minor} (needs 8.0+)"
     return None
 
 
@@ -116,4 +124,4 @@ class CodedDecodeCuda:
                      hkv, n_cap, nw, p_coded, ps, cbv_per_head, rv])
 
 
-__all__ = ["CodedDecodeCuda", "cuda_splits", "layout", "unsupported_reason"]
+__all__ = ["CodedDecodeCuda", "cuda_splits", "layout", "shape_reason", "unsupported_reason"]

@@ -53,6 +53,10 @@ interleaved per program), ``lean`` (key codes as 32-bit words, one token per thr
 instead of 16 barrier-separated rounds), ``affine`` (coded chunks claimed per multiprocessor via %smid, so
 the programs resident on one SM share one head's tables in L1), ``probe_tables`` (timing probe, not exact).
 
+v5 (NOTES.md): ``coded="auto"`` (the default, ``ANTKV_DECODE_CODED`` overrides it) runs the coded split programs as
+the CUDA C++ kernel of ``coded_decode.cu`` (both tables in shared memory, 2.5x the lean loop at 1 bit, 128K B=32)
+wherever it supports the call; the Triton loop stays the implementation under the interpreter and the fallback.
+
 No host synchronisation and no data-dependent shapes: the per-sequence lengths are read on the device,
 each split covers ``ceil(n_coded[b] / P_coded)`` tokens, so the launch is CUDA-graph safe.
 """
