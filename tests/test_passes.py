@@ -143,6 +143,7 @@ def test_step_facts_reads_the_device_once_per_forward(monkeypatch):
 
     class S:
         check_mask = True
+        _step_facts = None
 
     s, reads = S(), []
     real = pops._causal_flag

@@ -99,6 +99,13 @@ def cuda_splits(pairs: int, capacity: int, sms: int, ctas_per_sm: int, waves: fl
     return max(1, min(p, 64, cdiv(max(capacity, 1), 1024)))
 
 
+@functools.lru_cache(maxsize=None)
+def coded_decode_kernel(device: torch.device, ck: int, mk: int, cv: int, mv: int, subv: int, cent_dtype: torch.dtype,
+                        db: int | None = None, mma: int | None = None) -> "CodedDecodeCuda":
+    """One compiled kernel object per configuration and process (decode builds a plan every call)."""
+    return CodedDecodeCuda(device, ck, mk, cv, mv, subv, cent_dtype, db, mma)
+
+
 class CodedDecodeCuda:
     """Compiled kernel + launch geometry for one (codebook shape, centroid dtype, device)."""
 
@@ -124,4 +131,4 @@ class CodedDecodeCuda:
                      hkv, n_cap, nw, p_coded, ps, cbv_per_head, rv])
 
 
-__all__ = ["CodedDecodeCuda", "cuda_splits", "layout", "shape_reason", "unsupported_reason"]
+__all__ = ["CodedDecodeCuda", "coded_decode_kernel", "cuda_splits", "layout", "shape_reason", "unsupported_reason"]

@@ -846,13 +846,13 @@ class DecodePlan:
             raise ValueError(f"coded must be 'triton', 'cuda' or 'auto' (got {coded!r})")
         self.cuda_coded = None
         if coded != "triton" and not interpreting():
-            from .coded_decode_cuda import CodedDecodeCuda, cuda_splits, unsupported_reason
+            from .coded_decode_cuda import coded_decode_kernel, cuda_splits, unsupported_reason
 
             reason = unsupported_reason(q, codes_k, codes_v, cent_k, cent_v, r_pad)
             if reason is None:
                 try:
-                    self.cuda_coded = CodedDecodeCuda(q.device, codes_k.shape[3], m_k, codes_v.shape[3], m_v, sub_v,
-                                                      cent_v.dtype, cuda_db, cuda_mma)
+                    self.cuda_coded = coded_decode_kernel(q.device, codes_k.shape[3], m_k, codes_v.shape[3], m_v,
+                                                          sub_v, cent_v.dtype, cuda_db, cuda_mma)
                 except Exception as exc:  # noqa: BLE001 - NVRTC / driver missing: "auto" falls back to Triton
                     if coded == "cuda":
                         raise

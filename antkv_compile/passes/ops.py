@@ -70,7 +70,7 @@ def step_facts(s, layer: int, position: Tensor, mask: Optional[Tensor], t: int) 
     decode step instead of two per layer, which let the GPU run dry between layers."""
     check = mask is not None and s.check_mask
     key = (t, tuple(position.shape), None if not check else tuple(mask.shape), mask is None)
-    cached = getattr(s, "_step_facts", None)
+    cached = s._step_facts
     if cached is not None and layer > cached[0] and cached[1] == key:
         s._step_facts = (layer,) + cached[1:]
         return cached[2], cached[3]

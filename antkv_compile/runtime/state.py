@@ -96,6 +96,7 @@ class Session:
         self._finalizers: dict[Any, Any] = {}
         self.orphans: dict[int, AnTKVLayerStore] = {}  # layer -> store whose cache identity died (see _drop)
         self.learned_layers: set[int] = set()
+        self._step_facts = None  # (layer, key, start, causal) of this forward (passes.ops.step_facts)
 
     # ------------------------------------------------------------------ binding (called by the wrapper)
     def bind(self, layer: int, tensor: Tensor | None) -> None:
