@@ -948,21 +948,20 @@ class DecodePlan:
                 )
 
         cuda_coded = self.cuda_coded
-        if cuda_coded is not None:
-            cv_arg, bits_arg, nc_arg = codes_v.contiguous(), anchor_bits.contiguous(), n_coded.contiguous()
-            centv_arg = cent_v.contiguous()
-            if nc_arg.dtype != torch.int32 or bits_arg.dtype != torch.int32:
-                raise ValueError("n_coded and anchor_bits must be int32")
+        cv_arg, bits_arg, nc_arg, centv_arg = (codes_v.contiguous(), anchor_bits.contiguous(), n_coded.contiguous(),
+                                               cent_v.contiguous())
+        if cuda_coded is not None and (nc_arg.dtype != torch.int32 or bits_arg.dtype != torch.int32):
+            raise ValueError("n_coded and anchor_bits must be int32")
 
         def _partials():
             if cuda_coded is not None:
                 cuda_coded(b * hkv, p_coded, self.lut, qc, codes_k.contiguous(), cv_arg, bits_arg, nc_arg, centv_arg,
                            self.po, self.pl, self.cnt, hkv, n_cap, anchor_bits.shape[2], p_slots, cbv_ph, g * tq)
             LAST_LAUNCH["decode"] = _decode_partials_kernel[(b * hkv, p_exact if cuda_coded is not None else p_total)](
-                q, qc, ck_arg, codes_v.contiguous(), anchor_bits.contiguous(), n_coded.contiguous(),
+                q, qc, ck_arg, cv_arg, bits_arg, nc_arg,
                 anchor_k.contiguous(), anchor_v.contiguous(), anchor_pos.contiguous(),
                 win_k.contiguous(), win_v.contiguous(), win_len.contiguous(),
-                cent_k.contiguous(), cent_v.contiguous(),
+                cent_k.contiguous(), centv_arg,
                 self.po, self.pl, self.lut, self.cnt, inv_v32, mean_v32, self.out, self.lse,
                 q.stride(0), q.stride(1), q.stride(2), self.out.stride(0), self.out.stride(1), self.out.stride(2),
                 self.lse.stride(0), self.lse.stride(1),
