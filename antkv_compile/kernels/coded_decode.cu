@@ -57,22 +57,19 @@ __device__ __forceinline__ float ct_to_f32(ct_t x) {
 }
 
 #if CT == 1
-typedef unsigned short half_t;  // bf16 bits
-__device__ __forceinline__ half_t to_half(float f) {
-    unsigned short h;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
+#define CVT_HALF "cvt.rn.bf16.f32 %0, %1;"  // the MMA operand type follows the centroids: bf16
 #define MMA_TYPES "bf16.bf16"
 #else
-typedef unsigned short half_t;  // fp16 bits
-__device__ __forceinline__ half_t to_half(float f) {
-    unsigned short h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
+#define CVT_HALF "cvt.rn.f16.f32 %0, %1;"  // fp16 (fp32 centroids never take the MMA path)
 #define MMA_TYPES "f16.f16"
 #endif
+typedef unsigned short half_t;  // 16-bit MMA operand bits
+
+__device__ __forceinline__ half_t to_half(float f) {
+    unsigned short h;
+    asm(CVT_HALF : "=h"(h) : "f"(f));
+    return h;
+}
 
 __device__ __forceinline__ void mma16816(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
                                          unsigned b1) {
