@@ -140,6 +140,12 @@ def _profile_steps(step: Callable[[], None], n: int) -> dict:
                         for e in cpu[:30]]}
 
 
+def _release_stores(session, stores: dict) -> None:
+    """Drop the session's references to a finished point's stores (their memory goes with the cache)."""
+    for key in [k for k, s in session.stores.items() if any(s is t for t in stores.values())]:
+        session.stores.pop(key, None)
+
+
 def _greedy_step(fn, cache, first_ids):
     """One greedy decode step per call through ``fn`` on ``cache``, feeding back its own argmax token."""
     state = {"ids": first_ids}
@@ -808,12 +814,7 @@ class Bench:
         rec["fill_s"] = round(time.perf_counter() - t0, 3)
         if ctx > p:
             rec["fill_tokens_per_s"] = b * (ctx - p) / max(rec["fill_s"], 1e-9)
-        lens = {len(s) for s in stores.values()}
-        if lens != {ctx} or cache_position(cache) != ctx:
-            raise RuntimeError(f"after filling: store lengths {sorted(lens)}, cache position {cache_position(cache)}, "
-                               f"expected {ctx}")
-        rec["peak_fill"] = self.peak()
-        rec["memory_after_fill"] = self.allocated()
+        self._filled(rec, stores, cache, ctx)
         step = _greedy_step(dec, cache, last)
 
         self._timed(step, rec["steps"], rec)
@@ -825,9 +826,17 @@ class Bench:
         kv_read = self._antkv_bytes_read(spec, b, ctx)
         self._bound(rec, kv_read)
         self._memory(rec, cache, session)
-        for key in [k for k, s in session.stores.items() if any(s is t for t in stores.values())]:
-            session.stores.pop(key, None)
+        _release_stores(session, stores)
         del cache, stores, step
+
+    def _filled(self, rec: dict, stores: dict, cache, ctx: int) -> None:
+        """Every store and the cache position at ``ctx`` after a fill or prefill; the memory at that point."""
+        lens = {len(s) for s in stores.values()}
+        if (stores and lens != {ctx}) or cache_position(cache) != ctx:
+            raise RuntimeError(f"after filling: store lengths {sorted(lens)}, cache position {cache_position(cache)}, "
+                               f"expected {ctx}")
+        rec["peak_fill"] = self.peak()
+        rec["memory_after_fill"] = self.allocated()
 
     def _antkv_bytes_read(self, spec: ConfigSpec, b: int, ctx: int) -> int:
         """Bytes one decode step must read from the store: codes of ``ctx`` tokens, the anchors, the window."""
@@ -1118,13 +1127,8 @@ class Bench:
         rec["prefill_tokens_per_s"] = ctx / rec["prefill_s"]
         rec["chunk_ms_first_last"] = [round(chunk_ms[0], 2), round(chunk_ms[-1], 2)]
         rec["fill"] = f"real chunked prefill through the compiled model, {chunk} tokens per forward"
-        if cache_position(cache) != ctx:
-            raise RuntimeError(f"cache position {cache_position(cache)} after the prefill, expected {ctx}")
         stores = self._stores_of(session, cache) if session is not None else {}
-        if stores and {len(s) for s in stores.values()} != {ctx}:
-            raise RuntimeError(f"store lengths {sorted({len(s) for s in stores.values()})} after the prefill, expected {ctx}")
-        rec["peak_fill"] = self.peak()
-        rec["memory_after_fill"] = self.allocated()
+        self._filled(rec, stores, cache, ctx)
         step = _greedy_step(fn, cache, last)
 
         self._timed(step, rec["steps"], rec)
@@ -1135,8 +1139,7 @@ class Bench:
             self._bound(rec, ctx * self.kv_bytes_per_token)
         self._memory(rec, cache, session)
         if session is not None:
-            for key in [k for k, s in session.stores.items() if any(s is t for t in stores.values())]:
-                session.stores.pop(key, None)
+            _release_stores(session, stores)
         del cache, stores, step
 
     def run_memory(self) -> None:
