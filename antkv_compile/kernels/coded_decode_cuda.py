@@ -11,6 +11,7 @@ on a GPU. Why CUDA here and not Triton: NOTES.md ("v5").
 from __future__ import annotations
 
 import functools
+import math
 import os
 from importlib import resources
 
@@ -95,7 +96,7 @@ def shape_reason(q: torch.Tensor, codes_k: torch.Tensor, codes_v: torch.Tensor, 
 def cuda_splits(pairs: int, capacity: int, sms: int, ctas_per_sm: int, waves: float = 4.0) -> int:
     """Coded chunks per (sequence, KV head): about ``waves`` waves of CTAs (the tail of a partial wave costs
     little at four), chunks of at least 1024 tokens (each CTA first loads its two tables, up to 128 KB)."""
-    p = cdiv(int(waves * sms * ctas_per_sm), max(1, pairs))
+    p = cdiv(math.ceil(waves * sms * ctas_per_sm), max(1, pairs))
     return max(1, min(p, 64, cdiv(max(capacity, 1), 1024)))
 
 
