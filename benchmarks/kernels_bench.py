@@ -774,17 +774,25 @@ V4_VARIANTS = {
 V4_DEFAULT = list(V4_VARIANTS)
 # v5 (NOTES.md "v5"): the coded split programs as the CUDA C++ kernel (coded_decode.cu, both tables in shared
 # memory); split_mult scales its default of ~4 waves of CTAs. "lean" is the Triton default it replaces.
-V5_VARIANTS = {
-    "cuda": dict(coded="cuda"),
-    "cuda_m0.25": dict(coded="cuda", split_mult=0.25),
-    "cuda_m2": dict(coded="cuda", split_mult=2),
-    "cuda_db": dict(coded="cuda", cuda_db=1),
-    "cuda_db_m0.25": dict(coded="cuda", cuda_db=1, split_mult=0.25),
-    "cuda_fma": dict(coded="cuda", cuda_mma=0),  # values on CUDA cores (the first v5 measurement)
-    "cuda_mma": dict(coded="cuda", cuda_mma=1),  # values on tensor cores (16-bit centroids)
+V5_VARIANTS = {  # the CTA-block kernel of coded_decode.cu (antkv_coded_partials)
+    "cuda_v5": dict(coded="cuda", cuda_kernel="block"),
+    "cuda_m0.25": dict(coded="cuda", cuda_kernel="block", split_mult=0.25),
+    "cuda_m2": dict(coded="cuda", cuda_kernel="block", split_mult=2),
+    "cuda_db": dict(coded="cuda", cuda_kernel="block", cuda_db=1),
+    "cuda_db_m0.25": dict(coded="cuda", cuda_kernel="block", cuda_db=1, split_mult=0.25),
+    "cuda_fma": dict(coded="cuda", cuda_kernel="block", cuda_mma=0),  # values on CUDA cores
+    "cuda_mma": dict(coded="cuda", cuda_kernel="block", cuda_mma=1),  # values on tensor cores (16-bit centroids)
 }
-V5_DEFAULT = ["lean", *V5_VARIANTS]
-ALL_VARIANTS = {**V3_VARIANTS, **V4_VARIANTS, **V5_VARIANTS}
+V6_VARIANTS = {  # the per-warp kernel (antkv_coded_warp), NOTES.md "v6"; copies of the value table
+    "cuda": dict(coded="cuda", cuda_kernel="warp"),
+    "cuda_c1": dict(coded="cuda", cuda_kernel="warp", cuda_copies=1),
+    "cuda_c2": dict(coded="cuda", cuda_kernel="warp", cuda_copies=2),
+    "cuda_c4": dict(coded="cuda", cuda_kernel="warp", cuda_copies=4),
+    "cuda_w1": dict(coded="cuda", cuda_kernel="warp", split_mult=0.5),  # 1 wave of CTAs (default: 2)
+    "cuda_w4": dict(coded="cuda", cuda_kernel="warp", split_mult=2),  # 4 waves
+}
+V5_DEFAULT = ["lean", "cuda_v5", "cuda_fma", *V6_VARIANTS]
+ALL_VARIANTS = {**V3_VARIANTS, **V4_VARIANTS, **V5_VARIANTS, **V6_VARIANTS}
 NOT_EXACT = {"probe"}
 
 

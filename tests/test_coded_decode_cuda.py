@@ -95,6 +95,12 @@ def _nvrtc_or_skip():
     return cuda_rtc
 
 
+def _entry(ptx: str, name: str) -> str:
+    """The PTX body of one kernel entry."""
+    body = ptx.split(f".entry {name}")[1]
+    return body.split(".entry ")[0]
+
+
 @pytest.mark.parametrize("bits", ["1", "0.375"])
 @pytest.mark.parametrize("mma", [0, 1])
 def test_kernel_compiles_to_ptx(bits, mma):
@@ -105,5 +111,22 @@ def test_kernel_compiles_to_ptx(bits, mma):
            if not k.startswith("_")}
     head = "".join(f"#define {k} {v}\n" for k, v in lay.items())
     ptx = cuda_rtc.compile_ptx(head + CDC._source(), "antkv_coded_partials", "compute_90a").decode()
-    assert ".entry antkv_coded_partials" in ptx
-    assert ("mma.sync.aligned.m16n8k16" in ptx) == bool(lay["MMA"])
+    assert ("mma.sync.aligned.m16n8k16" in _entry(ptx, "antkv_coded_partials")) == bool(lay["MMA"])
+
+
+@pytest.mark.parametrize("bits", ["1", "0.375"])
+@pytest.mark.parametrize("cent_dtype", [torch.bfloat16, torch.float32])
+def test_warp_kernel_compiles_to_ptx(bits, cent_dtype):
+    """v6: ldmatrix + tensor cores for every centroid dtype, as many table copies as fit (2 at 1 bit, 8 at
+    0.375 bit), within the opt-in shared memory of one block."""
+    cuda_rtc = _nvrtc_or_skip()
+    p = get_preset(bits)
+    s = 128 // p.sub_dim
+    lay = CDC.warp_layout(s, p.num_centroids, s, p.num_centroids, p.sub_dim, cent_dtype)
+    assert lay["NCOPY"] == {"1": 2, "0.375": 8}[bits] and lay["_smem"] <= CDC.SMEM_LIMIT
+    assert lay["_reduce"] <= lay["_reduce_room"]
+    head = "".join(f"#define {k} {v}\n" for k, v in lay.items() if not k.startswith("_"))
+    body = _entry(cuda_rtc.compile_ptx(head + CDC._source(), "antkv_coded_warp", "compute_90a").decode(),
+                  "antkv_coded_warp")
+    assert "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in body
+    assert "mma.sync.aligned.m16n8k16.row.col.f32." + ("bf16" if cent_dtype == torch.bfloat16 else "f16") in body

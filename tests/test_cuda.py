@@ -152,14 +152,20 @@ def test_cuda_coded_decode_refuses_what_it_cannot_run():
 
 
 def test_cuda_coded_decode_variants_agree():
-    """cuda_db=1 (double-buffered tiles, one barrier per block) computes the same partials; cuda_mma=0 (values
-    on CUDA cores) agrees with the reference too."""
+    """The two kernels of coded_decode.cu and their options compute the same partials: the per-warp kernel
+    (v6) with 1, 2 and (0.375 bit) 8 copies of the value table, and the CTA-block kernel (v5) with its
+    double-buffered and CUDA-core variants."""
     from antkv_compile.kernels import decode_attention as DA
 
     dev = torch.device("cuda", torch.cuda.current_device())
-    args = _decode_case("1", 4, torch.float16, [9000, 700], dev, seed=3)
-    one, _ = DA.DecodePlan(*args, coded="cuda", cuda_db=0)()
-    two, _ = DA.DecodePlan(*args, coded="cuda", cuda_db=1)()
-    fma, _ = DA.DecodePlan(*args, coded="cuda", cuda_mma=0)()  # values on CUDA cores, fp32 p
-    ref, _ = DA.decode_attention_reference(*args)
-    assert _rel(two, one) < 1e-5 and _rel(two, ref) < 3e-3 and _rel(fma, ref) < 3e-3
+    for bits, copies in (("1", (1, 2)), ("0.375", (1, 8))):
+        args = _decode_case(bits, 4, torch.float16, [9000, 700], dev, seed=3)
+        ref, _ = DA.decode_attention_reference(*args)
+        outs = [DA.DecodePlan(*args, coded="cuda", cuda_kernel="warp", cuda_copies=c)()[0] for c in copies]
+        one, _ = DA.DecodePlan(*args, coded="cuda", cuda_kernel="block", cuda_db=0)()
+        two, _ = DA.DecodePlan(*args, coded="cuda", cuda_kernel="block", cuda_db=1)()
+        fma, _ = DA.DecodePlan(*args, coded="cuda", cuda_kernel="block", cuda_mma=0)()  # CUDA cores, fp32 p
+        assert _rel(outs[1], outs[0]) < 1e-5  # the copies only move data: same bits
+        for o in (*outs, one, fma):
+            assert _rel(o, ref) < 3e-3
+        assert _rel(two, one) < 1e-5

@@ -33,6 +33,7 @@
 #endif
 
 #define DD (CV * SUBV)
+#define NCH (SUBV * (CT == 2 ? 4 : 2) / 16)  // 16-byte chunks per value centroid
 #define NWARP (NT / 32)
 #define TPW (32 / CV)
 #define NEG_INF (__int_as_float(0xff800000))
@@ -91,6 +92,19 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// Shared-memory layouts, chosen so that the table reads of a quarter-warp (the 8 lanes one 16-byte access phase
+// serves) fall in 8 different 16-byte bank groups, i.e. one wavefront per phase, whatever the codes are:
+// - key table: row (sub-space c, centroid code) at code * CK + c, and the 8 lanes of a quarter-warp (8 tokens)
+//   walk the sub-spaces in 8 different rotations (c = i + lane % 8), so at every step they read 8 different c.
+//   (The global table is [CK][MK]: with that layout the group was code % 8, random, ~2.5 wavefronts per phase.)
+// - value centroids: centroid (sub-space sv, code k) in slot k * CV + (sv ^ (k % 8)), its 16-byte chunks
+//   XOR-swizzled by the slot; the FMA path's quarter-warp reads 8 sub-spaces of one token: 8 different groups.
+//   (The XOR with the code keeps the MMA path's gathers, 4 tokens of one sub-space, spread as before.)
+__device__ __forceinline__ int cent_chunk(int sv, unsigned k, int ch) {
+    const int sl = sv ^ (int)(k & 7u);
+    return ((int)k * CV + sl) * NCH + (ch ^ (((sl * NCH) >> 3) & (NCH - 1)));
+}
+
 // CK / CV code bytes of one token as 16- or 8-byte words (the launcher only builds CK, CV in {8, 16}).
 template <int C> struct CodeWords;
 template <> struct CodeWords<16> {
@@ -103,6 +117,14 @@ template <> struct CodeWords<16> {
     static __device__ __forceinline__ unsigned word(const T& w, int i) {
         return i == 0 ? w.x : i == 1 ? w.y : i == 2 ? w.z : w.w;
     }
+    // byte i of the result = byte (i + q) % 16 of w, q < 8
+    static __device__ __forceinline__ T rotate(const T& w, int q) {
+        const bool s = q >= 4;
+        const unsigned x = s ? w.y : w.x, y = s ? w.z : w.y, z = s ? w.w : w.z, u = s ? w.x : w.w;
+        const unsigned sh = 8u * (q & 3);
+        return make_uint4(__funnelshift_r(x, y, sh), __funnelshift_r(y, z, sh), __funnelshift_r(z, u, sh),
+                          __funnelshift_r(u, x, sh));
+    }
 };
 template <> struct CodeWords<8> {
     typedef uint2 T;
@@ -112,6 +134,13 @@ template <> struct CodeWords<8> {
     }
     static __device__ __forceinline__ T zero() { return make_uint2(0u, 0u); }
     static __device__ __forceinline__ unsigned word(const T& w, int i) { return i == 0 ? w.x : w.y; }
+    // byte i of the result = byte (i + q) % 8 of w, q < 8
+    static __device__ __forceinline__ T rotate(const T& w, int q) {
+        const bool s = q >= 4;
+        const unsigned x = s ? w.y : w.x, y = s ? w.x : w.y;
+        const unsigned sh = 8u * (q & 3);
+        return make_uint2(__funnelshift_r(x, y, sh), __funnelshift_r(y, x, sh));
+    }
 };
 
 extern "C" __global__ void __launch_bounds__(NT, MINB)
@@ -148,10 +177,11 @@ antkv_coded_partials(const float* __restrict__ lut,      // [pairs, CK, MK, 4] f
     // both tables of this pair into shared memory
     {
         const float4* g_lut = reinterpret_cast<const float4*>(lut) + (size_t)pair * CK * MK;
-        for (int i = tid; i < CK * MK; i += NT) s_lut[i] = g_lut[i];
+        for (int i = tid; i < CK * MK; i += NT) s_lut[(i % MK) * CK + i / MK] = g_lut[i];
         const uint4* g_cent = reinterpret_cast<const uint4*>(cent_v + (size_t)(h * cbv_per_head) * CV * MV * SUBV);
         uint4* s_cent4 = reinterpret_cast<uint4*>(s_cent);
-        for (int i = tid; i < (int)(CV * MV * SUBV * sizeof(ct_t) / 16); i += NT) s_cent4[i] = g_cent[i];
+        for (int i = tid; i < CV * MV * NCH; i += NT)
+            s_cent4[cent_chunk(i / (MV * NCH), (unsigned)((i / NCH) % MV), i % NCH)] = g_cent[i];
     }
     const float* bias_p = qc + (size_t)pair * RPAD * (DD + 1) + RPAD * DD;
     const float4 bias = make_float4(bias_p[0], bias_p[1], bias_p[2], bias_p[3]);
@@ -162,6 +192,7 @@ antkv_coded_partials(const float* __restrict__ lut,      // [pairs, CK, MK, 4] f
 
     // phase-B lane role: value sub-space s, token slot sub (TPW tokens per warp step)
     const int s = lane % CV, sub = lane / CV;
+    const int rot = lane & 7;  // phase-A rotation of the key sub-spaces (see cent_chunk)
 
     float m0 = NEG_INF, m1 = NEG_INF, m2 = NEG_INF, m3 = NEG_INF;  // running max per row (CTA-uniform)
     float l0 = 0.f, l1 = 0.f, l2 = 0.f, l3 = 0.f;                  // this thread's share of the sums
@@ -207,9 +238,10 @@ antkv_coded_partials(const float* __restrict__ lut,      // [pairs, CK, MK, 4] f
         float4 lg = make_float4(NEG_INF, NEG_INF, NEG_INF, NEG_INF);
         if (t < end && !((word >> (t & 31)) & 1)) {
             float4 a = bias;
+            const typename KW::T kr = KW::rotate(kc, rot);  // byte i: the code of sub-space (i + rot) % CK
 #pragma unroll
-            for (int c = 0; c < CK; ++c) {
-                const float4 v = s_lut[c * MK + KW::get(kc, c)];
+            for (int i = 0; i < CK; ++i) {
+                const float4 v = s_lut[KW::get(kr, i) * CK + ((i + rot) & (CK - 1))];
                 a.x += v.x; a.y += v.y; a.z += v.z; a.w += v.w;
             }
             lg = a;
@@ -292,11 +324,12 @@ antkv_coded_partials(const float* __restrict__ lut,      // [pairs, CK, MK, 4] f
                     const unsigned k1 = (VW::word(c1, cbyte >> 2) >> (8u * (cbyte & 3) + sh)) & 255u;
                     const unsigned k2 = (VW::word(c2, cbyte >> 2) >> (8u * (cbyte & 3) + sh)) & 255u;
                     const unsigned k3 = (VW::word(c3, cbyte >> 2) >> (8u * (cbyte & 3) + sh)) & 255u;
-                    const ct_t* base = s_cent + sv * MV * SUBV + ev;
-                    const unsigned x0 = *reinterpret_cast<const unsigned*>(base + k0 * SUBV);
-                    const unsigned x1 = *reinterpret_cast<const unsigned*>(base + k1 * SUBV);
-                    const unsigned x2 = *reinterpret_cast<const unsigned*>(base + k2 * SUBV);
-                    const unsigned x3 = *reinterpret_cast<const unsigned*>(base + k3 * SUBV);
+                    // dims ev, ev + 1 of centroid (sv, k): chunk ev / 8 of its slot, 4-byte word (ev / 2) % 4
+                    const unsigned* s_cw = reinterpret_cast<const unsigned*>(s_cent) + (ev >> 1 & 3);
+                    const unsigned x0 = s_cw[4 * cent_chunk(sv, k0, ev >> 3)];
+                    const unsigned x1 = s_cw[4 * cent_chunk(sv, k1, ev >> 3)];
+                    const unsigned x2 = s_cw[4 * cent_chunk(sv, k2, ev >> 3)];
+                    const unsigned x3 = s_cw[4 * cent_chunk(sv, k3, ev >> 3)];
                     mma16816(acc[mt], __byte_perm(x0, x1, 0x5410), __byte_perm(x0, x1, 0x7632),
                              __byte_perm(x2, x3, 0x5410), __byte_perm(x2, x3, 0x7632), b0, b1);
                 }
@@ -307,10 +340,10 @@ antkv_coded_partials(const float* __restrict__ lut,      // [pairs, CK, MK, 4] f
         for (int j = warp * TPW + sub; j < nblk; j += NWARP * TPW) {
             const unsigned code = s_vc[j * CV + s];
             const float4 pp = s_p[j];
-            const ct_t* cp = s_cent + (s * MV + code) * SUBV;
+            const uint4* s_cent4 = reinterpret_cast<const uint4*>(s_cent);
 #pragma unroll
             for (int e0 = 0; e0 < SUBV; e0 += 16 / (int)sizeof(ct_t)) {
-                const uint4 raw = *reinterpret_cast<const uint4*>(cp + e0);
+                const uint4 raw = s_cent4[cent_chunk(s, code, e0 * (int)sizeof(ct_t) / 16)];
                 const ct_t* x = reinterpret_cast<const ct_t*>(&raw);
 #pragma unroll
                 for (int e = 0; e < 16 / (int)sizeof(ct_t); ++e) {
@@ -381,6 +414,240 @@ antkv_coded_partials(const float* __restrict__ lut,      // [pairs, CK, MK, 4] f
             const float l = lsum[r];
             po[(slot + r) * DD + d] = l > 0.f ? v / l : 0.f;
             if (d == 0) pl[slot + r] = l > 0.f ? mr[r] + log2f(l) : NEG_INF;
+        }
+    }
+    __syncthreads();
+    if (tid == 0) {
+        __threadfence();
+        atomicAdd(cnt + pair, 1);
+    }
+}
+
+// =====================================================================================================================
+// v6: antkv_coded_warp -- the same partials, each warp an independent flash-decoding loop over its own 32-token
+// tiles (NOTES.md "v6"). Versus antkv_coded_partials above:
+// - no CTA-wide max and no __syncthreads in the loop: each warp keeps its own running max, raised lazily (only
+//   when a logit exceeds it by more than LAZY, log2 units, so p <= 2^LAZY), and the warps' partials are merged in
+//   the epilogue with their own maxima (the per-block CTA reduction was 7.5 of 37 warp-instructions per token);
+// - values always on tensor cores, the A operand loaded by ldmatrix.trans: a lane gives the address of one
+//   (token, sub-space) centroid row of 8 dimensions, so a 16-token x 16-dimension tile is one LDSM + one HMMA
+//   (the v5 FMA loop spent 24 warp-instructions per token);
+// - the value table is kept in NCOPY copies (defined by the launcher as large as shared memory allows): row i of an
+//   ldmatrix phase reads copy i % NCOPY, and copy c lives in its own 8 / NCOPY bank groups, so rows can only
+//   conflict with rows of their own copy (NCOPY 8: never). fp32 centroids are stored as fp16 here.
+// Extra constants: NCOPY (1, 2, 4 or 8). MMA, DB, SUBV in {8, 16} as above (MMA is implied).
+#ifndef NCOPY
+#define NCOPY 1
+#endif
+#define GPC (8 / NCOPY)  // bank groups (16 bytes each) per copy
+#define LAZY 8.0f
+#define NCH16 (SUBV / 8)  // 16-byte chunks per centroid, 16-bit storage
+
+// Byte offset in shared memory of chunk ch of centroid (sub-space sv, code k), copy c: the 8 * CV * NCH16 / GPC
+// chunks of code k hold its CV * NCH16 chunks in each copy, chunk j of the row in bank group c * GPC + ((j ^ k) %
+// GPC), so the rows of one ldmatrix phase (same sv and ch, random k) spread over their copy's GPC groups.
+__device__ __forceinline__ unsigned vchunk_off(int sv, unsigned k, int ch, int c) {
+    const unsigned j = sv * NCH16 + ch;
+    return 16u * (k * (8 * CV * NCH16 / GPC) + ((j / GPC) << 3) + c * GPC + ((j ^ k) & (GPC - 1)));
+}
+
+__device__ __forceinline__ void ldsm_x4_t(unsigned addr, unsigned& a0, unsigned& a1, unsigned& a2, unsigned& a3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(a0), "=r"(a1), "=r"(a2), "=r"(a3)
+                 : "r"(addr));
+}
+
+extern "C" __global__ void __launch_bounds__(NT, MINB)
+antkv_coded_warp(const float* __restrict__ lut, const float* __restrict__ qc, const u8* __restrict__ codes_k,
+                 const u8* __restrict__ codes_v, const int* __restrict__ bits, const int* __restrict__ ncoded,
+                 const ct_t* __restrict__ cent_v, float* __restrict__ po, float* __restrict__ pl,
+                 int* __restrict__ cnt, int hkv, int n_cap, int nw, int p_coded, int ps, int cbv_per_head, int rv)
+{
+    typedef CodeWords<CK> KW;
+    typedef CodeWords<CV> VW;
+    extern __shared__ __align__(16) unsigned char smem[];
+    float4* s_lut = reinterpret_cast<float4*>(smem);                                  // [MK][CK]
+    unsigned char* s_cent = smem + CK * MK * 16;                                       // NCOPY * CV * MV * SUBV * 2
+    half_t* s_p0 = reinterpret_cast<half_t*>(s_cent + NCOPY * CV * MV * SUBV * 2);    // [NWARP][4][32]
+    u8* s_vc0 = reinterpret_cast<u8*>(s_p0 + NWARP * 4 * 32);                        // [NWARP][32][CV]
+    float4* s_red = reinterpret_cast<float4*>(s_vc0 + NWARP * 32 * CV);               // [2][NWARP]
+
+    const int pair = blockIdx.x, cidx = blockIdx.y;
+    const int b = pair / hkv, h = pair % hkv;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int n_b = ncoded[b];
+    int chunk = (n_b + p_coded - 1) / p_coded;
+    chunk = (chunk + 63) & ~63;
+    const int start = min(cidx * chunk, n_b);
+    const int end = min(start + chunk, n_b);
+
+    {
+        const float4* g_lut = reinterpret_cast<const float4*>(lut) + (size_t)pair * CK * MK;
+        for (int i = tid; i < CK * MK; i += NT) s_lut[(i % MK) * CK + i / MK] = g_lut[i];
+        const ct_t* g_cent = cent_v + (size_t)(h * cbv_per_head) * CV * MV * SUBV;
+        uint4* s_c4 = reinterpret_cast<uint4*>(s_cent);
+        for (int i = tid; i < CV * MV * NCH16; i += NT) {  // i = (sv * MV + k) * NCH16 + ch
+            const int ch = i % NCH16, k = (i / NCH16) % MV, sv = i / (NCH16 * MV);
+            uint4 v;
+#if CT == 2
+            const float4 f0 = reinterpret_cast<const float4*>(g_cent)[2 * i];
+            const float4 f1 = reinterpret_cast<const float4*>(g_cent)[2 * i + 1];
+            v.x = to_half(f0.x) | ((unsigned)to_half(f0.y) << 16); v.y = to_half(f0.z) | ((unsigned)to_half(f0.w) << 16);
+            v.z = to_half(f1.x) | ((unsigned)to_half(f1.y) << 16); v.w = to_half(f1.z) | ((unsigned)to_half(f1.w) << 16);
+#else
+            v = reinterpret_cast<const uint4*>(g_cent)[i];
+#endif
+#pragma unroll
+            for (int c = 0; c < NCOPY; ++c) s_c4[vchunk_off(sv, (unsigned)k, ch, c) / 16] = v;
+        }
+    }
+    const float* bias_p = qc + (size_t)pair * RPAD * (DD + 1) + RPAD * DD;
+    const float4 bias = make_float4(bias_p[0], bias_p[1], bias_p[2], bias_p[3]);
+    const u8* ck_base = codes_k + (size_t)pair * n_cap * CK;
+    const u8* cv_base = codes_v + (size_t)pair * n_cap * CV;
+    const int* bits_base = bits + (size_t)pair * nw;
+    half_t* s_p = s_p0 + warp * 4 * 32;
+    u8* s_vc = s_vc0 + warp * 32 * CV;
+    const int rot = lane & 7;
+    const int gq = lane >> 2, tq = lane & 3;
+    // ldmatrix role: row (lane & 7) of matrix (lane >> 3): tokens (lane & 7) + 8 (lane >> 4), half hf of the tile
+    const int ltok = (lane & 7) + ((lane >> 4) << 3), hf = (lane >> 3) & 1;
+    const int copy = lane & (NCOPY - 1);
+    const unsigned s_cent_addr = (unsigned)__cvta_generic_to_shared(s_cent);
+
+    float m0 = NEG_INF, m1 = NEG_INF, m2 = NEG_INF, m3 = NEG_INF;  // this warp's running max per row
+    float l0 = 0.f, l1 = 0.f, l2 = 0.f, l3 = 0.f;                  // this lane's share of the sums
+    float acc[DD / 16][4];  // D fragments: tile mt, dims (mt*16 + gq, + 8) x rows (2 tq, 2 tq + 1)
+#pragma unroll
+    for (int mt = 0; mt < DD / 16; ++mt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[mt][i] = 0.f;
+
+    const int stride = 32 * NWARP;
+    int t = start + 32 * warp + lane;
+    typename KW::T kc = KW::zero();
+    typename VW::T vcw = VW::zero();
+    int word = 0;
+    if (t < end) {
+        kc = *reinterpret_cast<const typename KW::T*>(ck_base + (size_t)t * CK);
+        vcw = *reinterpret_cast<const typename VW::T*>(cv_base + (size_t)t * CV);
+        word = bits_base[t >> 5];
+    }
+    __syncthreads();  // tables ready
+
+    for (int t0 = start + 32 * warp; t0 < end; t0 += stride, t += stride) {
+        // ------------------------------------------------------------ logits of this lane's token
+        float4 lg = make_float4(NEG_INF, NEG_INF, NEG_INF, NEG_INF);
+        if (t < end && !((word >> lane) & 1)) {
+            float4 a = bias;
+            const typename KW::T kr = KW::rotate(kc, rot);
+#pragma unroll
+            for (int i = 0; i < CK; ++i) {
+                const float4 v = s_lut[KW::get(kr, i) * CK + ((i + rot) & (CK - 1))];
+                a.x += v.x; a.y += v.y; a.z += v.z; a.w += v.w;
+            }
+            lg = a;
+        }
+        *reinterpret_cast<typename VW::T*>(s_vc + lane * CV) = vcw;
+        {
+            const int tn = t + stride;
+            if (tn < end) {
+                kc = *reinterpret_cast<const typename KW::T*>(ck_base + (size_t)tn * CK);
+                vcw = *reinterpret_cast<const typename VW::T*>(cv_base + (size_t)tn * CV);
+                word = bits_base[tn >> 5];
+            } else {
+                vcw = VW::zero();
+            }
+        }
+        // ------------------------------------------------------------ lazy running max (warp-uniform branch)
+        const bool up = lg.x > m0 + LAZY || lg.y > m1 + LAZY || lg.z > m2 + LAZY || lg.w > m3 + LAZY;
+        if (__any_sync(0xffffffffu, up)) {
+            const float n0 = fmaxf(m0, warp_max(lg.x)), n1 = fmaxf(m1, warp_max(lg.y));
+            const float n2 = fmaxf(m2, warp_max(lg.z)), n3 = fmaxf(m3, warp_max(lg.w));
+            const float a0 = n0 == NEG_INF ? 1.f : exp2f(m0 - n0), a1 = n1 == NEG_INF ? 1.f : exp2f(m1 - n1);
+            const float a2 = n2 == NEG_INF ? 1.f : exp2f(m2 - n2), a3 = n3 == NEG_INF ? 1.f : exp2f(m3 - n3);
+            m0 = n0; m1 = n1; m2 = n2; m3 = n3;
+            l0 *= a0; l1 *= a1; l2 *= a2; l3 *= a3;
+            const float alo = tq == 0 ? a0 : tq == 1 ? a2 : 1.f;  // row 2 tq
+            const float ahi = tq == 0 ? a1 : tq == 1 ? a3 : 1.f;  // row 2 tq + 1
+#pragma unroll
+            for (int mt = 0; mt < DD / 16; ++mt) {
+                acc[mt][0] *= alo; acc[mt][1] *= ahi; acc[mt][2] *= alo; acc[mt][3] *= ahi;
+            }
+        }
+        {
+            const float p0 = exp2f(lg.x - (m0 == NEG_INF ? 0.f : m0)), p1 = exp2f(lg.y - (m1 == NEG_INF ? 0.f : m1));
+            const float p2 = exp2f(lg.z - (m2 == NEG_INF ? 0.f : m2)), p3 = exp2f(lg.w - (m3 == NEG_INF ? 0.f : m3));
+            l0 += p0; l1 += p1; l2 += p2; l3 += p3;
+            s_p[lane] = to_half(p0); s_p[32 + lane] = to_half(p1);
+            s_p[64 + lane] = to_half(p2); s_p[96 + lane] = to_half(p3);
+        }
+        __syncwarp();
+        // ------------------------------------------------------------ values: 2 steps of 16 tokens on tensor cores
+#pragma unroll
+        for (int ks = 0; ks < 2; ++ks) {
+            unsigned b0 = 0u, b1 = 0u;
+            if (gq < 4) {
+                b0 = *reinterpret_cast<const unsigned*>(s_p + gq * 32 + ks * 16 + 2 * tq);
+                b1 = *reinterpret_cast<const unsigned*>(s_p + gq * 32 + ks * 16 + 2 * tq + 8);
+            }
+            const typename VW::T cw = *reinterpret_cast<const typename VW::T*>(s_vc + (ks * 16 + ltok) * CV);
+#pragma unroll
+            for (int mt = 0; mt < DD / 16; ++mt) {
+                const int sv = SUBV == 8 ? 2 * mt + hf : mt;
+                const int ch = SUBV == 8 ? 0 : hf;
+                const unsigned k = (VW::word(cw, sv >> 2) >> (8 * (sv & 3))) & 255u;
+                unsigned a0, a1, a2, a3;
+                ldsm_x4_t(s_cent_addr + vchunk_off(sv, k, ch, copy), a0, a1, a2, a3);
+                mma16816(acc[mt], a0, a1, a2, a3, b0, b1);
+            }
+        }
+        __syncwarp();  // s_p / s_vc are rewritten by the next tile
+    }
+
+    // ---------------------------------------------------------------- merge the warps, store the partial
+    __syncthreads();  // every warp done with the tables (the reduction overwrites them)
+    l0 = warp_sum(l0); l1 = warp_sum(l1); l2 = warp_sum(l2); l3 = warp_sum(l3);
+    if (lane == 0) s_red[warp] = make_float4(m0, m1, m2, m3);
+    __syncthreads();
+    float mx[4] = {NEG_INF, NEG_INF, NEG_INF, NEG_INF};
+#pragma unroll
+    for (int w = 0; w < NWARP; ++w) {
+        const float4 v = s_red[w];
+        mx[0] = fmaxf(mx[0], v.x); mx[1] = fmaxf(mx[1], v.y); mx[2] = fmaxf(mx[2], v.z); mx[3] = fmaxf(mx[3], v.w);
+    }
+    const float sc0 = m0 == NEG_INF ? 0.f : exp2f(m0 - mx[0]), sc1 = m1 == NEG_INF ? 0.f : exp2f(m1 - mx[1]);
+    const float sc2 = m2 == NEG_INF ? 0.f : exp2f(m2 - mx[2]), sc3 = m3 == NEG_INF ? 0.f : exp2f(m3 - mx[3]);
+    if (lane == 0) s_red[NWARP + warp] = make_float4(l0 * sc0, l1 * sc1, l2 * sc2, l3 * sc3);
+    float* s_acc = reinterpret_cast<float*>(smem);  // [NWARP][4][DD], over the tables
+    if (tq < 2) {
+        const float slo = tq == 0 ? sc0 : sc2, shi = tq == 0 ? sc1 : sc3;
+#pragma unroll
+        for (int mt = 0; mt < DD / 16; ++mt) {
+            const int d0 = mt * 16 + gq;
+            s_acc[(warp * 4 + 2 * tq) * DD + d0] = acc[mt][0] * slo;
+            s_acc[(warp * 4 + 2 * tq + 1) * DD + d0] = acc[mt][1] * shi;
+            s_acc[(warp * 4 + 2 * tq) * DD + d0 + 8] = acc[mt][2] * slo;
+            s_acc[(warp * 4 + 2 * tq + 1) * DD + d0 + 8] = acc[mt][3] * shi;
+        }
+    }
+    __syncthreads();
+    float lsum[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int w = 0; w < NWARP; ++w) {
+        const float4 v = s_red[NWARP + w];
+        lsum[0] += v.x; lsum[1] += v.y; lsum[2] += v.z; lsum[3] += v.w;
+    }
+    const size_t slot = ((size_t)pair * ps + cidx) * RPAD;
+    for (int o = tid; o < 4 * DD; o += NT) {
+        const int r = o / DD, d = o % DD;
+        if (r < rv) {
+            float v = 0.f;
+#pragma unroll 4
+            for (int w = 0; w < NWARP; ++w) v += s_acc[(w * 4 + r) * DD + d];
+            const float l = lsum[r];
+            po[(slot + r) * DD + d] = l > 0.f ? v / l : 0.f;
+            if (d == 0) pl[slot + r] = l > 0.f ? mx[r] + log2f(l) : NEG_INF;
         }
     }
     __syncthreads();

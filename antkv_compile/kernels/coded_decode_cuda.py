@@ -32,6 +32,10 @@ DEFAULT_DB = int(os.environ.get("ANTKV_CUDA_DB", "0"))  # double-buffered tiles 
 # values on tensor cores (16-bit centroids): measured (NOTES.md v5) 5 % faster at 0.375 bit (16-dim sub-spaces) and
 # 9 % slower at 1 bit (8-dim), so "auto" = only where the sub-space is 16 dimensions; ANTKV_CUDA_MMA=0/1 forces it
 DEFAULT_MMA = os.environ.get("ANTKV_CUDA_MMA", "auto")
+# which kernel of coded_decode.cu: "warp" (v6: per-warp loops, ldmatrix + tensor cores, copies of the value table)
+# or "block" (v5: CTA-wide blocks of 512 tokens); NOTES.md "v6" has the measurements
+DEFAULT_KERNEL = os.environ.get("ANTKV_CUDA_KERNEL", "warp")
+KERNELS = {"warp": "antkv_coded_warp", "block": "antkv_coded_partials"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,6 +53,23 @@ def layout(ck: int, mk: int, cv: int, mv: int, subv: int, cent_dtype: torch.dtyp
             "RPAD": 16, "DB": int(bool(db)), "MMA": int(bool(mma) and _CT[cent_dtype] < 2 and subv in (8, 16)),
             "_smem": smem, "_reduce": nwarp * 4 * cv * subv * 4,
             "_reduce_room": smem - nbuf * nwarp * 16}
+
+
+@functools.lru_cache(maxsize=None)
+def warp_layout(ck: int, mk: int, cv: int, mv: int, subv: int, cent_dtype: torch.dtype,
+                copies: int | None = None) -> dict[str, int]:
+    """Constants and shared memory of the v6 kernel (``antkv_coded_warp``): 16 warps, one CTA per SM, the value
+    table stored as 16-bit in ``copies`` copies (default: as many of 1, 2, 4, 8 as fit)."""
+    nt, nwarp = 512, 16
+    lut = ck * mk * 16
+    table = cv * mv * subv * 2
+    tiles = nwarp * (4 * 32 * 2 + 32 * cv) + 2 * nwarp * 16
+    fits = [c for c in (1, 2, 4, 8) if lut + c * table + tiles <= SMEM_LIMIT]
+    ncopy = copies if copies is not None else (fits[-1] if fits else 1)
+    smem = lut + ncopy * table + tiles
+    return {"CK": ck, "MK": mk, "CV": cv, "MV": mv, "SUBV": subv, "NT": nt, "MINB": 1, "CT": _CT[cent_dtype],
+            "RPAD": 16, "NCOPY": ncopy, "_smem": smem, "_reduce": nwarp * 4 * cv * subv * 4,
+            "_reduce_room": lut + ncopy * table}
 
 
 def unsupported_reason(q: torch.Tensor, codes_k: torch.Tensor, codes_v: torch.Tensor, cent_k: torch.Tensor,
@@ -87,7 +108,12 @@ def shape_reason(q: torch.Tensor, codes_k: torch.Tensor, codes_v: torch.Tensor, 
         return f"value sub-space of {sub_v} x {esize} bytes (needs whole 16-byte rows, {cv} x {sub_v} = {d})"
     if r_pad != 16:
         return f"{r_pad} rows per partial slot"
-    lay = layout(ck, m_k, cv, m_v, sub_v, cent_v.dtype)
+    if DEFAULT_KERNEL == "warp":
+        if sub_v not in (8, 16):
+            return f"value sub-spaces of {sub_v} dimensions (the tensor-core kernel takes 8 or 16)"
+        lay = warp_layout(ck, m_k, cv, m_v, sub_v, cent_v.dtype)
+    else:
+        lay = layout(ck, m_k, cv, m_v, sub_v, cent_v.dtype)
     if lay["_smem"] > SMEM_LIMIT or lay["_reduce"] > lay["_reduce_room"]:
         return f"{lay['_smem']} bytes of shared memory"
     return None
@@ -102,28 +128,43 @@ def cuda_splits(pairs: int, capacity: int, sms: int, ctas_per_sm: int, waves: fl
 
 @functools.lru_cache(maxsize=None)
 def coded_decode_kernel(device: torch.device, ck: int, mk: int, cv: int, mv: int, subv: int, cent_dtype: torch.dtype,
-                        db: int | None = None, mma: int | None = None) -> "CodedDecodeCuda":
+                        db: int | None = None, mma: int | None = None, kernel: str | None = None,
+                        copies: int | None = None) -> "CodedDecodeCuda":
     """One compiled kernel object per configuration and process (decode builds a plan every call)."""
-    return CodedDecodeCuda(device, ck, mk, cv, mv, subv, cent_dtype, db, mma)
+    return CodedDecodeCuda(device, ck, mk, cv, mv, subv, cent_dtype, db, mma, kernel, copies)
 
 
 class CodedDecodeCuda:
     """Compiled kernel + launch geometry for one (codebook shape, centroid dtype, device)."""
 
     def __init__(self, device: torch.device, ck: int, mk: int, cv: int, mv: int, subv: int,
-                 cent_dtype: torch.dtype, db: int | None = None, mma: int | None = None):
+                 cent_dtype: torch.dtype, db: int | None = None, mma: int | None = None, kernel: str | None = None,
+                 copies: int | None = None):
         from .cuda_rtc import load_kernel
 
-        if mma is None:
-            mma = int(subv == 16) if DEFAULT_MMA == "auto" else int(DEFAULT_MMA)
-        lay = dict(layout(ck, mk, cv, mv, subv, cent_dtype, DEFAULT_DB if db is None else db, mma))
-        self.mma = lay["MMA"]
+        self.kind = DEFAULT_KERNEL if kernel is None else kernel
+        if self.kind not in KERNELS:
+            raise ValueError(f"cuda kernel must be one of {sorted(KERNELS)} (got {self.kind!r})")
+        if self.kind == "warp":
+            lay = dict(warp_layout(ck, mk, cv, mv, subv, cent_dtype, copies))
+            self.mma, self.copies = 1, lay["NCOPY"]
+        else:
+            if mma is None:
+                mma = int(subv == 16) if DEFAULT_MMA == "auto" else int(DEFAULT_MMA)
+            lay = dict(layout(ck, mk, cv, mv, subv, cent_dtype, DEFAULT_DB if db is None else db, mma))
+            self.mma, self.copies = lay["MMA"], 1
         self.smem = lay.pop("_smem")
+        if self.smem > SMEM_LIMIT:
+            raise ValueError(f"{self.kind} kernel with {self.copies} copies of the value table needs {self.smem} bytes "
+                             f"of shared memory (at most {SMEM_LIMIT}); use fewer copies")
         lay.pop("_reduce")
         lay.pop("_reduce_room")
         self.nt = lay["NT"]
+        # CTAs per SM-slot to aim for (cuda_splits): measured best at 2 for the per-warp kernel, whose CTAs each
+        # first fill up to 205 KB of tables (kernels_bench_decode_20261122-120245: "cuda_m0.5"), 4 for v5
+        self.waves = 2.0 if self.kind == "warp" else 4.0
         self.ctas_per_sm = lay["MINB"]
-        self.kernel = load_kernel(_source(), "antkv_coded_partials", device, lay, self.smem)
+        self.kernel = load_kernel(_source(), KERNELS[self.kind], device, lay, self.smem)
 
     def __call__(self, pairs: int, p_coded: int, lut, qc, codes_k, codes_v, bits, n_coded, cent_v, po, pl, cnt,
                  hkv: int, n_cap: int, nw: int, ps: int, cbv_per_head: int, rv: int) -> None:
@@ -132,4 +173,5 @@ class CodedDecodeCuda:
                      hkv, n_cap, nw, p_coded, ps, cbv_per_head, rv])
 
 
-__all__ = ["CodedDecodeCuda", "coded_decode_kernel", "cuda_splits", "layout", "shape_reason", "unsupported_reason"]
+__all__ = ["CodedDecodeCuda", "coded_decode_kernel", "cuda_splits", "layout", "shape_reason", "unsupported_reason",
+           "warp_layout"]

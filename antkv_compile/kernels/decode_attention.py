@@ -829,7 +829,7 @@ class DecodePlan:
                  num_warps=4, num_stages=1, out=None, poison=False, gather_cache=".ca", rows_on_n=False,
                  submajor=False, split_mult=1.0, prologue="triton", merge="fused", key_lut=None, merge_pb=8,
                  prefetch=0, streams=1, lean=None, values_b=False, affine=False, probe_tables=False, maxnreg=None,
-                 coded=None, cuda_db=None, cuda_mma=None):
+                 coded=None, cuda_db=None, cuda_mma=None, cuda_kernel=None, cuda_copies=None):
         require_triton()
         coded = DEFAULT_CODED if coded is None else coded
         b, hq, tq, d = q.shape
@@ -852,7 +852,8 @@ class DecodePlan:
             if reason is None:
                 try:
                     self.cuda_coded = coded_decode_kernel(q.device, codes_k.shape[3], m_k, codes_v.shape[3], m_v,
-                                                          sub_v, cent_v.dtype, cuda_db, cuda_mma)
+                                                          sub_v, cent_v.dtype, cuda_db, cuda_mma, cuda_kernel,
+                                                          cuda_copies)
                 except Exception as exc:  # noqa: BLE001 - NVRTC / driver missing: "auto" falls back to Triton
                     if coded == "cuda":
                         raise
@@ -861,7 +862,8 @@ class DecodePlan:
             if self.cuda_coded is not None:
                 key_lut = True
                 if splits is None:
-                    pc = cuda_splits(b * hkv, n_cap, sm_count(q), self.cuda_coded.ctas_per_sm, 4 * split_mult)
+                    pc = cuda_splits(b * hkv, n_cap, sm_count(q), self.cuda_coded.ctas_per_sm,
+                                     self.cuda_coded.waves * split_mult)
                     splits = (pc, max(1, cdiv(a_cap * pc, max(1, n_cap))) if a_cap else 1)
             elif coded == "cuda":
                 raise ValueError(f"coded='cuda' cannot run this call: {reason}; use coded='triton' or 'auto'")
