@@ -122,7 +122,7 @@ def test_warp_kernel_compiles_to_ptx(bits, cent_dtype):
     cuda_rtc = _nvrtc_or_skip()
     p = get_preset(bits)
     s = 128 // p.sub_dim
-    lay = CDC.warp_layout(s, p.num_centroids, s, p.num_centroids, p.sub_dim, cent_dtype)
+    lay = CDC.warp_layout(s, p.num_centroids, s, p.num_centroids, p.sub_dim, cent_dtype, None, (s, p.sub_dim, cent_dtype))
     assert lay["NCOPY"] == {"1": 2, "0.375": 8}[bits] and lay["_smem"] <= CDC.SMEM_LIMIT
     assert lay["_reduce"] <= lay["_reduce_room"]
     head = "".join(f"#define {k} {v}\n" for k, v in lay.items() if not k.startswith("_"))

@@ -451,6 +451,34 @@ __device__ __forceinline__ unsigned vchunk_off(int sv, unsigned k, int ch, int c
     return 16u * (k * (8 * CV * NCH16 / GPC) + ((j / GPC) << 3) + c * GPC + ((j ^ k) & (GPC - 1)));
 }
 
+// Key centroids (the v6 kernel builds the key lookup table itself): CTK 0 fp16, 1 bf16, 2 fp32; SK sub-spaces of
+// SUBK dimensions per stage (CK = stages * SK codes per token), DK = SK * SUBK.
+#ifndef CTK
+#define CTK 0
+#endif
+#ifndef SK  // (only the v6 kernel reads them; defaults so that the v5 configuration compiles the whole file)
+#define SK CK
+#define SUBK (DD / CK)
+#endif
+#define DK (SK * SUBK)
+#if CTK == 2
+typedef float ck_t;
+#else
+typedef unsigned short ck_t;
+#endif
+
+__device__ __forceinline__ float ck_to_f32(ck_t x) {
+#if CTK == 0
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
+    return f;
+#elif CTK == 1
+    return __uint_as_float(((unsigned)x) << 16);
+#else
+    return x;
+#endif
+}
+
 __device__ __forceinline__ void ldsm_x4_t(unsigned addr, unsigned& a0, unsigned& a1, unsigned& a2, unsigned& a3) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(a0), "=r"(a1), "=r"(a2), "=r"(a3)
@@ -458,10 +486,11 @@ __device__ __forceinline__ void ldsm_x4_t(unsigned addr, unsigned& a0, unsigned&
 }
 
 extern "C" __global__ void __launch_bounds__(NT, MINB)
-antkv_coded_warp(const float* __restrict__ lut, const float* __restrict__ qc, const u8* __restrict__ codes_k,
+antkv_coded_warp(const ck_t* __restrict__ cent_k, const float* __restrict__ qc, const u8* __restrict__ codes_k,
                  const u8* __restrict__ codes_v, const int* __restrict__ bits, const int* __restrict__ ncoded,
                  const ct_t* __restrict__ cent_v, float* __restrict__ po, float* __restrict__ pl,
-                 int* __restrict__ cnt, int hkv, int n_cap, int nw, int p_coded, int ps, int cbv_per_head, int rv)
+                 int* __restrict__ cnt, int hkv, int n_cap, int nw, int p_coded, int ps, int cbv_per_head, int rv,
+                 int hcb_k, int cbk_per_head)
 {
     typedef CodeWords<CK> KW;
     typedef CodeWords<CV> VW;
@@ -482,8 +511,30 @@ antkv_coded_warp(const float* __restrict__ lut, const float* __restrict__ qc, co
     const int end = min(start + chunk, n_b);
 
     {
-        const float4* g_lut = reinterpret_cast<const float4*>(lut) + (size_t)pair * CK * MK;
-        for (int i = tid; i < CK * MK; i += NT) s_lut[(i % MK) * CK + i / MK] = g_lut[i];
+        // key lookup table of this pair: LUT[code][c] (4 rows) = q'_r[s * SUBK:(s + 1) * SUBK] . centroid[st][s][code]
+        // with c = st * SK + s (the Triton _decode_lut_kernel's table, built here: no table round trip via HBM)
+        float4* s_q = reinterpret_cast<float4*>(s_vc0);  // [DK] rows 0-3 of q' (scale * log2 e inside)
+        const float* qc_p = qc + (size_t)pair * RPAD * (DD + 1);
+        for (int d = tid; d < DK; d += NT)
+            s_q[d] = make_float4(qc_p[d], qc_p[DK + d], qc_p[2 * DK + d], qc_p[3 * DK + d]);
+        __syncthreads();
+        for (int i = tid; i < CK * MK; i += NT) {
+            const int c = i / MK, code = i % MK, st = c / SK, sk = c % SK;
+            const ck_t* cp = cent_k + ((size_t)((st * hcb_k + h * cbk_per_head) * SK + sk) * MK + code) * SUBK;
+            float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+            for (int e0 = 0; e0 < SUBK; e0 += 16 / (int)sizeof(ck_t)) {
+                const uint4 raw = *reinterpret_cast<const uint4*>(cp + e0);
+                const ck_t* x = reinterpret_cast<const ck_t*>(&raw);
+#pragma unroll
+                for (int e = 0; e < 16 / (int)sizeof(ck_t); ++e) {
+                    const float f = ck_to_f32(x[e]);
+                    const float4 qv = s_q[sk * SUBK + e0 + e];
+                    a.x += qv.x * f; a.y += qv.y * f; a.z += qv.z * f; a.w += qv.w * f;
+                }
+            }
+            s_lut[code * CK + c] = a;
+        }
         const ct_t* g_cent = cent_v + (size_t)(h * cbv_per_head) * CV * MV * SUBV;
         uint4* s_c4 = reinterpret_cast<uint4*>(s_cent);
         for (int i = tid; i < CV * MV * NCH16; i += NT) {  // i = (sv * MV + k) * NCH16 + ch

@@ -57,9 +57,11 @@ def layout(ck: int, mk: int, cv: int, mv: int, subv: int, cent_dtype: torch.dtyp
 
 @functools.lru_cache(maxsize=None)
 def warp_layout(ck: int, mk: int, cv: int, mv: int, subv: int, cent_dtype: torch.dtype,
-                copies: int | None = None) -> dict[str, int]:
+                copies: int | None = None, key: tuple[int, int, torch.dtype] = (16, 8, torch.float16)
+                ) -> dict[str, int]:
     """Constants and shared memory of the v6 kernel (``antkv_coded_warp``): 16 warps, one CTA per SM, the value
-    table stored as 16-bit in ``copies`` copies (default: as many of 1, 2, 4, 8 as fit)."""
+    table stored as 16-bit in ``copies`` copies (default: as many of 1, 2, 4, 8 as fit). ``key`` = (sub-spaces
+    per stage, their dimension, dtype) of the key centroids, from which the kernel builds its lookup table."""
     nt, nwarp = 512, 16
     lut = ck * mk * 16
     table = cv * mv * subv * 2
@@ -68,8 +70,8 @@ def warp_layout(ck: int, mk: int, cv: int, mv: int, subv: int, cent_dtype: torch
     ncopy = copies if copies is not None else (fits[-1] if fits else 1)
     smem = lut + ncopy * table + tiles
     return {"CK": ck, "MK": mk, "CV": cv, "MV": mv, "SUBV": subv, "NT": nt, "MINB": 1, "CT": _CT[cent_dtype],
-            "RPAD": 16, "NCOPY": ncopy, "_smem": smem, "_reduce": nwarp * 4 * cv * subv * 4,
-            "_reduce_room": lut + ncopy * table}
+            "RPAD": 16, "NCOPY": ncopy, "SK": key[0], "SUBK": key[1], "CTK": _CT[key[2]],
+            "_smem": smem, "_reduce": nwarp * 4 * cv * subv * 4, "_reduce_room": lut + ncopy * table}
 
 
 def unsupported_reason(q: torch.Tensor, codes_k: torch.Tensor, codes_v: torch.Tensor, cent_k: torch.Tensor,
@@ -111,7 +113,10 @@ def shape_reason(q: torch.Tensor, codes_k: torch.Tensor, codes_v: torch.Tensor, 
     if DEFAULT_KERNEL == "warp":
         if sub_v not in (8, 16):
             return f"value sub-spaces of {sub_v} dimensions (the tensor-core kernel takes 8 or 16)"
-        lay = warp_layout(ck, m_k, cv, m_v, sub_v, cent_v.dtype)
+        sub_k = cent_k.shape[4]
+        if cent_k.dtype not in _CT or (sub_k * cent_k.element_size()) % 16 or s_k * sub_k != d:
+            return f"key sub-spaces of {sub_k} x {cent_k.dtype} (needs whole 16-byte rows, {s_k} x {sub_k} = {d})"
+        lay = warp_layout(ck, m_k, cv, m_v, sub_v, cent_v.dtype, None, (s_k, sub_k, cent_k.dtype))
     else:
         lay = layout(ck, m_k, cv, m_v, sub_v, cent_v.dtype)
     if lay["_smem"] > SMEM_LIMIT or lay["_reduce"] > lay["_reduce_room"]:
@@ -129,9 +134,10 @@ def cuda_splits(pairs: int, capacity: int, sms: int, ctas_per_sm: int, waves: fl
 @functools.lru_cache(maxsize=None)
 def coded_decode_kernel(device: torch.device, ck: int, mk: int, cv: int, mv: int, subv: int, cent_dtype: torch.dtype,
                         db: int | None = None, mma: int | None = None, kernel: str | None = None,
-                        copies: int | None = None) -> "CodedDecodeCuda":
+                        copies: int | None = None, key: tuple[int, int, torch.dtype] = (16, 8, torch.float16)
+                        ) -> "CodedDecodeCuda":
     """One compiled kernel object per configuration and process (decode builds a plan every call)."""
-    return CodedDecodeCuda(device, ck, mk, cv, mv, subv, cent_dtype, db, mma, kernel, copies)
+    return CodedDecodeCuda(device, ck, mk, cv, mv, subv, cent_dtype, db, mma, kernel, copies, key)
 
 
 class CodedDecodeCuda:
@@ -139,14 +145,14 @@ class CodedDecodeCuda:
 
     def __init__(self, device: torch.device, ck: int, mk: int, cv: int, mv: int, subv: int,
                  cent_dtype: torch.dtype, db: int | None = None, mma: int | None = None, kernel: str | None = None,
-                 copies: int | None = None):
+                 copies: int | None = None, key: tuple[int, int, torch.dtype] = (16, 8, torch.float16)):
         from .cuda_rtc import load_kernel
 
         self.kind = DEFAULT_KERNEL if kernel is None else kernel
         if self.kind not in KERNELS:
             raise ValueError(f"cuda kernel must be one of {sorted(KERNELS)} (got {self.kind!r})")
         if self.kind == "warp":
-            lay = dict(warp_layout(ck, mk, cv, mv, subv, cent_dtype, copies))
+            lay = dict(warp_layout(ck, mk, cv, mv, subv, cent_dtype, copies, key))
             self.mma, self.copies = 1, lay["NCOPY"]
         else:
             if mma is None:
@@ -166,11 +172,21 @@ class CodedDecodeCuda:
         self.ctas_per_sm = lay["MINB"]
         self.kernel = load_kernel(_source(), KERNELS[self.kind], device, lay, self.smem)
 
-    def __call__(self, pairs: int, p_coded: int, lut, qc, codes_k, codes_v, bits, n_coded, cent_v, po, pl, cnt,
-                 hkv: int, n_cap: int, nw: int, ps: int, cbv_per_head: int, rv: int) -> None:
-        self.kernel((pairs, p_coded, 1), self.nt, self.smem,
-                    [lut, qc, codes_k, codes_v, bits, n_coded, cent_v, po, pl, cnt,
-                     hkv, n_cap, nw, p_coded, ps, cbv_per_head, rv])
+    @property
+    def builds_lut(self) -> bool:
+        """The v6 kernel computes the key lookup table itself (from the key centroids and q'); v5 reads the one
+        the Triton ``_decode_lut_kernel`` wrote."""
+        return self.kind == "warp"
+
+    def __call__(self, pairs: int, p_coded: int, lut_or_cent_k, qc, codes_k, codes_v, bits, n_coded, cent_v, po,
+                 pl, cnt, hkv: int, n_cap: int, nw: int, ps: int, cbv_per_head: int, rv: int, hcb_k: int = 1,
+                 cbk_per_head: int = 0) -> None:
+        """``lut_or_cent_k``: the key centroids [stages, H_cb, SK, MK, SUBK] for v6, the lookup table for v5."""
+        args = [lut_or_cent_k, qc, codes_k, codes_v, bits, n_coded, cent_v, po, pl, cnt,
+                hkv, n_cap, nw, p_coded, ps, cbv_per_head, rv]
+        if self.builds_lut:
+            args += [hcb_k, cbk_per_head]
+        self.kernel((pairs, p_coded, 1), self.nt, self.smem, args)
 
 
 __all__ = ["CodedDecodeCuda", "coded_decode_kernel", "cuda_splits", "layout", "shape_reason", "unsupported_reason",

@@ -853,7 +853,7 @@ class DecodePlan:
                 try:
                     self.cuda_coded = coded_decode_kernel(q.device, codes_k.shape[3], m_k, codes_v.shape[3], m_v,
                                                           sub_v, cent_v.dtype, cuda_db, cuda_mma, cuda_kernel,
-                                                          cuda_copies)
+                                                          cuda_copies, (s_k, sub_k, cent_k.dtype))
                 except Exception as exc:  # noqa: BLE001 - NVRTC / driver missing: "auto" falls back to Triton
                     if coded == "cuda":
                         raise
@@ -897,7 +897,7 @@ class DecodePlan:
             raise ValueError("prefetch / streams / lean are options of the key-LUT loop (key_lut, G*Tq <= 8)")
         c_k = codes_k.shape[3]
         cpw = (4 if c_k % 4 == 0 else 2 if c_k % 2 == 0 else 1) if lean else 1  # key codes per loaded word
-        ck_arg = codes_k.contiguous()
+        ck_plain = ck_arg = codes_k.contiguous()
         if cpw > 1:
             ck_arg = ck_arg.view(torch.int32 if cpw == 4 else torch.int16)
         extra = {} if maxnreg is None else {"maxnreg": int(maxnreg)}
@@ -907,7 +907,8 @@ class DecodePlan:
         self.po = torch.empty(b * hkv, p_slots, r_pad, d, dtype=torch.float32, device=dev)
         self.pl = torch.empty(b * hkv, p_slots, r_pad, dtype=torch.float32, device=dev)
         self.cnt = torch.empty(max(1, b * hkv), dtype=torch.int32, device=dev)
-        self.lut = (torch.empty(b * hkv * st_k * s_k * m_k * r_g, dtype=torch.float32, device=dev) if key_lut
+        lut_kernel = key_lut and not (self.cuda_coded is not None and self.cuda_coded.builds_lut)
+        self.lut = (torch.empty(b * hkv * st_k * s_k * m_k * r_g, dtype=torch.float32, device=dev) if lut_kernel
                     else self.cnt)
         if poison:
             self.po.fill_(float("nan"))
@@ -916,7 +917,9 @@ class DecodePlan:
             out = (torch.empty(b, hq, tq, d, dtype=q.dtype, device=dev),
                    torch.empty(b, hq, tq, dtype=torch.float32, device=dev))
         self.out, self.lse = out
-        self.qc = torch.zeros(b * hkv, r_pad * (d + 1), dtype=torch.float32, device=dev)
+        # every entry is written by the Triton prologue; the torch one (a benchmark comparison) writes G*Tq rows
+        alloc = torch.zeros if prologue == "torch" else torch.empty
+        self.qc = alloc(b * hkv, r_pad * (d + 1), dtype=torch.float32, device=dev)
         q = q.contiguous()
         dt, prec = dot_dtype(q.dtype), dot_precision(q.dtype)
         cbk_ph, cbv_ph = int(hcb_k == hkv and hkv > 1), int(hcb_v == hkv and hkv > 1)
@@ -943,27 +946,29 @@ class DecodePlan:
                     G=g, TQ=tq, R_PAD=r_pad, D=d, PREC=prec, num_warps=4,
                     **({"CLAIM": self.claim, "NR": nr, "NR_PAD": nr_pad} if affine else {}),
                 )
-            if key_lut:
+            if lut_kernel:
                 _decode_lut_kernel[(b * hkv, st_k * s_k)](
-                    qc, cent_k.contiguous(), self.lut, hkv, hcb_k, cbk_ph,
+                    qc, centk_arg, self.lut, hkv, hcb_k, cbk_ph,
                     R_PAD=r_pad, D=d, S=s_k, M=m_k, SUB=sub_k, ST=st_k, R_L=r_g, num_warps=4,
                 )
 
         cuda_coded = self.cuda_coded
         cv_arg, bits_arg, nc_arg, centv_arg = (codes_v.contiguous(), anchor_bits.contiguous(), n_coded.contiguous(),
                                                cent_v.contiguous())
+        centk_arg = cent_k.contiguous()
         if cuda_coded is not None and (nc_arg.dtype != torch.int32 or bits_arg.dtype != torch.int32):
             raise ValueError("n_coded and anchor_bits must be int32")
 
         def _partials():
             if cuda_coded is not None:
-                cuda_coded(b * hkv, p_coded, self.lut, qc, codes_k.contiguous(), cv_arg, bits_arg, nc_arg, centv_arg,
-                           self.po, self.pl, self.cnt, hkv, n_cap, anchor_bits.shape[2], p_slots, cbv_ph, g * tq)
+                cuda_coded(b * hkv, p_coded, centk_arg if cuda_coded.builds_lut else self.lut, qc, ck_plain, cv_arg,
+                           bits_arg, nc_arg, centv_arg, self.po, self.pl, self.cnt, hkv, n_cap, anchor_bits.shape[2],
+                           p_slots, cbv_ph, g * tq, hcb_k, cbk_ph)
             LAST_LAUNCH["decode"] = _decode_partials_kernel[(b * hkv, p_exact if cuda_coded is not None else p_total)](
                 q, qc, ck_arg, cv_arg, bits_arg, nc_arg,
                 anchor_k.contiguous(), anchor_v.contiguous(), anchor_pos.contiguous(),
                 win_k.contiguous(), win_v.contiguous(), win_len.contiguous(),
-                cent_k.contiguous(), centv_arg,
+                centk_arg, centv_arg,
                 self.po, self.pl, self.lut, self.cnt, inv_v32, mean_v32, self.out, self.lse,
                 q.stride(0), q.stride(1), q.stride(2), self.out.stride(0), self.out.stride(1), self.out.stride(2),
                 self.lse.stride(0), self.lse.stride(1),

@@ -55,6 +55,12 @@ def _ops():
     return torch.ops.antkv
 
 
+def _decode_kernels():
+    from ..kernels import decode_attention
+
+    return decode_attention
+
+
 def _flash_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """Unmasked attention of q [B, Hq, T, D] over k, v [B, Hkv, n, D] -> (out float32, lse float32)."""
     g = q.shape[1] // k.shape[1]
@@ -99,7 +105,11 @@ class KernelLayerStore(AnTKVLayerStore):
         values = torch.cat([self.win_v, v], dim=2)
         win_len = torch.full((self.geom.batch,), keys.shape[2], dtype=torch.int32, device=q.device)
         _, _, inv_k, mean_k, _, _, inv_v, mean_v = self._cb32
-        out, lse = _ops().decode_attention(
+        # on CUDA the op's implementation is called directly: this already runs inside the opaque
+        # antkv_rt::cache_attend op, and a second trip through the custom-op dispatcher layers cost ~0.2 ms of
+        # host time per layer and step (benchmarks/host_overhead.py), which the 32-layer decode step could not hide
+        decode = _decode_kernels().decode_attention_triton if q.is_cuda else _ops().decode_attention
+        out, lse = decode(
             q, self.codes_k, self.codes_v, self.anchor_bits, self.n_coded_t, self.anchor_k, self.anchor_v,
             self.anchor_pos, keys, values, win_len, self.cent_k, inv_k, mean_k, self.cent_v, inv_v, mean_v,
             float(self.geom.scale))
