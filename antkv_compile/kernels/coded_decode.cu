@@ -143,6 +143,62 @@ template <> struct CodeWords<8> {
     }
 };
 
+// Shared by both kernels ---------------------------------------------------------------------------------------------
+// Logits (4 rows, log2 units) of one token: bias + the CK key-table rows of its codes, read in the lane's rotation
+// (see cent_chunk: the 8 lanes of a quarter-warp read 8 different sub-spaces at every step).
+template <typename KW>
+__device__ __forceinline__ float4 token_logits(const float4* s_lut, const typename KW::T& kc, int rot, float4 bias) {
+    const typename KW::T kr = KW::rotate(kc, rot);  // byte i: the code of sub-space (i + rot) % CK
+#pragma unroll
+    for (int i = 0; i < CK; ++i) {
+        const float4 v = s_lut[KW::get(kr, i) * CK + ((i + rot) & (CK - 1))];
+        bias.x += v.x; bias.y += v.y; bias.z += v.z; bias.w += v.w;
+    }
+    return bias;
+}
+
+// The codes and anchor word of token t (zero value codes past the end: their p is 0, their table reads stay valid).
+template <typename KW, typename VW>
+__device__ __forceinline__ void load_token(int t, int end, const u8* ck_base, const u8* cv_base, const int* bits_base,
+                                           typename KW::T& kc, typename VW::T& vcw, int& word) {
+    if (t < end) {
+        kc = *reinterpret_cast<const typename KW::T*>(ck_base + (size_t)t * CK);
+        vcw = *reinterpret_cast<const typename VW::T*>(cv_base + (size_t)t * CV);
+        word = bits_base[t >> 5];
+    } else {
+        vcw = VW::zero();
+    }
+}
+
+// Epilogue: sum the NWARP per-warp accumulators s_acc [NWARP][4][DD] and sums s_l [NWARP] (already on the common
+// maxima mx), store the normalized partial and its log2-sum-exp in this chunk's slot, then count the arrival.
+__device__ __forceinline__ void store_partial(const float* s_acc, const float4* s_l, const float mx[4], float* po,
+                                              float* pl, int* cnt, int pair, int cidx, int ps, int rv, int tid) {
+    float lsum[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int w = 0; w < NWARP; ++w) {
+        const float4 v = s_l[w];
+        lsum[0] += v.x; lsum[1] += v.y; lsum[2] += v.z; lsum[3] += v.w;
+    }
+    const size_t slot = ((size_t)pair * ps + cidx) * RPAD;
+    for (int o = tid; o < 4 * DD; o += NT) {
+        const int r = o / DD, d = o % DD;
+        if (r < rv) {
+            float v = 0.f;
+#pragma unroll 4
+            for (int w = 0; w < NWARP; ++w) v += s_acc[(w * 4 + r) * DD + d];
+            const float l = lsum[r];
+            po[(slot + r) * DD + d] = l > 0.f ? v / l : 0.f;
+            if (d == 0) pl[slot + r] = l > 0.f ? mx[r] + log2f(l) : NEG_INF;
+        }
+    }
+    __syncthreads();
+    if (tid == 0) {
+        __threadfence();
+        atomicAdd(cnt + pair, 1);
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(NT, MINB)
 antkv_coded_partials(const float* __restrict__ lut,      // [pairs, CK, MK, 4] fp32 (scale * log2 e inside)
                      const float* __restrict__ qc,       // [pairs, RPAD * (DD + 1)]: bias at RPAD * DD + r
@@ -215,14 +271,7 @@ antkv_coded_partials(const float* __restrict__ lut,      // [pairs, CK, MK, 4] f
     typename KW::T kc = KW::zero();
     typename VW::T vcw = VW::zero();
     int word = 0;
-    {
-        const int t = start + tid;
-        if (t < end) {
-            kc = *reinterpret_cast<const typename KW::T*>(ck_base + (size_t)t * CK);
-            vcw = *reinterpret_cast<const typename VW::T*>(cv_base + (size_t)t * CV);
-            word = bits_base[t >> 5];
-        }
-    }
+    load_token<KW, VW>(start + tid, end, ck_base, cv_base, bits_base, kc, vcw, word);
     __syncthreads();  // tables ready
 
     int buf = 0;
@@ -236,28 +285,10 @@ antkv_coded_partials(const float* __restrict__ lut,      // [pairs, CK, MK, 4] f
 #endif
         // ---------------------------------------------------------------- phase A: logits, softmax
         float4 lg = make_float4(NEG_INF, NEG_INF, NEG_INF, NEG_INF);
-        if (t < end && !((word >> (t & 31)) & 1)) {
-            float4 a = bias;
-            const typename KW::T kr = KW::rotate(kc, rot);  // byte i: the code of sub-space (i + rot) % CK
-#pragma unroll
-            for (int i = 0; i < CK; ++i) {
-                const float4 v = s_lut[KW::get(kr, i) * CK + ((i + rot) & (CK - 1))];
-                a.x += v.x; a.y += v.y; a.z += v.z; a.w += v.w;
-            }
-            lg = a;
-        }
+        if (t < end && !((word >> (t & 31)) & 1)) lg = token_logits<KW>(s_lut, kc, rot, bias);
         *reinterpret_cast<typename VW::T*>(s_vc + tid * CV) = vcw;
         // prefetch the next block's codes (their HBM latency overlaps this block)
-        {
-            const int tn = t + NT;
-            if (tn < end) {
-                kc = *reinterpret_cast<const typename KW::T*>(ck_base + (size_t)tn * CK);
-                vcw = *reinterpret_cast<const typename VW::T*>(cv_base + (size_t)tn * CV);
-                word = bits_base[tn >> 5];
-            } else {
-                vcw = VW::zero();
-            }
-        }
+        load_token<KW, VW>(t + NT, end, ck_base, cv_base, bits_base, kc, vcw, word);
         {
             const float4 wm = make_float4(warp_max(lg.x), warp_max(lg.y), warp_max(lg.z), warp_max(lg.w));
             if (lane == 0) s_red[warp] = wm;
@@ -397,30 +428,8 @@ antkv_coded_partials(const float* __restrict__ lut,      // [pairs, CK, MK, 4] f
     }
 #endif
     __syncthreads();
-    float lsum[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int w = 0; w < NWARP; ++w) {
-        const float4 v = s_red[w];
-        lsum[0] += v.x; lsum[1] += v.y; lsum[2] += v.z; lsum[3] += v.w;
-    }
     const float mr[4] = {m0, m1, m2, m3};
-    const size_t slot = ((size_t)pair * ps + cidx) * RPAD;
-    for (int o = tid; o < 4 * DD; o += NT) {
-        const int r = o / DD, d = o % DD;
-        if (r < rv) {
-            float v = 0.f;
-#pragma unroll 4
-            for (int w = 0; w < NWARP; ++w) v += s_acc[(w * 4 + r) * DD + d];
-            const float l = lsum[r];
-            po[(slot + r) * DD + d] = l > 0.f ? v / l : 0.f;
-            if (d == 0) pl[slot + r] = l > 0.f ? mr[r] + log2f(l) : NEG_INF;
-        }
-    }
-    __syncthreads();
-    if (tid == 0) {
-        __threadfence();
-        atomicAdd(cnt + pair, 1);
-    }
+    store_partial(s_acc, s_red, mr, po, pl, cnt, pair, cidx, ps, rv, tid);
 }
 
 // =====================================================================================================================
@@ -579,37 +588,15 @@ antkv_coded_warp(const ck_t* __restrict__ cent_k, const float* __restrict__ qc, 
     typename KW::T kc = KW::zero();
     typename VW::T vcw = VW::zero();
     int word = 0;
-    if (t < end) {
-        kc = *reinterpret_cast<const typename KW::T*>(ck_base + (size_t)t * CK);
-        vcw = *reinterpret_cast<const typename VW::T*>(cv_base + (size_t)t * CV);
-        word = bits_base[t >> 5];
-    }
+    load_token<KW, VW>(t, end, ck_base, cv_base, bits_base, kc, vcw, word);
     __syncthreads();  // tables ready
 
     for (int t0 = start + 32 * warp; t0 < end; t0 += stride, t += stride) {
         // ------------------------------------------------------------ logits of this lane's token
         float4 lg = make_float4(NEG_INF, NEG_INF, NEG_INF, NEG_INF);
-        if (t < end && !((word >> lane) & 1)) {
-            float4 a = bias;
-            const typename KW::T kr = KW::rotate(kc, rot);
-#pragma unroll
-            for (int i = 0; i < CK; ++i) {
-                const float4 v = s_lut[KW::get(kr, i) * CK + ((i + rot) & (CK - 1))];
-                a.x += v.x; a.y += v.y; a.z += v.z; a.w += v.w;
-            }
-            lg = a;
-        }
+        if (t < end && !((word >> lane) & 1)) lg = token_logits<KW>(s_lut, kc, rot, bias);
         *reinterpret_cast<typename VW::T*>(s_vc + lane * CV) = vcw;
-        {
-            const int tn = t + stride;
-            if (tn < end) {
-                kc = *reinterpret_cast<const typename KW::T*>(ck_base + (size_t)tn * CK);
-                vcw = *reinterpret_cast<const typename VW::T*>(cv_base + (size_t)tn * CV);
-                word = bits_base[tn >> 5];
-            } else {
-                vcw = VW::zero();
-            }
-        }
+        load_token<KW, VW>(t + stride, end, ck_base, cv_base, bits_base, kc, vcw, word);
         // ------------------------------------------------------------ lazy running max (warp-uniform branch)
         const bool up = lg.x > m0 + LAZY || lg.y > m1 + LAZY || lg.z > m2 + LAZY || lg.w > m3 + LAZY;
         if (__any_sync(0xffffffffu, up)) {
@@ -683,27 +670,5 @@ antkv_coded_warp(const ck_t* __restrict__ cent_k, const float* __restrict__ qc, 
         }
     }
     __syncthreads();
-    float lsum[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int w = 0; w < NWARP; ++w) {
-        const float4 v = s_red[NWARP + w];
-        lsum[0] += v.x; lsum[1] += v.y; lsum[2] += v.z; lsum[3] += v.w;
-    }
-    const size_t slot = ((size_t)pair * ps + cidx) * RPAD;
-    for (int o = tid; o < 4 * DD; o += NT) {
-        const int r = o / DD, d = o % DD;
-        if (r < rv) {
-            float v = 0.f;
-#pragma unroll 4
-            for (int w = 0; w < NWARP; ++w) v += s_acc[(w * 4 + r) * DD + d];
-            const float l = lsum[r];
-            po[(slot + r) * DD + d] = l > 0.f ? v / l : 0.f;
-            if (d == 0) pl[slot + r] = l > 0.f ? mx[r] + log2f(l) : NEG_INF;
-        }
-    }
-    __syncthreads();
-    if (tid == 0) {
-        __threadfence();
-        atomicAdd(cnt + pair, 1);
-    }
+    store_partial(s_acc, s_red + NWARP, mx, po, pl, cnt, pair, cidx, ps, rv, tid);
 }
