@@ -1,10 +1,10 @@
 """Launcher of the CUDA C++ coded-decode kernel (``coded_decode.cu``), the ``coded="cuda"`` option of
 :class:`~antkv_compile.kernels.decode_attention.DecodePlan`.
 
-It replaces only the coded split programs of the Triton decode: the prologue and the key lookup table are
-the Triton kernels' (same buffers), the CUDA kernel writes the coded partials into the same slots and
-counts its arrivals, and the Triton kernel then runs the exact programs (anchors, window) whose last
-arrival merges all partials. Its reference is therefore the same as the Triton decode's
+It replaces only the coded split programs of the Triton decode: the prologue is the Triton kernel's (same
+buffers), the key lookup table is built by the v6 kernel itself (v5 reads the Triton ``_decode_lut_kernel``'s),
+the CUDA kernel writes the coded partials into the same slots and counts its arrivals, and the Triton kernel
+then runs the exact programs (anchors, window) whose last arrival merges all partials. Its reference is therefore the same as the Triton decode's
 (:func:`~antkv_compile.kernels.decode_attention.decode_attention_reference`); tests/test_cuda.py checks it
 on a GPU. Why CUDA here and not Triton: NOTES.md ("v5").
 """
