@@ -45,17 +45,21 @@ typedef float ct_t;
 typedef unsigned short ct_t;
 #endif
 
-__device__ __forceinline__ float ct_to_f32(ct_t x) {
-#if CT == 0
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
-    return f;
-#elif CT == 1
-    return __uint_as_float(((unsigned)x) << 16);
-#else
-    return x;
-#endif
+// A stored table element to fp32; C: 0 fp16 bits, 1 bf16 bits, 2 fp32 (the value centroids' CT, the keys' CTK)
+template <int C, typename T>
+__device__ __forceinline__ float stored_to_f32(T x) {
+    if constexpr (C == 0) {
+        float f;
+        asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((unsigned short)x));
+        return f;
+    } else if constexpr (C == 1) {
+        return __uint_as_float(((unsigned)x) << 16);
+    } else {
+        return (float)x;
+    }
 }
+
+__device__ __forceinline__ float ct_to_f32(ct_t x) { return stored_to_f32<CT>(x); }
 
 #if CT == 1
 #define CVT_HALF "cvt.rn.bf16.f32 %0, %1;"  // the MMA operand type follows the centroids: bf16
@@ -476,17 +480,7 @@ typedef float ck_t;
 typedef unsigned short ck_t;
 #endif
 
-__device__ __forceinline__ float ck_to_f32(ck_t x) {
-#if CTK == 0
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
-    return f;
-#elif CTK == 1
-    return __uint_as_float(((unsigned)x) << 16);
-#else
-    return x;
-#endif
-}
+__device__ __forceinline__ float ck_to_f32(ck_t x) { return stored_to_f32<CTK>(x); }
 
 __device__ __forceinline__ void ldsm_x4_t(unsigned addr, unsigned& a0, unsigned& a1, unsigned& a2, unsigned& a3) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
