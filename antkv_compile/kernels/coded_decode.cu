@@ -148,6 +148,14 @@ template <> struct CodeWords<8> {
 };
 
 // Shared by both kernels ---------------------------------------------------------------------------------------------
+// Tokens [start, end) of coded chunk cidx of p_coded over a sequence's n coded tokens (chunks of whole 64-token
+// groups, so 32-token tiles never straddle an anchor-bitmask word).
+__device__ __forceinline__ void chunk_range(int n, int p_coded, int cidx, int& start, int& end) {
+    const int chunk = (((n + p_coded - 1) / p_coded) + 63) & ~63;
+    start = min(cidx * chunk, n);
+    end = min(start + chunk, n);
+}
+
 // Logits (4 rows, log2 units) of one token: bias + the CK key-table rows of its codes, read in the lane's rotation
 // (see cent_chunk: the 8 lanes of a quarter-warp read 8 different sub-spaces at every step).
 template <typename KW>
@@ -228,11 +236,8 @@ antkv_coded_partials(const float* __restrict__ lut,      // [pairs, CK, MK, 4] f
     const int pair = blockIdx.x, cidx = blockIdx.y;
     const int b = pair / hkv, h = pair % hkv;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int n_b = ncoded[b];
-    int chunk = (n_b + p_coded - 1) / p_coded;
-    chunk = (chunk + 63) & ~63;
-    const int start = min(cidx * chunk, n_b);
-    const int end = min(start + chunk, n_b);
+    int start, end;
+    chunk_range(ncoded[b], p_coded, cidx, start, end);
 
     // both tables of this pair into shared memory
     {
@@ -507,11 +512,8 @@ antkv_coded_warp(const ck_t* __restrict__ cent_k, const float* __restrict__ qc, 
     const int pair = blockIdx.x, cidx = blockIdx.y;
     const int b = pair / hkv, h = pair % hkv;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int n_b = ncoded[b];
-    int chunk = (n_b + p_coded - 1) / p_coded;
-    chunk = (chunk + 63) & ~63;
-    const int start = min(cidx * chunk, n_b);
-    const int end = min(start + chunk, n_b);
+    int start, end;
+    chunk_range(ncoded[b], p_coded, cidx, start, end);
 
     {
         // key lookup table of this pair: LUT[code][c] (4 rows) = q'_r[s * SUBK:(s + 1) * SUBK] . centroid[st][s][code]
