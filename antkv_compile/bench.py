@@ -158,6 +158,12 @@ def _greedy_step(fn, cache, first_ids):
     return step
 
 
+def _check_errors(r: dict) -> list[float]:
+    """Relative errors of a result's per-layer reference check (empty when it was not checked)."""
+    chk = r.get("check") or {}
+    return [v["rel_err"] for v in (chk.get("layers") or {}).values() if v.get("rel_err") is not None]
+
+
 @dataclasses.dataclass(frozen=True)
 class ConfigSpec:
     name: str
@@ -1279,8 +1285,7 @@ class Bench:
             md.append("Decode throughput\n\n" + markdown_table(rows, cols))
         rows = []
         for r in self.results["capacity"]:
-            chk = r.get("check") or {}
-            errs = [v.get("rel_err") for v in (chk.get("layers") or {}).values() if v.get("rel_err") is not None]
+            errs = _check_errors(r)
             rows.append({"config": r["config"], "status": r["status"], "context": r["context"], "capacity": r["capacity"],
                          "step_ms": r.get("step_ms"), "fill_tps": r.get("fill_tokens_per_s"), "fill_s": r.get("fill_s"),
                          "rel": max(errs) if errs else None, "plan": r.get("planner_longest_context"),
@@ -1296,8 +1301,7 @@ class Bench:
             md.append("Capacity\n\n" + markdown_table(rows, cols))
         rows = []
         for r in self.results["prefill"]:
-            chk = r.get("check") or {}
-            errs = [v.get("rel_err") for v in (chk.get("layers") or {}).values() if v.get("rel_err") is not None]
+            errs = _check_errors(r)
             rows.append({"config": r["config"], "status": r["status"], "context": r["context"], "chunk": r.get("chunk"),
                          "prefill_s": r.get("prefill_s"), "tps": r.get("prefill_tokens_per_s"),
                          "step_ms": r.get("step_ms"), "rel": max(errs) if errs else None,

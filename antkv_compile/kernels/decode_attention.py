@@ -210,6 +210,22 @@ if HAS_TRITON:
     # B operand of p^T @ vc (one shared-memory round trip per block). AFFINE: chunks claimed per SM
     # (_v4_worker). PROBE: timing probe, not exact (_v4_chunk).
     @triton.jit
+    def _v4_state(R_G: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  VB: tl.constexpr, LEAN: tl.constexpr):
+        """Empty online-softmax state of one stream: running max [R_G], accumulator ([R_PAD, D] with VB, else
+        [D, R_G]) and sums ([BLOCK_N, R_G] per lane with LEAN, else [R_G])."""
+        m = tl.full([R_G], float("-inf"), tl.float32)
+        if VB:
+            acc = tl.zeros([R_PAD, D], tl.float32)
+        else:
+            acc = tl.zeros([D, R_G], tl.float32)
+        if LEAN:
+            l_ = tl.zeros([BLOCK_N, R_G], tl.float32)
+        else:
+            l_ = tl.zeros([R_G], tl.float32)
+        return m, acc, l_
+
+    @triton.jit
     def _v4_codes(CK, CV, BITS, ck_base, cv_base, bits_base, n0, lim, BLOCK_N: tl.constexpr, KW: tl.constexpr,
                   C_V: tl.constexpr):
         """Key codes [BLOCK_N, KW] (code words when LEAN, else bytes), value codes [BLOCK_N, C_V] and anchor-bit
@@ -358,25 +374,9 @@ if HAS_TRITON:
         lim_a = tl.minimum(start + span, end)
         start_b = start + span
         n_blk = tl.cdiv(span, BLOCK_N)
-        m_a = tl.full([R_G], float("-inf"), tl.float32)
-        if VB:
-            acc_a = tl.zeros([R_PAD, D], tl.float32)
-        else:
-            acc_a = tl.zeros([D, R_G], tl.float32)
-        if LEAN:
-            l_a = tl.zeros([BLOCK_N, R_G], tl.float32)
-        else:
-            l_a = tl.zeros([R_G], tl.float32)
+        m_a, acc_a, l_a = _v4_state(R_G, R_PAD, D, BLOCK_N, VB, LEAN)
         if NS == 2:
-            m_b = tl.full([R_G], float("-inf"), tl.float32)
-            if VB:
-                acc_b = tl.zeros([R_PAD, D], tl.float32)
-            else:
-                acc_b = tl.zeros([D, R_G], tl.float32)
-            if LEAN:
-                l_b = tl.zeros([BLOCK_N, R_G], tl.float32)
-            else:
-                l_b = tl.zeros([R_G], tl.float32)
+            m_b, acc_b, l_b = _v4_state(R_G, R_PAD, D, BLOCK_N, VB, LEAN)
         if PF >= 1:
             kc_a, vc_a, w_a = _v4_codes(CK, CV, BITS, ck_base, cv_base, bits_base, start, lim_a, BLOCK_N, KW, C_V)
             if NS == 2:
