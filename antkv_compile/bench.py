@@ -158,6 +158,15 @@ def _greedy_step(fn, cache, first_ids):
     return step
 
 
+def _emit_table(rows: list[dict], cols: list[tuple], title: str, md_title: str, md: list[str]) -> None:
+    """Print one report table and add it to the markdown report (nothing when it has no rows)."""
+    from .reporting import markdown_table
+
+    if rows:
+        print_table(rows, cols, title)
+        md.append(md_title + "\n\n" + markdown_table(rows, cols))
+
+
 def _check_errors(r: dict) -> list[float]:
     """Relative errors of a result's per-layer reference check (empty when it was not checked)."""
     chk = r.get("check") or {}
@@ -1263,8 +1272,6 @@ class Bench:
         return [*r["throughput"], *r["memory_points"], *r["capacity"], *r["prefill"]]
 
     def report(self) -> str:
-        from .reporting import markdown_table
-
         s = self.summarize()
         md = []
         title_note = f"{self.args.shape} shape, {WEIGHTS_NOTE}"
@@ -1280,9 +1287,7 @@ class Bench:
                 ("tok_s", "tokens/s", ",.1f"), ("step_ms", "ms/step", ".2f"), ("bound", "x bound", ".2f"),
                 ("max_b", "largest batch run", "d"), ("oom_b", "first OOM", "d"), ("plan_b", "planner largest", "d"),
                 ("x_b", "x (b)", ".2f"), ("x_a", "x (a)", ".2f")]
-        if rows:
-            print_table(rows, cols, f"Decode throughput (best batch of each; {title_note})")
-            md.append("Decode throughput\n\n" + markdown_table(rows, cols))
+        _emit_table(rows, cols, f"Decode throughput (best batch of each; {title_note})", "Decode throughput", md)
         rows = []
         for r in self.results["capacity"]:
             errs = _check_errors(r)
@@ -1296,9 +1301,7 @@ class Bench:
                 ("fill_s", "fill s", ".0f"), ("rel", "check rel err", ".1e"), ("plan", "planner longest", ","),
                 ("implied", "headroom-implied longest", ","), ("fp", "bf16 cache longest", ","),
                 ("met", f">= {TARGET_CAPACITY / 1e6:g}M + check", "s")]
-        if rows:
-            print_table(rows, cols, f"Capacity at batch 1 ({title_note})")
-            md.append("Capacity\n\n" + markdown_table(rows, cols))
+        _emit_table(rows, cols, f"Capacity at batch 1 ({title_note})", "Capacity", md)
         rows = []
         for r in self.results["prefill"]:
             errs = _check_errors(r)
@@ -1309,9 +1312,7 @@ class Bench:
         cols = [("config", "method", "s"), ("status", "status", "s"), ("context", "context", ","), ("chunk", "chunk", "d"),
                 ("prefill_s", "prefill s", ".1f"), ("tps", "prefill tok/s", ",.0f"), ("step_ms", "decode ms/step", ".2f"),
                 ("rel", "check rel err", ".1e"), ("peak", "peak GiB", "s")]
-        if rows:
-            print_table(rows, cols, f"Chunked prefill + decode ({title_note})")
-            md.append("Chunked prefill + decode\n\n" + markdown_table(rows, cols))
+        _emit_table(rows, cols, f"Chunked prefill + decode ({title_note})", "Chunked prefill + decode", md)
         rows = []
         pts = [r for r in self._all_points() if r.get("status") == "ok" and r.get("memory")]
         big = max([r["memory"].get("peak") or r["memory"]["accounted"] for r in pts] or [0]) >= 2**30
@@ -1334,9 +1335,7 @@ class Bench:
                 ("codebooks", "codebooks", "s"), ("dense", "dense cache", "s"), ("workspace", "decode workspace", "s"),
                 ("peak", "peak", "s"), ("unacc", "unaccounted", "s"), ("plan", "planner total", "s"),
                 ("ratio", "peak / planner", ".3f")]
-        if rows:
-            print_table(rows, cols, f"Memory accounting, {unit} ({title_note})")
-            md.append(f"Memory accounting ({unit})\n\n" + markdown_table(rows, cols))
+        _emit_table(rows, cols, f"Memory accounting, {unit} ({title_note})", f"Memory accounting ({unit})", md)
         q = self.results.get("quality")
         lines = [f"notes: {WEIGHTS_NOTE}; {CODEBOOK_NOTE}"]
         fills = sorted({f"{r['purpose']}: {r['fill']}" for r in self._all_points() if r.get("kind") == "antkv" and r.get("fill")})

@@ -291,20 +291,22 @@ if HAS_TRITON:
         return x
 
     @triton.jit
+    def _v4_double(x, R: tl.constexpr):
+        """Zero-pad the last dimension of x ([R] or [N, R]) to 2 R."""
+        j = tl.join(x, tl.zeros_like(x))
+        if len(x.shape) == 1:
+            x = tl.reshape(tl.trans(j), [2 * R])
+        else:
+            x = tl.reshape(tl.permute(j, (0, 2, 1)), [x.shape[0], 2 * R])
+        return x
+
+    @triton.jit
     def _v4_pad(x, R: tl.constexpr, R_PAD: tl.constexpr):
         """Zero-pad the last dimension of x ([R] or [N, R]) to R_PAD (R_PAD / R in {1, 2, 4})."""
         if R * 2 <= R_PAD:
-            j = tl.join(x, tl.zeros_like(x))
-            if len(x.shape) == 1:
-                x = tl.reshape(tl.trans(j), [2 * R])
-            else:
-                x = tl.reshape(tl.permute(j, (0, 2, 1)), [x.shape[0], 2 * R])
+            x = _v4_double(x, R)
         if R * 4 <= R_PAD:
-            j = tl.join(x, tl.zeros_like(x))
-            if len(x.shape) == 1:
-                x = tl.reshape(tl.trans(j), [4 * R])
-            else:
-                x = tl.reshape(tl.permute(j, (0, 2, 1)), [x.shape[0], 4 * R])
+            x = _v4_double(x, 2 * R)
         return x
 
     @triton.jit
