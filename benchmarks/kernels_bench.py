@@ -791,8 +791,19 @@ V6_VARIANTS = {  # the per-warp kernel (antkv_coded_warp), NOTES.md "v6"; copies
     "cuda_w1": dict(coded="cuda", cuda_kernel="warp", split_mult=0.5),  # 1 wave of CTAs (default: 2)
     "cuda_w4": dict(coded="cuda", cuda_kernel="warp", split_mult=2),  # 4 waves
 }
+V7_VARIANTS = {  # v7 (NOTES.md): the key table in fp16 ("cuda" is the default: fp16 unless ANTKV_CUDA_KEY_HALF=0);
+    # the exact programs (anchors + window, Triton): anchors per step, pipelining, programs per KV head
+    "cuda_k32": dict(coded="cuda", cuda_kernel="warp", cuda_key_half=0),  # the fp32 key table (v6)
+    "cuda_k16": dict(coded="cuda", cuda_kernel="warp", cuda_key_half=1),
+    "cuda_a64": dict(coded="cuda", block_a=64),
+    "cuda_ns2": dict(coded="cuda", num_stages=2),
+    "cuda_a64ns2": dict(coded="cuda", block_a=64, num_stages=2),
+    "cuda_e2": dict(coded="cuda", exact_splits=2),
+    "cuda_e4": dict(coded="cuda", exact_splits=4),
+    "cuda_w8": dict(coded="cuda", num_warps=8),
+}
 V5_DEFAULT = ["lean", "cuda_v5", "cuda_fma", *V6_VARIANTS]
-ALL_VARIANTS = {**V3_VARIANTS, **V4_VARIANTS, **V5_VARIANTS, **V6_VARIANTS}
+ALL_VARIANTS = {**V3_VARIANTS, **V4_VARIANTS, **V5_VARIANTS, **V6_VARIANTS, **V7_VARIANTS}
 NOT_EXACT = {"probe"}
 
 
@@ -855,7 +866,7 @@ def warm_all(names, jobs=12):
 
 
 @section("decode_only")
-def decode_only(variants=None, rep_ms=100, grid=None):
+def decode_only(variants=None, rep_ms=100, grid=None, split_times=False):
     """Correctness of every variant, then every variant timed on the whole grid (1 and 0.375 bit x 8K/32K/128K x
     B = 1/8/32, CUDA-graph replays), then a table: ms per variant, the best exact one against FP16 SDPA."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -936,6 +947,11 @@ def decode_only(variants=None, rep_ms=100, grid=None):
                 if getattr(fn, "cuda_coded", None) is not None:  # v5: the CUDA kernel's own figures
                     kc_ = fn.cuda_coded.kernel
                     timed[name].update(regs=kc_.regs, spills=kc_.local_bytes, smem=fn.cuda_coded.smem)
+                    if split_times:  # each launch after the prologue (which resets the arrival counters): ms apart
+                        pro = bench(graph_of(fn.prologue), ms=rep_ms, warm=25)
+                        coded = bench(graph_of(lambda: (fn.prologue(), fn.cuda_partials())), ms=rep_ms, warm=25)
+                        exact = bench(graph_of(lambda: (fn.prologue(), fn.triton_partials())), ms=rep_ms, warm=25)
+                        timed[name].update(prologue_ms=pro, coded_ms=coded - pro, exact_ms=exact - pro)
             except Exception as exc:  # noqa: BLE001
                 log("variant failed", name, bits, ctx, b, repr(exc)[:300])
                 timed[name] = {"ms": float("nan"), "splits": None, "error": repr(exc)[:300]}
@@ -981,15 +997,27 @@ def decode_only(variants=None, rep_ms=100, grid=None):
         last = next((r["timed"][n] for r in reversed(rows)), {})
         note = ("  (probe, not exact)" if n in NOT_EXACT else "") + ("  (FAILED correctness)" if n in bad else "")
         lines.append(f"  {n:<{w}} " + "  ".join(parts) + f"   regs {last.get('regs')} spills {last.get('spills')}" + note)
+    if split_times:
+        lines += ["", "coded=cuda variants, launches timed apart (ms; each after the prologue, which is subtracted; "
+                      "merge = total - prologue - coded - exact)",
+                  f"{'bits':>5} {'ctx':>7} {'B':>3} {'variant':<14} {'total':>8} {'prolog':>8} {'coded':>8} "
+                  f"{'exact':>8} {'merge':>8}"]
+        for r in rows:
+            for n in names:
+                x = r["timed"][n]
+                if "coded_ms" in x:
+                    merge = x["ms"] - x["prologue_ms"] - x["coded_ms"] - x["exact_ms"]
+                    lines.append(f"{r['bits']:>5} {r['ctx']:>7} {r['batch']:>3} {n:<14} {x['ms']:8.3f} "
+                                 f"{x['prologue_ms']:8.3f} {x['coded_ms']:8.3f} {x['exact_ms']:8.3f} {merge:8.3f}")
     log("\n".join(lines))
 
 
-def main_decode_only(out_dir, variants=None, rep_ms=100, grid=None, warm=True):
+def main_decode_only(out_dir, variants=None, rep_ms=100, grid=None, warm=True, split_times=False):
     env(" ".join(["python"] + sys.argv))
     if warm and not DRY:
         warm_all([n for n in (variants or V5_DEFAULT) if not n.startswith("cuda")])
     ceilings()
-    decode_only(variants, rep_ms, grid)
+    decode_only(variants, rep_ms, grid, split_times)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     with open(os.path.join(out_dir, f"kernels_bench_decode_{stamp}.json"), "w") as f:
         json.dump(RESULTS, f, indent=1, default=str)
@@ -1013,6 +1041,8 @@ def main():
     ap.add_argument("--warm", default="", help=argparse.SUPPRESS)  # internal: subprocess of the warm-up
     ap.add_argument("--grid", default="",
                     help="--decode-only shapes as bits:ctx:B,... (default: 1 and 0.375 bit x 8K/32K/128K x B=1/8/32)")
+    ap.add_argument("--split-times", action="store_true",
+                    help="--decode-only: also time the coded (CUDA) and exact (Triton) launches of coded=cuda apart")
     a = ap.parse_args()
     if a.warm:
         name, shapes = json.loads(a.warm)
@@ -1030,7 +1060,8 @@ def main():
         if unknown:
             raise SystemExit(f"unknown variants {unknown}; known: {list(ALL_VARIANTS)}")
         grid = [(x.split(":")[0], int(x.split(":")[1]), int(x.split(":")[2])) for x in a.grid.split(",") if x]
-        return main_decode_only(out_dir, names or None, a.rep_ms, grid or None, warm=not a.no_warm)
+        return main_decode_only(out_dir, names or None, a.rep_ms, grid or None, warm=not a.no_warm,
+                                split_times=a.split_times)
     only = set(filter(None, a.only.split(",")))
     want = lambda n: not only or n in only  # noqa: E731
     env(" ".join(["python"] + sys.argv))

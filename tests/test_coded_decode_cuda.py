@@ -116,13 +116,16 @@ def test_kernel_compiles_to_ptx(bits, mma):
 
 @pytest.mark.parametrize("bits", ["1", "0.375"])
 @pytest.mark.parametrize("cent_dtype", [torch.bfloat16, torch.float32])
-def test_warp_kernel_compiles_to_ptx(bits, cent_dtype):
+@pytest.mark.parametrize("key_half", [0, 1])
+def test_warp_kernel_compiles_to_ptx(bits, cent_dtype, key_half):
     """v6: ldmatrix + tensor cores for every centroid dtype, as many table copies as fit (2 at 1 bit, 8 at
-    0.375 bit), within the opt-in shared memory of one block."""
+    0.375 bit), within the opt-in shared memory of one block; the key table read as 8-byte fp16 entries
+    (v7, ``key_half``) or 16-byte fp32 ones."""
     cuda_rtc = _nvrtc_or_skip()
     p = get_preset(bits)
     s = 128 // p.sub_dim
-    lay = CDC.warp_layout(s, p.num_centroids, s, p.num_centroids, p.sub_dim, cent_dtype, None, (s, p.sub_dim, cent_dtype))
+    lay = CDC.warp_layout(s, p.num_centroids, s, p.num_centroids, p.sub_dim, cent_dtype, None,
+                          (s, p.sub_dim, cent_dtype), key_half)
     assert lay["NCOPY"] == {"1": 2, "0.375": 8}[bits] and lay["_smem"] <= CDC.SMEM_LIMIT
     assert lay["_reduce"] <= lay["_reduce_room"]
     head = "".join(f"#define {k} {v}\n" for k, v in lay.items() if not k.startswith("_"))
@@ -130,3 +133,17 @@ def test_warp_kernel_compiles_to_ptx(bits, cent_dtype):
                   "antkv_coded_warp")
     assert "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in body
     assert "mma.sync.aligned.m16n8k16.row.col.f32." + ("bf16" if cent_dtype == torch.bfloat16 else "f16") in body
+    assert ("cvt.rn.f16x2.f32" in body) == bool(key_half)  # the fp16 table is packed in the kernel
+    if key_half:
+        assert body.count("ld.shared.v2.u32") >= s  # and read as 8-byte entries, one per key sub-space
+
+
+def test_fp16_key_table_halves_its_shared_memory():
+    """v7: a code's fp16 row is 128 bytes (16 entries of 4 rows: 16 / CK copies of its CK sub-spaces)."""
+    for bits in ("1", "0.375"):
+        p = get_preset(bits)
+        s = 128 // p.sub_dim
+        args = (s, p.num_centroids, s, p.num_centroids, p.sub_dim, torch.float16, None, (s, p.sub_dim, torch.float16))
+        full, half = CDC.warp_layout(*args, 0), CDC.warp_layout(*args, 1)
+        assert full["_smem"] - half["_smem"] == s * p.num_centroids * 16 - p.num_centroids * 128
+        assert half["KH"] == 1 and full["KH"] == 0

@@ -153,19 +153,22 @@ def test_cuda_coded_decode_refuses_what_it_cannot_run():
 
 def test_cuda_coded_decode_variants_agree():
     """The two kernels of coded_decode.cu and their options compute the same partials: the per-warp kernel
-    (v6) with 1, 2 and (0.375 bit) 8 copies of the value table, and the CTA-block kernel (v5) with its
-    double-buffered and CUDA-core variants."""
+    (v6) with 1, 2 and (0.375 bit) 8 copies of the value table and with the fp32 or fp16 (v7) key table, and the
+    CTA-block kernel (v5) with its double-buffered and CUDA-core variants."""
     from antkv_compile.kernels import decode_attention as DA
 
     dev = torch.device("cuda", torch.cuda.current_device())
     for bits, copies in (("1", (1, 2)), ("0.375", (1, 8))):
         args = _decode_case(bits, 4, torch.float16, [9000, 700], dev, seed=3)
         ref, _ = DA.decode_attention_reference(*args)
-        outs = [DA.DecodePlan(*args, coded="cuda", cuda_kernel="warp", cuda_copies=c)()[0] for c in copies]
+        outs = [DA.DecodePlan(*args, coded="cuda", cuda_kernel="warp", cuda_copies=c, cuda_key_half=0)()[0]
+                for c in copies]
+        half, _ = DA.DecodePlan(*args, coded="cuda", cuda_kernel="warp", cuda_key_half=1)()  # v7 fp16 key table
         one, _ = DA.DecodePlan(*args, coded="cuda", cuda_kernel="block", cuda_db=0)()
         two, _ = DA.DecodePlan(*args, coded="cuda", cuda_kernel="block", cuda_db=1)()
         fma, _ = DA.DecodePlan(*args, coded="cuda", cuda_kernel="block", cuda_mma=0)()  # CUDA cores, fp32 p
         assert _rel(outs[1], outs[0]) < 1e-5  # the copies only move data: same bits
-        for o in (*outs, one, fma):
+        for o in (*outs, one, fma, half):
             assert _rel(o, ref) < 3e-3
         assert _rel(two, one) < 1e-5
+        assert 0 < _rel(half, outs[0]) < 2e-3  # the fp16 table rounds the logits (~2^-12 per entry), a little

@@ -92,6 +92,31 @@ def test_fill_keeps_the_anchor_budget():
     assert bool((ker.anchor_pos[ker.anchor_pos >= 0] < ker.n_coded).all())
 
 
+def test_window_lives_in_its_buffers():
+    """Decode steps write their token into the window buffers in place (no copy of the window per step), across
+    flushes; a chunk longer than the window grows the buffers and the next flush shrinks them back; the memory
+    the window holds is the buffers' (window tokens), and the store still equals the reference store."""
+    ref, ker = _pair(1, 2, 200, anchor_ratio=0.1, window=8, flush=3)
+    n = 150
+    q = randn(1, 6, n, D, seed=11)
+    k, v = randn(1, 2, n, D, seed=12), randn(1, 2, n, D, seed=13)
+    outs = {"ref": [], "ker": []}
+    for name, s in (("ref", ref), ("ker", ker)):
+        outs[name].append(s.attend(q[:, :, :30], k[:, :, :30], v[:, :, :30]))  # a chunk: 30 > window
+        for t in range(30, n):
+            outs[name].append(s.attend(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1]))
+            if name == "ker":
+                if t == 30:
+                    ptrs = {a: buf.data_ptr() for a, buf in ker._slabs.items()}
+                assert {a: buf.data_ptr() for a, buf in ker._slabs.items()} == ptrs  # in place
+                assert all(buf.shape[2] == 8 for buf in ker._slabs.values())
+                assert ker.win_k.data_ptr() == ker._slabs["win_k"].data_ptr() and ker.n_window < 8
+    torch.testing.assert_close(torch.cat(outs["ker"], 2), torch.cat(outs["ref"], 2), atol=2e-5, rtol=2e-5)
+    assert torch.equal(ker.win_k, ref.win_k) and torch.equal(ker.win_q, ref.win_q)
+    bytes_kv = sum(b.untyped_storage().nbytes() for a, b in ker._slabs.items() if a in ("win_k", "win_v"))
+    assert bytes_kv == 2 * 1 * 2 * 8 * D * 4  # K and V: batch 1, 2 heads, 8 tokens, fp32
+
+
 def test_overflow_and_unsupported_configs_are_refused():
     _, ker = _pair(1, 2, 20)
     with pytest.raises(CacheOverflowError, match="larger cache"):
@@ -132,7 +157,11 @@ def test_backend_kernel_store_equals_reference_store_and_capacity_beyond_the_sta
     ref = _greedy_manual(compiled(model, store="reference", **base), model, ids, 10, 24)
     ker = _greedy_manual(compiled(model, store="kernels", **base), model, ids, 10, 24)
     torch.testing.assert_close(ker, ref, atol=1e-4, rtol=1e-4)
-    assert type(next(iter(last_compiles[-1]["session"].stores.values()))).__name__ == "KernelLayerStore"
+    kstores = list(last_compiles[-1]["session"].stores.values())
+    assert type(kstores[0]).__name__ == "KernelLayerStore"
+    # through the compiled graph too, the window stays in its buffers (the op does not copy it out each step)
+    assert all(s.win_k.data_ptr() == s._slabs["win_k"].data_ptr() and s.win_q.data_ptr() == s._slabs["win_q"].data_ptr()
+               for s in kstores)
     small = _greedy_manual(compiled(model, store="kernels", capacity=24, **base), model, ids, 10, 16)
     torch.testing.assert_close(small, ker, atol=1e-4, rtol=1e-4)
     stores = list(last_compiles[-1]["session"].stores.values())

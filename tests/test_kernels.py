@@ -147,14 +147,16 @@ def _decode_inputs(b, hkv, g, tq, d, n_cap, a_cap, w_cap, bits, stages, shared, 
        bits=st.sampled_from(["1", "0.375"]), stages=st.sampled_from([1, 2]), shared=st.booleans(),
        dtype=st.sampled_from([torch.float32, torch.float16]), splits=st.sampled_from([None, (3, 2)]),
        rows_on_n=st.booleans(), submajor=st.booleans(), key_lut=st.sampled_from([None, False]),
-       merge=st.sampled_from(["fused", "triton"]), seed=st.integers(0, 99))
+       merge=st.sampled_from(["fused", "triton"]), block_a=st.sampled_from([32, 64]),
+       exact_splits=st.sampled_from([None, 3]), seed=st.integers(0, 99))
 def test_decode_attention_matches_reference(b, hkv, g, tq, d, n_cap, a_cap, bits, stages, shared, dtype, splits,
-                                            rows_on_n, submajor, key_lut, merge, seed):
+                                            rows_on_n, submajor, key_lut, merge, block_a, exact_splits, seed):
     args = _decode_inputs(b, hkv, g, tq, d, n_cap, a_cap, 5, bits, stages, shared, dtype, seed)
     out = torch.full_like(args[0], float("nan"))
     lse = torch.full(args[0].shape[:3], float("nan"), device=DEV)
     DA.decode_attention_triton(*args, splits=splits, out=(out, lse), poison=True, block_n=32, rows_on_n=rows_on_n,
-                               submajor=submajor, key_lut=key_lut, merge=merge)
+                               submajor=submajor, key_lut=key_lut, merge=merge, block_a=block_a,
+                               exact_splits=exact_splits)  # exact programs: anchors per step, programs per head
     ref_out, ref_lse = DA.decode_attention_reference(*args)
     assert not out.isnan().any() and not lse.isnan().any()
     assert _rel(out, ref_out) < 2 * TOL[dtype] and _rel(lse, ref_lse) < TOL[dtype]

@@ -121,10 +121,11 @@ template <> struct CodeWords<16> {
     static __device__ __forceinline__ unsigned word(const T& w, int i) {
         return i == 0 ? w.x : i == 1 ? w.y : i == 2 ? w.z : w.w;
     }
-    // byte i of the result = byte (i + q) % 16 of w, q < 8
+    // byte i of the result = byte (i + q) % 16 of w, q < 16
     static __device__ __forceinline__ T rotate(const T& w, int q) {
-        const bool s = q >= 4;
-        const unsigned x = s ? w.y : w.x, y = s ? w.z : w.y, z = s ? w.w : w.z, u = s ? w.x : w.w;
+        const bool s2 = q & 8, s1 = q & 4;
+        const unsigned a = s2 ? w.z : w.x, b = s2 ? w.w : w.y, c = s2 ? w.x : w.z, d = s2 ? w.y : w.w;
+        const unsigned x = s1 ? b : a, y = s1 ? c : b, z = s1 ? d : c, u = s1 ? a : d;
         const unsigned sh = 8u * (q & 3);
         return make_uint4(__funnelshift_r(x, y, sh), __funnelshift_r(y, z, sh), __funnelshift_r(z, u, sh),
                           __funnelshift_r(u, x, sh));
@@ -165,6 +166,34 @@ __device__ __forceinline__ float4 token_logits(const float4* s_lut, const typena
     for (int i = 0; i < CK; ++i) {
         const float4 v = s_lut[KW::get(kr, i) * CK + ((i + rot) & (CK - 1))];
         bias.x += v.x; bias.y += v.y; bias.z += v.z; bias.w += v.w;
+    }
+    return bias;
+}
+
+// The same logits from the fp16 key table of the v6 kernel (KH = 1): an entry is 8 bytes (4 rows), a code's row
+// KROW = 16 entries = 128 bytes (all 32 banks) holding 16 / CK copies of its CK entries; the 16 lanes of a half-warp
+// (one 8-byte access phase) read rotation rot = lane % CK of copy kofs / CK, i.e. 16 different bank pairs.
+#define KROW 16
+__device__ __forceinline__ float2 h2_to_f2(unsigned x) {
+    float2 r;
+    asm("{.reg .f16 lo, hi;\n\tmov.b32 {lo, hi}, %2;\n\tcvt.f32.f16 %0, lo;\n\tcvt.f32.f16 %1, hi;}"
+        : "=f"(r.x), "=f"(r.y) : "r"(x));
+    return r;
+}
+__device__ __forceinline__ unsigned f2_to_h2(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+template <typename KW>
+__device__ __forceinline__ float4 token_logits_h(const uint2* s_lut, const typename KW::T& kc, int rot, int kofs,
+                                                 float4 bias) {
+    const typename KW::T kr = KW::rotate(kc, rot);  // byte i: the code of sub-space (i + rot) % CK
+#pragma unroll
+    for (int i = 0; i < CK; ++i) {
+        const uint2 v = s_lut[KW::get(kr, i) * KROW + kofs + ((i + rot) & (CK - 1))];
+        const float2 a = h2_to_f2(v.x), b = h2_to_f2(v.y);
+        bias.x += a.x; bias.y += a.y; bias.z += b.x; bias.w += b.y;
     }
     return bias;
 }
@@ -453,7 +482,8 @@ antkv_coded_partials(const float* __restrict__ lut,      // [pairs, CK, MK, 4] f
 // - the value table is kept in NCOPY copies (defined by the launcher as large as shared memory allows): row i of an
 //   ldmatrix phase reads copy i % NCOPY, and copy c lives in its own 8 / NCOPY bank groups, so rows can only
 //   conflict with rows of their own copy (NCOPY 8: never). fp32 centroids are stored as fp16 here.
-// Extra constants: NCOPY (1, 2, 4 or 8). MMA, DB, SUBV in {8, 16} as above (MMA is implied).
+// Extra constants: NCOPY (1, 2, 4 or 8), KH (the key table in fp16, below). MMA, DB, SUBV in {8, 16} as above (MMA
+// is implied).
 #ifndef NCOPY
 #define NCOPY 1
 #endif
@@ -474,6 +504,12 @@ __device__ __forceinline__ unsigned vchunk_off(int sv, unsigned k, int ch, int c
 #ifndef CTK
 #define CTK 0
 #endif
+// KH (1: the key table in fp16, see token_logits_h: half the shared-memory wavefronts of the fp32 table, which is
+// [code][c] float4 rows, 4 lanes per bank-group phase; 0: fp32)
+#ifndef KH
+#define KH 0
+#endif
+#define LUT_BYTES (KH ? MK * KROW * 8 : CK * MK * 16)
 #ifndef SK  // (only the v6 kernel reads them; defaults so that the v5 configuration compiles the whole file)
 #define SK CK
 #define SUBK (DD / CK)
@@ -503,8 +539,9 @@ antkv_coded_warp(const ck_t* __restrict__ cent_k, const float* __restrict__ qc, 
     typedef CodeWords<CK> KW;
     typedef CodeWords<CV> VW;
     extern __shared__ __align__(16) unsigned char smem[];
-    float4* s_lut = reinterpret_cast<float4*>(smem);                                  // [MK][CK]
-    unsigned char* s_cent = smem + CK * MK * 16;                                       // NCOPY * CV * MV * SUBV * 2
+    float4* s_lut = reinterpret_cast<float4*>(smem);                                  // [MK][CK] (KH 0)
+    uint2* s_luth = reinterpret_cast<uint2*>(smem);                                    // [MK][KROW] (KH 1)
+    unsigned char* s_cent = smem + LUT_BYTES;                                          // NCOPY * CV * MV * SUBV * 2
     half_t* s_p0 = reinterpret_cast<half_t*>(s_cent + NCOPY * CV * MV * SUBV * 2);    // [NWARP][4][32]
     u8* s_vc0 = reinterpret_cast<u8*>(s_p0 + NWARP * 4 * 32);                        // [NWARP][32][CV]
     float4* s_red = reinterpret_cast<float4*>(s_vc0 + NWARP * 32 * CV);               // [2][NWARP]
@@ -538,7 +575,13 @@ antkv_coded_warp(const ck_t* __restrict__ cent_k, const float* __restrict__ qc, 
                     a.x += qv.x * f; a.y += qv.y * f; a.z += qv.z * f; a.w += qv.w * f;
                 }
             }
+#if KH
+            const uint2 hv = make_uint2(f2_to_h2(a.x, a.y), f2_to_h2(a.z, a.w));
+#pragma unroll
+            for (int kc = 0; kc < KROW / CK; ++kc) s_luth[code * KROW + kc * CK + c] = hv;
+#else
             s_lut[code * CK + c] = a;
+#endif
         }
         const ct_t* g_cent = cent_v + (size_t)(h * cbv_per_head) * CV * MV * SUBV;
         uint4* s_c4 = reinterpret_cast<uint4*>(s_cent);
@@ -564,7 +607,8 @@ antkv_coded_warp(const ck_t* __restrict__ cent_k, const float* __restrict__ qc, 
     const int* bits_base = bits + (size_t)pair * nw;
     half_t* s_p = s_p0 + warp * 4 * 32;
     u8* s_vc = s_vc0 + warp * 32 * CV;
-    const int rot = lane & 7;
+    const int rot = KH ? lane & (CK - 1) : lane & 7;
+    const int kofs = KH ? ((lane >> 3) & (KROW / CK - 1)) * CK : 0;  // fp16 table: which copy of the code's entries
     const int gq = lane >> 2, tq = lane & 3;
     // ldmatrix role: row (lane & 7) of matrix (lane >> 3): tokens (lane & 7) + 8 (lane >> 4), half hf of the tile
     const int ltok = (lane & 7) + ((lane >> 4) << 3), hf = (lane >> 3) & 1;
@@ -590,7 +634,8 @@ antkv_coded_warp(const ck_t* __restrict__ cent_k, const float* __restrict__ qc, 
     for (int t0 = start + 32 * warp; t0 < end; t0 += stride, t += stride) {
         // ------------------------------------------------------------ logits of this lane's token
         float4 lg = make_float4(NEG_INF, NEG_INF, NEG_INF, NEG_INF);
-        if (t < end && !((word >> lane) & 1)) lg = token_logits<KW>(s_lut, kc, rot, bias);
+        if (t < end && !((word >> lane) & 1))
+            lg = KH ? token_logits_h<KW>(s_luth, kc, rot, kofs, bias) : token_logits<KW>(s_lut, kc, rot, bias);
         *reinterpret_cast<typename VW::T*>(s_vc + lane * CV) = vcw;
         load_token<KW, VW>(t + stride, end, ck_base, cv_base, bits_base, kc, vcw, word);
         // ------------------------------------------------------------ lazy running max (warp-uniform branch)

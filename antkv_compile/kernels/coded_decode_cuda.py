@@ -36,6 +36,9 @@ DEFAULT_MMA = os.environ.get("ANTKV_CUDA_MMA", "auto")
 # or "block" (v5: CTA-wide blocks of 512 tokens); NOTES.md "v6" has the measurements
 DEFAULT_KERNEL = os.environ.get("ANTKV_CUDA_KERNEL", "warp")
 KERNELS = {"warp": "antkv_coded_warp", "block": "antkv_coded_partials"}
+# the v6 kernel's key lookup table in fp16 (1) or fp32 (0): fp16 halves the table's shared-memory traffic; its
+# rounding (2^-12 relative per entry, summed in fp32) is measured in NOTES.md "v7"
+DEFAULT_KEY_HALF = int(os.environ.get("ANTKV_CUDA_KEY_HALF", "1"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,20 +60,21 @@ def layout(ck: int, mk: int, cv: int, mv: int, subv: int, cent_dtype: torch.dtyp
 
 @functools.lru_cache(maxsize=None)
 def warp_layout(ck: int, mk: int, cv: int, mv: int, subv: int, cent_dtype: torch.dtype,
-                copies: int | None = None, key: tuple[int, int, torch.dtype] = (16, 8, torch.float16)
-                ) -> dict[str, int]:
+                copies: int | None = None, key: tuple[int, int, torch.dtype] = (16, 8, torch.float16),
+                key_half: int = 0) -> dict[str, int]:
     """Constants and shared memory of the v6 kernel (``antkv_coded_warp``): 16 warps, one CTA per SM, the value
     table stored as 16-bit in ``copies`` copies (default: as many of 1, 2, 4, 8 as fit). ``key`` = (sub-spaces
-    per stage, their dimension, dtype) of the key centroids, from which the kernel builds its lookup table."""
+    per stage, their dimension, dtype) of the key centroids, from which the kernel builds its lookup table,
+    in fp16 (``key_half``: 128 bytes per code) or fp32 (16 bytes per code and sub-space)."""
     nt, nwarp = 512, 16
-    lut = ck * mk * 16
+    lut = mk * 128 if key_half else ck * mk * 16
     table = cv * mv * subv * 2
     tiles = nwarp * (4 * 32 * 2 + 32 * cv) + 2 * nwarp * 16
     fits = [c for c in (1, 2, 4, 8) if lut + c * table + tiles <= SMEM_LIMIT]
     ncopy = copies if copies is not None else (fits[-1] if fits else 1)
     smem = lut + ncopy * table + tiles
     return {"CK": ck, "MK": mk, "CV": cv, "MV": mv, "SUBV": subv, "NT": nt, "MINB": 1, "CT": _CT[cent_dtype],
-            "RPAD": 16, "NCOPY": ncopy, "SK": key[0], "SUBK": key[1], "CTK": _CT[key[2]],
+            "RPAD": 16, "NCOPY": ncopy, "SK": key[0], "SUBK": key[1], "CTK": _CT[key[2]], "KH": int(bool(key_half)),
             "_smem": smem, "_reduce": nwarp * 4 * cv * subv * 4, "_reduce_room": lut + ncopy * table}
 
 
@@ -134,10 +138,10 @@ def cuda_splits(pairs: int, capacity: int, sms: int, ctas_per_sm: int, waves: fl
 @functools.lru_cache(maxsize=None)
 def coded_decode_kernel(device: torch.device, ck: int, mk: int, cv: int, mv: int, subv: int, cent_dtype: torch.dtype,
                         db: int | None = None, mma: int | None = None, kernel: str | None = None,
-                        copies: int | None = None, key: tuple[int, int, torch.dtype] = (16, 8, torch.float16)
-                        ) -> "CodedDecodeCuda":
+                        copies: int | None = None, key: tuple[int, int, torch.dtype] = (16, 8, torch.float16),
+                        key_half: int | None = None) -> "CodedDecodeCuda":
     """One compiled kernel object per configuration and process (decode builds a plan every call)."""
-    return CodedDecodeCuda(device, ck, mk, cv, mv, subv, cent_dtype, db, mma, kernel, copies, key)
+    return CodedDecodeCuda(device, ck, mk, cv, mv, subv, cent_dtype, db, mma, kernel, copies, key, key_half)
 
 
 class CodedDecodeCuda:
@@ -145,14 +149,17 @@ class CodedDecodeCuda:
 
     def __init__(self, device: torch.device, ck: int, mk: int, cv: int, mv: int, subv: int,
                  cent_dtype: torch.dtype, db: int | None = None, mma: int | None = None, kernel: str | None = None,
-                 copies: int | None = None, key: tuple[int, int, torch.dtype] = (16, 8, torch.float16)):
+                 copies: int | None = None, key: tuple[int, int, torch.dtype] = (16, 8, torch.float16),
+                 key_half: int | None = None):
         from .cuda_rtc import load_kernel
 
         self.kind = DEFAULT_KERNEL if kernel is None else kernel
         if self.kind not in KERNELS:
             raise ValueError(f"cuda kernel must be one of {sorted(KERNELS)} (got {self.kind!r})")
+        self.key_half = 0
         if self.kind == "warp":
-            lay = dict(warp_layout(ck, mk, cv, mv, subv, cent_dtype, copies, key))
+            self.key_half = int(DEFAULT_KEY_HALF if key_half is None else key_half)
+            lay = dict(warp_layout(ck, mk, cv, mv, subv, cent_dtype, copies, key, self.key_half))
             self.mma, self.copies = 1, lay["NCOPY"]
         else:
             if mma is None:

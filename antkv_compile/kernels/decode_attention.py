@@ -828,10 +828,11 @@ class DecodePlan:
 
     def __init__(self, q, codes_k, codes_v, anchor_bits, n_coded, anchor_k, anchor_v, anchor_pos, win_k, win_v,
                  win_len, cent_k, inv_k, mean_k, cent_v, inv_v, mean_v, scale, *, splits=None, block_n=64,
-                 num_warps=4, num_stages=1, out=None, poison=False, gather_cache=".ca", rows_on_n=False,
+                 num_warps=4, num_stages=None, out=None, poison=False, gather_cache=".ca", rows_on_n=False,
                  submajor=False, split_mult=1.0, prologue="triton", merge="fused", key_lut=None, merge_pb=8,
                  prefetch=0, streams=1, lean=None, values_b=False, affine=False, probe_tables=False, maxnreg=None,
-                 coded=None, cuda_db=None, cuda_mma=None, cuda_kernel=None, cuda_copies=None):
+                 coded=None, cuda_db=None, cuda_mma=None, cuda_kernel=None, cuda_copies=None, cuda_key_half=None,
+                 block_a=None, exact_splits=None):
         require_triton()
         coded = DEFAULT_CODED if coded is None else coded
         b, hq, tq, d = q.shape
@@ -855,7 +856,7 @@ class DecodePlan:
                 try:
                     self.cuda_coded = coded_decode_kernel(q.device, codes_k.shape[3], m_k, codes_v.shape[3], m_v,
                                                           sub_v, cent_v.dtype, cuda_db, cuda_mma, cuda_kernel,
-                                                          cuda_copies, (s_k, sub_k, cent_k.dtype))
+                                                          cuda_copies, (s_k, sub_k, cent_k.dtype), cuda_key_half)
                 except Exception as exc:  # noqa: BLE001 - NVRTC / driver missing: "auto" falls back to Triton
                     if coded == "cuda":
                         raise
@@ -875,8 +876,14 @@ class DecodePlan:
             raise ValueError("coded='cuda' needs a GPU (not the Triton interpreter); use coded='triton' or 'auto'")
         if splits is None:
             splits = default_splits(b, hkv, n_cap, a_cap, sm_count(q), block_n, mult=split_mult)
+        # with coded="cuda" the Triton launch runs only the exact programs (anchors, window): measured best with
+        # 64 anchors per step, pipelined (NOTES.md "v7": 0.111 -> 0.077 ms at 128K B=32); the Triton coded loop
+        # keeps its own measured best (32, unpipelined)
+        exact_only = self.cuda_coded is not None
+        block_a = (64 if exact_only else 32) if block_a is None else int(block_a)
+        num_stages = (2 if exact_only else 1) if num_stages is None else int(num_stages)
         p_coded, p_exact = splits
-        p_exact = max(1, p_exact)
+        p_exact = max(1, p_exact if exact_splits is None else int(exact_splits))
         p_total = p_coded + p_exact
         dev = q.device
         self.splits = (p_coded, p_exact)
@@ -961,11 +968,12 @@ class DecodePlan:
         if cuda_coded is not None and (nc_arg.dtype != torch.int32 or bits_arg.dtype != torch.int32):
             raise ValueError("n_coded and anchor_bits must be int32")
 
-        def _partials():
-            if cuda_coded is not None:
-                cuda_coded(b * hkv, p_coded, centk_arg if cuda_coded.builds_lut else self.lut, qc, ck_plain, cv_arg,
-                           bits_arg, nc_arg, centv_arg, self.po, self.pl, self.cnt, hkv, n_cap, anchor_bits.shape[2],
-                           p_slots, cbv_ph, g * tq, hcb_k, cbk_ph)
+        def _cuda_partials():
+            cuda_coded(b * hkv, p_coded, centk_arg if cuda_coded.builds_lut else self.lut, qc, ck_plain, cv_arg,
+                       bits_arg, nc_arg, centv_arg, self.po, self.pl, self.cnt, hkv, n_cap, anchor_bits.shape[2],
+                       p_slots, cbv_ph, g * tq, hcb_k, cbk_ph)
+
+        def _triton_partials():
             LAST_LAUNCH["decode"] = _decode_partials_kernel[(b * hkv, p_exact if cuda_coded is not None else p_total)](
                 q, qc, ck_arg, cv_arg, bits_arg, nc_arg,
                 anchor_k.contiguous(), anchor_v.contiguous(), anchor_pos.contiguous(),
@@ -980,13 +988,23 @@ class DecodePlan:
                 G=g, TQ=tq, R_PAD=r_pad, D=d,
                 C_K=codes_k.shape[3], S_K=s_k, M_K=m_k, SUB_K=sub_k, ST_K=st_k,
                 C_V=codes_v.shape[3], S_V=s_v, M_V=m_v, SUB_V=sub_v, ST_V=st_v,
-                BLOCK_N=block_n, BLOCK_A=32, BLOCK_W=16, DOT=dt, PREC=prec, CACHE=gather_cache,
+                BLOCK_N=block_n, BLOCK_A=block_a, BLOCK_W=16, DOT=dt, PREC=prec, CACHE=gather_cache,
                 ROWS_T=rows_on_n, R_G=r_g, SUBMAJOR=submajor, KLUT=key_lut, FUSE=fuse, PB=merge_pb,
                 KC=min(32, d), V4=v4, LEAN=bool(lean), PF=int(prefetch), NS=int(streams), KW=c_k // cpw, CPW=cpw,
                 VB=bool(values_b), PROBE=bool(probe_tables), AFFINE=bool(affine), CLAIM=self.claim, NR=nr,
                 NR_PAD=nr_pad, INTERP=interpreting(), PID0=p_coded if cuda_coded is not None else 0,
                 num_warps=num_warps, num_stages=num_stages, **extra,
             )
+
+        def _partials():
+            if cuda_coded is not None:
+                _cuda_partials()
+            _triton_partials()
+
+        # with coded="cuda" the two launches of partials(), timed apart by the benchmark (each after the prologue,
+        # which resets the arrival counters: alone, neither reaches the merge)
+        self.cuda_partials = _cuda_partials if cuda_coded is not None else None
+        self.triton_partials = _triton_partials
 
         def _merge():
             if merge == "torch":  # plain PyTorch log-sum-exp merge (benchmark comparison)
@@ -1043,7 +1061,9 @@ def decode_attention_triton(
     gather_cache (".ca" = keep centroid gathers in L1), submajor, rows_on_n, prologue ("triton"/"torch");
     v4 coded-loop options (key-LUT path only): prefetch (0/1/2), streams (1/2), lean, values_b, affine, maxnreg,
     merge_pb, and probe_tables (timing only, not exact); coded="cuda" runs the coded split programs as the CUDA
-    C++ kernel of coded_decode.cu ("auto": where it supports the call, else Triton); out=(out, lse)
+    C++ kernel of coded_decode.cu ("auto": where it supports the call, else Triton), with cuda_kernel
+    ("warp"/"block"), cuda_copies, cuda_key_half (fp16 key table), cuda_db, cuda_mma; the exact programs
+    (anchors, window): block_a (anchors per step), exact_splits (programs per KV head); out=(out, lse)
     preallocated; poison=True fills the split partials with NaN first (tests)."""
     return DecodePlan(q, codes_k, codes_v, anchor_bits, n_coded, anchor_k, anchor_v, anchor_pos, win_k, win_v,
                       win_len, cent_k, inv_k, mean_k, cent_v, inv_v, mean_v, scale, **options)()

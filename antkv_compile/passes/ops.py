@@ -107,7 +107,11 @@ def cache_attend(q: Tensor, k: Tensor, v: Tensor, position: Tensor, mask: Option
 
 def _compact_window(store) -> None:
     """After a flush the store's window tensors are views of the whole chunk (a prefill keeps its full
-    K/V/Q alive through them): copy them out so only the window's own tokens stay allocated."""
+    K/V/Q alive through them): copy them out so only the window's own tokens stay allocated. Stores that keep
+    their window in preallocated buffers (``window_in_buffers``: KernelLayerStore) are left alone: their views
+    are the point, and copying them out would reallocate the buffers every step."""
+    if getattr(store, "window_in_buffers", False):
+        return
     for name in ("win_k", "win_v", "win_q", "win_out", "win_lse"):
         t = getattr(store, name, None)
         if t is not None and t.untyped_storage().nbytes() > t.numel() * t.element_size():
