@@ -18,7 +18,7 @@ this class):
   window's queries (Anchor Score kernel) and merges them into the anchors, all in place.
 * **the window** lives in preallocated buffers of ``window`` tokens (``win_*`` are views of their first
   ``n_window`` tokens): a decode step writes its one token in place instead of concatenating the whole
-  window (7 copies of it per layer and step, 3.5 ms of a 70 ms Llama-3-8B step at batch 172: NOTES.md "v7").
+  window (6 copies of it per layer and step, 3.45 ms of a 70 ms Llama-3-8B step at batch 172: NOTES.md "v7").
   A chunk that does not fit reallocates them; a flush moves the kept tail to the front.
 
 Semantics equal the reference store's (same window/flush policy, same anchors), tested on CPU against it.
