@@ -144,15 +144,18 @@ class KernelLayerStore(AnTKVLayerStore):
             setattr(self, a, buf[:, :, :n])
         self._slabs = slabs
 
-    def _window_push(self, **new: Tensor) -> None:
-        """Append ``t`` tokens to the window tensors, in place in the buffers."""
+    def _window_push(self, kv_written: bool = False, **new: Tensor) -> None:
+        """Append ``t`` tokens to the window tensors, in place in the buffers (``kv_written``: _decode already put
+        the K/V tokens there)."""
         t = new["win_k"].shape[2]
         if not self._slabs_hold(t):
             self._reslab(new, t)
+            kv_written = False
         n = self.n_window
         for a, x in new.items():
             buf = self._slabs[a]
-            buf[:, :, n:n + t].copy_(x)
+            if not (kv_written and a in ("win_k", "win_v")):
+                buf[:, :, n:n + t].copy_(x)
             setattr(self, a, buf[:, :, :n + t])
 
     def _window_drop(self, n: int) -> None:
@@ -168,9 +171,11 @@ class KernelLayerStore(AnTKVLayerStore):
             setattr(self, a, buf[:, :, :m])
 
     # ------------------------------------------------------------------ attention
-    def _decode(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def _decode(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, bool]:
+        """Decode attention; also says whether the new K/V tokens were written into the window buffers."""
         t, n = k.shape[2], self.n_window
-        if self._slabs_hold(t):  # the new tokens written in place after the window (again by _append: cheap)
+        in_place = self._slabs_hold(t)
+        if in_place:  # the new tokens written after the window, where _append keeps them
             keys, values = self._slabs["win_k"], self._slabs["win_v"]
             keys[:, :, n:n + t].copy_(k)
             values[:, :, n:n + t].copy_(v)
@@ -186,7 +191,7 @@ class KernelLayerStore(AnTKVLayerStore):
             q, self.codes_k, self.codes_v, self.anchor_bits, self.n_coded_t, self.anchor_k, self.anchor_v,
             self.anchor_pos, keys, values, win_len, self.cent_k, inv_k, mean_k, self.cent_v, inv_v, mean_v,
             float(self.geom.scale))
-        return out, lse
+        return out, lse, in_place
 
     def _prefix(self, coded: bool) -> tuple[Tensor, Tensor]:
         """Full-precision view of what precedes a chunk: decoded codes with anchors restored (if ``coded``),
@@ -220,11 +225,12 @@ class KernelLayerStore(AnTKVLayerStore):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, *, check_finite: bool = True) -> Tensor:
         self._validate(q, k, v, check_finite)
         g = q.shape[1] // k.shape[1]
+        kv_written = False
         if g * k.shape[2] <= _DECODE_ROWS:
-            out, lse = self._decode(q, k, v)
+            out, lse, kv_written = self._decode(q, k, v)
         else:
             out, lse = self._chunk(q, k, v, coded=True)
-        self._append(q, k, v, out, lse)
+        self._append(q, k, v, out, lse, kv_written)
         return out.to(q.dtype)
 
     def fill(self, q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -236,8 +242,8 @@ class KernelLayerStore(AnTKVLayerStore):
         self._append(q, k, v, out, lse)
 
     # ------------------------------------------------------------------ window and flush
-    def _append(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor) -> None:
-        self._window_push(win_k=k, win_v=v, win_q=q, win_out=out, win_lse=lse)
+    def _append(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, kv_written: bool = False) -> None:
+        self._window_push(kv_written, win_k=k, win_v=v, win_q=q, win_out=out, win_lse=lse)
         if self.n_window >= self.window:
             n = self.n_window - (self.window - self.flush)
             self._flush(n)
