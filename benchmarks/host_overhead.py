@@ -4,6 +4,7 @@ attention, batch 128; the host time does not depend on the context, so the store
 of the same calls by function. Run on the GPU machine:
 
     python benchmarks/host_overhead.py --bits 1 --batch 128 --calls 300
+    python benchmarks/host_overhead.py --store --bits 1 --batch 160 --calls 320   # a kernel store's decode step
 """
 from __future__ import annotations
 
@@ -39,6 +40,27 @@ def host_us_per_call(fn, calls: int) -> float:
     return total / calls * 1e6
 
 
+def store_step(bits: str, batch: int, ctx: int):
+    """One layer's decode step as the compiled model runs it inside ``antkv_rt::cache_attend``: a
+    KernelLayerStore (Llama-3-8B attention shape) filled to ``ctx`` tokens, then ``attend`` of one new token
+    (the window write, the decode kernels, the window append and every 32nd call a flush)."""
+    from antkv_compile.config import AnTKVConfig
+    from antkv_compile.numerics.store import StoreGeometry
+    from antkv_compile.numerics.vq import random_codebook
+    from antkv_compile.runtime.kernel_store import KernelLayerStore
+
+    hkv, g, d, dev, dt = 8, 4, 128, torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
+    cfg = AnTKVConfig(bits=bits, anchor_ratio=0.01, window=64)
+    gen = torch.Generator().manual_seed(0)
+    cbk, cbv = (random_codebook(cfg.preset, hkv, d, generator=gen, scale=0.5) for _ in range(2))
+    store = KernelLayerStore(StoreGeometry(batch, hkv, d, ctx + 4096, dt, dev, scale=d ** -0.5), cbk, cbv, cfg)
+    for lo in range(0, ctx, 1024):
+        n = min(1024, ctx - lo)
+        store.fill(*(torch.randn(batch, h, n, d, device=dev, dtype=dt) for h in (hkv * g, hkv, hkv)))
+    q, k, v = (torch.randn(batch, h, 1, d, device=dev, dtype=dt) for h in (hkv * g, hkv, hkv))
+    return lambda: store.attend(q, k, v, check_finite=False)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bits", default="1")
@@ -46,7 +68,25 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=4096)
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--store", action="store_true", help="a kernel store's decode step (attend) instead of the op")
     a = ap.parse_args()
+    if a.store:
+        step = store_step(a.bits, a.batch, a.ctx)
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  bits {a.bits}  batch {a.batch}")
+        print(f"KernelLayerStore.attend (1 token): {host_us_per_call(step, a.calls):.1f} us host per call")
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(a.calls):
+            step()
+        prof.disable()
+        torch.cuda.synchronize()
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(a.top)
+        print(s.getvalue())
+        return
     args = decode_inputs(a.bits, a.batch, a.ctx, torch.bfloat16, seed=0)
     op = torch.ops.antkv.decode_attention
     for _ in range(5):

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 import traceback
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -802,9 +803,32 @@ V7_VARIANTS = {  # v7 (NOTES.md): the key table in fp16 ("cuda" is the default: 
     "cuda_e4": dict(coded="cuda", exact_splits=4),
     "cuda_w8": dict(coded="cuda", num_warps=8),
 }
+V8_VARIANTS = {  # v8 (NOTES.md): value-copy selection words, written with the codes (kernels/value_copies.py)
+    "cuda_sel0": dict(coded="cuda", cuda_value_sel=0),  # the v7 kernel (row i reads copy i % 2)
+    "cuda_sel1": dict(coded="cuda", cuda_value_sel=1, value_sel="select"),  # copies hashed by other code bits
+    "cuda_sel2": dict(coded="cuda", cuda_value_sel=2, value_sel="select"),  # copy 1 = copy 0 + 4 bank groups
+    "cuda_sel2_nowords": dict(coded="cuda", cuda_value_sel=2),  # mode 2's code, fixed choice (its overhead)
+}
 V5_DEFAULT = ["lean", "cuda_v5", "cuda_fma", *V6_VARIANTS]
-ALL_VARIANTS = {**V3_VARIANTS, **V4_VARIANTS, **V5_VARIANTS, **V6_VARIANTS, **V7_VARIANTS}
+ALL_VARIANTS = {**V3_VARIANTS, **V4_VARIANTS, **V5_VARIANTS, **V6_VARIANTS, **V7_VARIANTS, **V8_VARIANTS}
 NOT_EXACT = {"probe"}
+_SELECTION: dict = {}  # (id of a codes_v tensor, mode) -> (weak reference to it, its selection words)
+
+
+def _selected(opts, args):
+    """value_sel="select": the selection words of these inputs' value codes for the variant's mode (once)."""
+    if opts.get("value_sel") != "select":
+        return opts
+    from antkv_compile.kernels.coded_decode_cuda import DEFAULT_VALUE_SEL
+    from antkv_compile.kernels.value_copies import fixed_words, select_copies
+
+    cv, mode = args[2], opts.get("cuda_value_sel") or DEFAULT_VALUE_SEL
+    held = _SELECTION.get((id(cv), mode))
+    if held is None or held[0]() is not cv:
+        words = fixed_words(tuple(cv.shape[:3]), cv.shape[3], cv.device)
+        select_copies(cv, words, 0, cv.shape[2], mode)
+        held = _SELECTION[(id(cv), mode)] = (weakref.ref(cv), words)
+    return {**opts, "value_sel": held[1]}
 
 
 def _opts(name):
@@ -813,11 +837,16 @@ def _opts(name):
     return opts
 
 
+def _decode(args, name, **extra):
+    """One decode call of variant ``name`` (its selection words resolved)."""
+    return DA.decode_attention_triton(*args, **extra, **_selected(_opts(name), args))
+
+
 def _run_variant(a_, b, ctx, name, sms):
     cfg = dict(ALL_VARIANTS[name])
     cfg.setdefault("coded", "triton")
     if cfg["coded"] == "cuda":  # its own split policy (scaled by split_mult), one plan reused by every replay
-        plan = DA.DecodePlan(*a_, **cfg)
+        plan = DA.DecodePlan(*a_, **_selected(cfg, a_))
         return plan, list(plan.splits)
     mult = cfg.pop("split_mult", 1)
     pc, pa = DA.default_splits(b, HKV, ctx, a_[5].shape[2], sms, cfg.get("block_n", 64), mult=mult)
@@ -832,7 +861,7 @@ def warm_variant(name, shapes):
         args = decode_inputs(bits, b, ctx, getattr(torch, dt), seed=1)
         fn, _ = _run_variant(args, b, ctx, name, sms)
         fn()
-        DA.decode_attention_triton(*args, poison=True, **_opts(name))
+        _decode(args, name, poison=True)
         torch.cuda.synchronize()
 
 
@@ -887,11 +916,12 @@ def decode_only(variants=None, rep_ms=100, grid=None, split_times=False):
         args = decode_inputs(bits, b, ctx, dt, seed=17 + b)
         ref_o, ref_l = DA.decode_attention_reference(*args)
         for name in names:
-            if name in NOT_EXACT or (dt == torch.bfloat16 and name not in (base_name, "lvb", "aff", "cuda")):
+            if name in NOT_EXACT or (dt == torch.bfloat16
+                                     and name not in (base_name, "lvb", "aff", "cuda", "cuda_sel1", "cuda_sel2")):
                 continue  # bf16: one more compile per variant; checked for the main candidates only
             try:
                 fn, _ = _run_variant(args, b, ctx, name, sms)
-                o, l_ = DA.decode_attention_triton(*args, poison=True, **_opts(name))
+                o, l_ = _decode(args, name, poison=True)
                 o2, l2 = fn()
                 rec = {"out": rel(o, ref_o), "lse": rel(l_, ref_l), "out_splits": rel(o2, ref_o),
                        "nan": bool(o.isnan().any() or l_.isnan().any() or o2.isnan().any())}

@@ -28,9 +28,19 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--coded", default="cuda", choices=["cuda", "triton"])
     ap.add_argument("--launches", type=int, default=3)
+    ap.add_argument("--value-sel", type=int, default=None, help="value-copy selection mode (v8; 0: none)")
     a = ap.parse_args()
     args = decode_inputs(a.bits, a.batch, a.ctx, torch.float16, seed=4)
-    plan = DA.DecodePlan(*args, coded=a.coded)
+    opts = {}
+    if a.value_sel is not None:
+        opts["cuda_value_sel"] = a.value_sel
+    if a.value_sel:
+        from antkv_compile.kernels.value_copies import fixed_words, select_copies
+
+        cv = args[2]
+        opts["value_sel"] = fixed_words(tuple(cv.shape[:3]), cv.shape[3], cv.device)
+        select_copies(cv, opts["value_sel"], 0, cv.shape[2], a.value_sel)
+    plan = DA.DecodePlan(*args, coded=a.coded, **opts)
     for _ in range(a.launches):
         plan()
     torch.cuda.synchronize()

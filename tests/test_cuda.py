@@ -46,6 +46,14 @@ def test_kernel_store_matches_reference_store_on_cuda(bits, dtype):
     print(f"bits {bits} {dtype}: worst relative error {worst:.2e}, coded {ker.n_coded}, anchors {ker.num_anchors}")
     assert ker.n_coded == ref.n_coded and ker.num_anchors == ref.num_anchors
     assert worst < 2e-2
+    if bits == "1":  # 2 copies of the value table: the store keeps the selection words of every written group
+        from antkv_compile.kernels.value_copies import select_reference
+
+        n8 = ker.n_coded // 8 * 8
+        assert ker.value_sel is not None and ker._sel_mode in (1, 2)
+        assert torch.equal(ker.value_sel[:, :, :n8], select_reference(ker.codes_v[:, :, :n8], ker._sel_mode))
+    else:  # 8 copies: no selection
+        assert ker.value_sel is None
 
 
 def test_compiled_tiny_llama_kernels_equal_reference_on_cuda():
@@ -172,3 +180,27 @@ def test_cuda_coded_decode_variants_agree():
             assert _rel(o, ref) < 3e-3
         assert _rel(two, one) < 1e-5
         assert 0 < _rel(half, outs[0]) < 2e-3  # the fp16 table rounds the logits (~2^-12 per entry), a little
+
+
+def test_cuda_value_copy_selection_changes_no_bits():
+    """v8: the selection words only choose which copy of the value table a row is read from, so in every mode any
+    words (the selected ones, random ones, none) give the bits of the v7 kernel; malformed words are refused."""
+    from antkv_compile.kernels import decode_attention as DA
+    from antkv_compile.kernels.value_copies import fixed_words, select_copies
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    args = _decode_case("1", 4, torch.float16, [9000, 0, 37, 1500], dev, seed=5)
+    codes_v = args[2]
+    ref, _ = DA.decode_attention_reference(*args)
+    base, _ = DA.DecodePlan(*args, coded="cuda", cuda_value_sel=0)()
+    assert _rel(base, ref) < 3e-3
+    rnd = torch.randint(-2**15, 2**15, tuple(codes_v.shape[:3]), dtype=torch.int16, device=dev)
+    for mode in (1, 2):
+        sel = fixed_words(tuple(codes_v.shape[:3]), codes_v.shape[3], dev)
+        select_copies(codes_v, sel, 0, codes_v.shape[2], mode)
+        for words in (sel, rnd, None):
+            plan = DA.DecodePlan(*args, coded="cuda", cuda_value_sel=mode, value_sel=words)
+            assert plan.cuda_coded.value_sel == mode
+            assert torch.equal(plan()[0], base)
+        with pytest.raises(ValueError, match="value_sel"):
+            DA.DecodePlan(*args, coded="cuda", cuda_value_sel=mode, value_sel=sel[:, :, 1:])

@@ -16,7 +16,11 @@ def test_llama3_8b_shape_and_per_token_bytes(llama):
     full = MemoryModel(llama, None).bytes_at(1, 1000)
     assert full["kv_full_precision"] == 1000 * 128 * 1024  # 128 KiB per token in bf16
     one = MemoryModel(llama, get_preset("1")).bytes_at(1, 1000)
-    assert one["codes"] == 1000 * 8 * 1024  # 1 bit per element: 8 KiB per token
+    # 1 bit per element: 8 KiB per token, plus the CUDA kernel's value-copy selection words (2 bytes per token,
+    # layer and KV head: 0.5 KiB per token); 0.375 bit keeps 8 copies of its value table and needs none
+    assert one["codes"] == 1000 * (8 * 1024 + 32 * 8 * 2)
+    tiny = MemoryModel(llama, get_preset("0.375")).bytes_at(1, 1000)
+    assert tiny["codes"] == 1000 * 32 * 8 * 2 * 8  # 8 + 8 six-bit codes per token and head, one byte each
 
 
 @settings(max_examples=15, deadline=None)

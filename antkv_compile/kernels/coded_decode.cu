@@ -211,6 +211,13 @@ __device__ __forceinline__ void load_token(int t, int end, const u8* ck_base, co
     }
 }
 
+// The value-copy selection word of token t (v8, see antkv_coded_warp): bit sv = the copy its sub-space sv row reads;
+// without a selection array, row i of a phase (token parity i % 2) reads copy i % 2.
+__device__ __forceinline__ unsigned load_sel(int t, int end, const unsigned short* sel_base) {
+    if (sel_base != nullptr) return t < end ? (unsigned)sel_base[t] : 0u;
+    return (t & 1) ? 0xffffu : 0u;
+}
+
 // Epilogue: sum the NWARP per-warp accumulators s_acc [NWARP][4][DD] and sums s_l [NWARP] (already on the common
 // maxima mx), store the normalized partial and its log2-sum-exp in this chunk's slot, then count the arrival.
 __device__ __forceinline__ void store_partial(const float* s_acc, const float4* s_l, const float mx[4], float* po,
@@ -482,21 +489,35 @@ antkv_coded_partials(const float* __restrict__ lut,      // [pairs, CK, MK, 4] f
 // - the value table is kept in NCOPY copies (defined by the launcher as large as shared memory allows): row i of an
 //   ldmatrix phase reads copy i % NCOPY, and copy c lives in its own 8 / NCOPY bank groups, so rows can only
 //   conflict with rows of their own copy (NCOPY 8: never). fp32 centroids are stored as fp16 here.
+// - v8 (SEL 1 or 2, NCOPY 2 only): which copy a row reads is chosen per (token, value sub-space) by a selection
+//   word written when the codes are (vsel [pairs, n_cap], bit sv; value_copies.py), the writer picking for every
+//   aligned group of 8 tokens (one ldmatrix phase) the assignment with the fewest wavefronts. SEL 1: the copies hash
+//   a code to a bank group by different code bits (k % 4, k / 4 % 4): 1.74 expected wavefronts per phase instead of
+//   2.39 for the fixed i % 2, but a code-dependent shift per row address; SEL 2: both copies hash by k % 4 (copy 1
+//   is copy 0 shifted by 4 groups), 2.07 expected, one bit more per address (NOTES.md "v8"). vsel may be null: then
+//   row i reads copy i % 2. SEL 0: the v7 kernel (row i reads copy i % NCOPY, vsel ignored).
 // Extra constants: NCOPY (1, 2, 4 or 8), KH (the key table in fp16, below). MMA, DB, SUBV in {8, 16} as above (MMA
 // is implied).
 #ifndef NCOPY
 #define NCOPY 1
 #endif
 #define GPC (8 / NCOPY)  // bank groups (16 bytes each) per copy
+#define LGPC (GPC == 8 ? 3 : GPC == 4 ? 2 : GPC == 2 ? 1 : 0)
+#ifndef SEL
+#define SEL 0
+#endif
+#define KSHIFT (SEL == 1 ? LGPC : 0)  // copy c hashes code k by k >> (c KSHIFT)
 #define LAZY 8.0f
 #define NCH16 (SUBV / 8)  // 16-byte chunks per centroid, 16-bit storage
 
 // Byte offset in shared memory of chunk ch of centroid (sub-space sv, code k), copy c: the 8 * CV * NCH16 / GPC
-// chunks of code k hold its CV * NCH16 chunks in each copy, chunk j of the row in bank group c * GPC + ((j ^ k) %
-// GPC), so the rows of one ldmatrix phase (same sv and ch, random k) spread over their copy's GPC groups.
+// chunks of code k hold its CV * NCH16 chunks in each copy, chunk j of the row in bank group c * GPC +
+// ((j ^ (k >> c KSHIFT)) % GPC), so the rows of one ldmatrix phase (same sv and ch, random k) spread over their
+// copy's GPC groups; with SEL 1 copy c hashes by its own bits of k (copy 0 k % 4, copy 1 k / 4 % 4 at NCOPY 2), else
+// by the same (value_copies.bins models both).
 __device__ __forceinline__ unsigned vchunk_off(int sv, unsigned k, int ch, int c) {
     const unsigned j = sv * NCH16 + ch;
-    return 16u * (k * (8 * CV * NCH16 / GPC) + ((j / GPC) << 3) + c * GPC + ((j ^ k) & (GPC - 1)));
+    return 16u * (k * (8 * CV * NCH16 / GPC) + ((j / GPC) << 3) + c * GPC + ((j ^ (k >> (c * KSHIFT))) & (GPC - 1)));
 }
 
 // Key centroids (the v6 kernel builds the key lookup table itself): CTK 0 fp16, 1 bf16, 2 fp32; SK sub-spaces of
@@ -534,7 +555,7 @@ antkv_coded_warp(const ck_t* __restrict__ cent_k, const float* __restrict__ qc, 
                  const u8* __restrict__ codes_v, const int* __restrict__ bits, const int* __restrict__ ncoded,
                  const ct_t* __restrict__ cent_v, float* __restrict__ po, float* __restrict__ pl,
                  int* __restrict__ cnt, int hkv, int n_cap, int nw, int p_coded, int ps, int cbv_per_head, int rv,
-                 int hcb_k, int cbk_per_head)
+                 int hcb_k, int cbk_per_head, const unsigned short* __restrict__ vsel)
 {
     typedef CodeWords<CK> KW;
     typedef CodeWords<CV> VW;
@@ -605,6 +626,9 @@ antkv_coded_warp(const ck_t* __restrict__ cent_k, const float* __restrict__ qc, 
     const u8* ck_base = codes_k + (size_t)pair * n_cap * CK;
     const u8* cv_base = codes_v + (size_t)pair * n_cap * CV;
     const int* bits_base = bits + (size_t)pair * nw;
+#if SEL
+    const unsigned short* sel_base = vsel == nullptr ? nullptr : vsel + (size_t)pair * n_cap;
+#endif
     half_t* s_p = s_p0 + warp * 4 * 32;
     u8* s_vc = s_vc0 + warp * 32 * CV;
     const int rot = KH ? lane & (CK - 1) : lane & 7;
@@ -612,7 +636,9 @@ antkv_coded_warp(const ck_t* __restrict__ cent_k, const float* __restrict__ qc, 
     const int gq = lane >> 2, tq = lane & 3;
     // ldmatrix role: row (lane & 7) of matrix (lane >> 3): tokens (lane & 7) + 8 (lane >> 4), half hf of the tile
     const int ltok = (lane & 7) + ((lane >> 4) << 3), hf = (lane >> 3) & 1;
+#if !SEL
     const int copy = lane & (NCOPY - 1);
+#endif
     const unsigned s_cent_addr = (unsigned)__cvta_generic_to_shared(s_cent);
 
     float m0 = NEG_INF, m1 = NEG_INF, m2 = NEG_INF, m3 = NEG_INF;  // this warp's running max per row
@@ -629,6 +655,9 @@ antkv_coded_warp(const ck_t* __restrict__ cent_k, const float* __restrict__ qc, 
     typename VW::T vcw = VW::zero();
     int word = 0;
     load_token<KW, VW>(t, end, ck_base, cv_base, bits_base, kc, vcw, word);
+#if SEL
+    unsigned selw = load_sel(t, end, sel_base);
+#endif
     __syncthreads();  // tables ready
 
     for (int t0 = start + 32 * warp; t0 < end; t0 += stride, t += stride) {
@@ -637,6 +666,10 @@ antkv_coded_warp(const ck_t* __restrict__ cent_k, const float* __restrict__ qc, 
         if (t < end && !((word >> lane) & 1))
             lg = KH ? token_logits_h<KW>(s_luth, kc, rot, kofs, bias) : token_logits<KW>(s_lut, kc, rot, bias);
         *reinterpret_cast<typename VW::T*>(s_vc + lane * CV) = vcw;
+#if SEL
+        const unsigned tile_sel = selw;
+        selw = load_sel(t + stride, end, sel_base);
+#endif
         load_token<KW, VW>(t + stride, end, ck_base, cv_base, bits_base, kc, vcw, word);
         // ------------------------------------------------------------ lazy running max (warp-uniform branch)
         const bool up = lg.x > m0 + LAZY || lg.y > m1 + LAZY || lg.z > m2 + LAZY || lg.w > m3 + LAZY;
@@ -671,13 +704,24 @@ antkv_coded_warp(const ck_t* __restrict__ cent_k, const float* __restrict__ qc, 
                 b1 = *reinterpret_cast<const unsigned*>(s_p + gq * 32 + ks * 16 + 2 * tq + 8);
             }
             const typename VW::T cw = *reinterpret_cast<const typename VW::T*>(s_vc + (ks * 16 + ltok) * CV);
+#if SEL
+            // my ldmatrix row's word, shifted so that bit 2 mt is its sub-space's copy
+            const unsigned rsel = __shfl_sync(0xffffffffu, tile_sel, ks * 16 + ltok) >> (SUBV == 8 ? hf : 0);
+#endif
 #pragma unroll
             for (int mt = 0; mt < DD / 16; ++mt) {
                 const int sv = SUBV == 8 ? 2 * mt + hf : mt;
                 const int ch = SUBV == 8 ? 0 : hf;
                 const unsigned k = (VW::word(cw, sv >> 2) >> (8 * (sv & 3))) & 255u;
+#if SEL == 1
+                const unsigned off = vchunk_off(sv, k, ch, (int)((rsel >> (SUBV == 8 ? 2 * mt : mt)) & 1u));
+#elif SEL == 2  // copy 1 = copy 0 + GPC groups
+                const unsigned off = vchunk_off(sv, k, ch, 0) + ((rsel >> (SUBV == 8 ? 2 * mt : mt)) & 1u) * (16 * GPC);
+#else
+                const unsigned off = vchunk_off(sv, k, ch, copy);
+#endif
                 unsigned a0, a1, a2, a3;
-                ldsm_x4_t(s_cent_addr + vchunk_off(sv, k, ch, copy), a0, a1, a2, a3);
+                ldsm_x4_t(s_cent_addr + off, a0, a1, a2, a3);
                 mma16816(acc[mt], a0, a1, a2, a3, b0, b1);
             }
         }

@@ -39,6 +39,10 @@ KERNELS = {"warp": "antkv_coded_warp", "block": "antkv_coded_partials"}
 # the v6 kernel's key lookup table in fp16 (1) or fp32 (0): fp16 halves the table's shared-memory traffic; its
 # rounding (2^-12 relative per entry, summed in fp32) is measured in NOTES.md "v7"
 DEFAULT_KEY_HALF = int(os.environ.get("ANTKV_CUDA_KEY_HALF", "1"))
+# v8: value-copy selection words (value_copies.py) where the v6 kernel keeps 2 copies of the value table (1 bit):
+# 0 off (row i reads copy i % 2, v7), 1 copies hashed by different code bits, 2 copy 1 = copy 0 shifted by 4 bank
+# groups (NOTES.md "v8" has the measurements)
+DEFAULT_VALUE_SEL = int(os.environ.get("ANTKV_CUDA_VALUE_SEL", "2"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -61,11 +65,12 @@ def layout(ck: int, mk: int, cv: int, mv: int, subv: int, cent_dtype: torch.dtyp
 @functools.lru_cache(maxsize=None)
 def warp_layout(ck: int, mk: int, cv: int, mv: int, subv: int, cent_dtype: torch.dtype,
                 copies: int | None = None, key: tuple[int, int, torch.dtype] = (16, 8, torch.float16),
-                key_half: int = 0) -> dict[str, int]:
+                key_half: int = 0, value_sel: int = 0) -> dict[str, int]:
     """Constants and shared memory of the v6 kernel (``antkv_coded_warp``): 16 warps, one CTA per SM, the value
     table stored as 16-bit in ``copies`` copies (default: as many of 1, 2, 4, 8 as fit). ``key`` = (sub-spaces
     per stage, their dimension, dtype) of the key centroids, from which the kernel builds its lookup table,
-    in fp16 (``key_half``: 128 bytes per code) or fp32 (16 bytes per code and sub-space)."""
+    in fp16 (``key_half``: 128 bytes per code) or fp32 (16 bytes per code and sub-space); ``value_sel``: the mode of
+    the value-copy selection words (value_copies.py), used only at 2 copies."""
     nt, nwarp = 512, 16
     lut = mk * 128 if key_half else ck * mk * 16
     table = cv * mv * subv * 2
@@ -75,6 +80,7 @@ def warp_layout(ck: int, mk: int, cv: int, mv: int, subv: int, cent_dtype: torch
     smem = lut + ncopy * table + tiles
     return {"CK": ck, "MK": mk, "CV": cv, "MV": mv, "SUBV": subv, "NT": nt, "MINB": 1, "CT": _CT[cent_dtype],
             "RPAD": 16, "NCOPY": ncopy, "SK": key[0], "SUBK": key[1], "CTK": _CT[key[2]], "KH": int(bool(key_half)),
+            "SEL": int(value_sel) if ncopy == 2 else 0,
             "_smem": smem, "_reduce": nwarp * 4 * cv * subv * 4, "_reduce_room": lut + ncopy * table}
 
 
@@ -128,6 +134,23 @@ def shape_reason(q: torch.Tensor, codes_k: torch.Tensor, codes_v: torch.Tensor, 
     return None
 
 
+def selection_mode(cent_k: torch.Tensor, cent_v: torch.Tensor, codes_k: int, codes_v: int,
+                   key_half: int | None = None, value_sel: int | None = None) -> int:
+    """The value-copy selection mode (value_copies.py) the default CUDA kernel uses for these codebooks: 0 (none:
+    it keeps 1, 4 or 8 copies of the value table, or would not run them), 1 or 2. Shapes only: no device, no
+    compile."""
+    st_k, _, s_k, m_k, sub_k = cent_k.shape
+    _, _, _, m_v, sub_v = cent_v.shape
+    if DEFAULT_KERNEL != "warp" or sub_v not in (8, 16) or codes_k not in (8, 16) or codes_v not in (8, 16):
+        return 0
+    if m_k > 256 or m_v > 256 or cent_v.dtype not in _CT or cent_k.dtype not in _CT:
+        return 0
+    kh = DEFAULT_KEY_HALF if key_half is None else key_half
+    mode = DEFAULT_VALUE_SEL if value_sel is None else value_sel
+    lay = warp_layout(codes_k, m_k, codes_v, m_v, sub_v, cent_v.dtype, None, (s_k, sub_k, cent_k.dtype), kh, mode)
+    return lay["SEL"] if lay["_smem"] <= SMEM_LIMIT else 0
+
+
 def cuda_splits(pairs: int, capacity: int, sms: int, ctas_per_sm: int, waves: float = 4.0) -> int:
     """Coded chunks per (sequence, KV head): about ``waves`` waves of CTAs (the tail of a partial wave costs
     little at four), chunks of at least 1024 tokens (each CTA first loads its two tables, up to 128 KB)."""
@@ -139,9 +162,10 @@ def cuda_splits(pairs: int, capacity: int, sms: int, ctas_per_sm: int, waves: fl
 def coded_decode_kernel(device: torch.device, ck: int, mk: int, cv: int, mv: int, subv: int, cent_dtype: torch.dtype,
                         db: int | None = None, mma: int | None = None, kernel: str | None = None,
                         copies: int | None = None, key: tuple[int, int, torch.dtype] = (16, 8, torch.float16),
-                        key_half: int | None = None) -> "CodedDecodeCuda":
+                        key_half: int | None = None, value_sel: int | None = None) -> "CodedDecodeCuda":
     """One compiled kernel object per configuration and process (decode builds a plan every call)."""
-    return CodedDecodeCuda(device, ck, mk, cv, mv, subv, cent_dtype, db, mma, kernel, copies, key, key_half)
+    return CodedDecodeCuda(device, ck, mk, cv, mv, subv, cent_dtype, db, mma, kernel, copies, key, key_half,
+                           value_sel)
 
 
 class CodedDecodeCuda:
@@ -150,17 +174,20 @@ class CodedDecodeCuda:
     def __init__(self, device: torch.device, ck: int, mk: int, cv: int, mv: int, subv: int,
                  cent_dtype: torch.dtype, db: int | None = None, mma: int | None = None, kernel: str | None = None,
                  copies: int | None = None, key: tuple[int, int, torch.dtype] = (16, 8, torch.float16),
-                 key_half: int | None = None):
+                 key_half: int | None = None, value_sel: int | None = None):
         from .cuda_rtc import load_kernel
 
         self.kind = DEFAULT_KERNEL if kernel is None else kernel
         if self.kind not in KERNELS:
             raise ValueError(f"cuda kernel must be one of {sorted(KERNELS)} (got {self.kind!r})")
-        self.key_half = 0
+        self.key_half = self.value_sel = 0
         if self.kind == "warp":
             self.key_half = int(DEFAULT_KEY_HALF if key_half is None else key_half)
-            lay = dict(warp_layout(ck, mk, cv, mv, subv, cent_dtype, copies, key, self.key_half))
-            self.mma, self.copies = 1, lay["NCOPY"]
+            sel = int(DEFAULT_VALUE_SEL if value_sel is None else value_sel)
+            if sel not in (0, 1, 2):
+                raise ValueError(f"value_sel must be 0, 1 or 2 (got {sel})")
+            lay = dict(warp_layout(ck, mk, cv, mv, subv, cent_dtype, copies, key, self.key_half, sel))
+            self.mma, self.copies, self.value_sel = 1, lay["NCOPY"], lay["SEL"]
         else:
             if mma is None:
                 mma = int(subv == 16) if DEFAULT_MMA == "auto" else int(DEFAULT_MMA)
@@ -187,14 +214,15 @@ class CodedDecodeCuda:
 
     def __call__(self, pairs: int, p_coded: int, lut_or_cent_k, qc, codes_k, codes_v, bits, n_coded, cent_v, po,
                  pl, cnt, hkv: int, n_cap: int, nw: int, ps: int, cbv_per_head: int, rv: int, hcb_k: int = 1,
-                 cbk_per_head: int = 0) -> None:
-        """``lut_or_cent_k``: the key centroids [stages, H_cb, SK, MK, SUBK] for v6, the lookup table for v5."""
+                 cbk_per_head: int = 0, value_sel=None) -> None:
+        """``lut_or_cent_k``: the key centroids [stages, H_cb, SK, MK, SUBK] for v6, the lookup table for v5;
+        ``value_sel``: the v6 kernel's value-copy selection words ([pairs, n_cap] int16, value_copies.py) or None."""
         args = [lut_or_cent_k, qc, codes_k, codes_v, bits, n_coded, cent_v, po, pl, cnt,
                 hkv, n_cap, nw, p_coded, ps, cbv_per_head, rv]
         if self.builds_lut:
-            args += [hcb_k, cbk_per_head]
+            args += [hcb_k, cbk_per_head, value_sel]
         self.kernel((pairs, p_coded, 1), self.nt, self.smem, args)
 
 
 __all__ = ["CodedDecodeCuda", "coded_decode_kernel", "cuda_splits", "layout", "shape_reason", "unsupported_reason",
-           "warp_layout"]
+           "selection_mode", "warp_layout"]

@@ -122,13 +122,15 @@ class RtcKernel:
         return val.value
 
     def __call__(self, grid: tuple[int, int, int], block: int, smem: int, args: list) -> None:
-        """Launch on PyTorch's current stream; args: tensors (pointers) and Python ints (C int)."""
+        """Launch on PyTorch's current stream; args: tensors (pointers), None (null pointer), Python ints (C int)."""
         keep = []
         for a in args:
             if isinstance(a, torch.Tensor):
                 if a.device != self.device:
                     raise RtcError(f"{self.name}: tensor on {a.device}, kernel loaded on {self.device}")
                 keep.append(ctypes.c_void_p(a.data_ptr()))
+            elif a is None:  # a null pointer (an optional array)
+                keep.append(ctypes.c_void_p(0))
             elif isinstance(a, int):
                 keep.append(ctypes.c_int(a))
             else:

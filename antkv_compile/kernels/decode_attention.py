@@ -832,7 +832,7 @@ class DecodePlan:
                  submajor=False, split_mult=1.0, prologue="triton", merge="fused", key_lut=None, merge_pb=8,
                  prefetch=0, streams=1, lean=None, values_b=False, affine=False, probe_tables=False, maxnreg=None,
                  coded=None, cuda_db=None, cuda_mma=None, cuda_kernel=None, cuda_copies=None, cuda_key_half=None,
-                 block_a=None, exact_splits=None):
+                 block_a=None, exact_splits=None, value_sel=None, cuda_value_sel=None):
         require_triton()
         coded = DEFAULT_CODED if coded is None else coded
         b, hq, tq, d = q.shape
@@ -856,7 +856,8 @@ class DecodePlan:
                 try:
                     self.cuda_coded = coded_decode_kernel(q.device, codes_k.shape[3], m_k, codes_v.shape[3], m_v,
                                                           sub_v, cent_v.dtype, cuda_db, cuda_mma, cuda_kernel,
-                                                          cuda_copies, (s_k, sub_k, cent_k.dtype), cuda_key_half)
+                                                          cuda_copies, (s_k, sub_k, cent_k.dtype), cuda_key_half,
+                                                          cuda_value_sel)
                 except Exception as exc:  # noqa: BLE001 - NVRTC / driver missing: "auto" falls back to Triton
                     if coded == "cuda":
                         raise
@@ -967,11 +968,18 @@ class DecodePlan:
         centk_arg = cent_k.contiguous()
         if cuda_coded is not None and (nc_arg.dtype != torch.int32 or bits_arg.dtype != torch.int32):
             raise ValueError("n_coded and anchor_bits must be int32")
+        sel_arg = None  # the CUDA kernel's value-copy selection (a speed hint: any words give the same result)
+        if value_sel is not None and cuda_coded is not None and cuda_coded.value_sel:
+            if value_sel.shape != codes_v.shape[:3] or value_sel.dtype != torch.int16 or value_sel.device != q.device:
+                raise ValueError(f"value_sel must be int16 {tuple(codes_v.shape[:3])} on {q.device} (one word per "
+                                 f"coded token, value_copies.value_copy_select); got {value_sel.dtype} "
+                                 f"{tuple(value_sel.shape)} on {value_sel.device}")
+            sel_arg = value_sel.contiguous()
 
         def _cuda_partials():
             cuda_coded(b * hkv, p_coded, centk_arg if cuda_coded.builds_lut else self.lut, qc, ck_plain, cv_arg,
                        bits_arg, nc_arg, centv_arg, self.po, self.pl, self.cnt, hkv, n_cap, anchor_bits.shape[2],
-                       p_slots, cbv_ph, g * tq, hcb_k, cbk_ph)
+                       p_slots, cbv_ph, g * tq, hcb_k, cbk_ph, sel_arg)
 
         def _triton_partials():
             LAST_LAUNCH["decode"] = _decode_partials_kernel[(b * hkv, p_exact if cuda_coded is not None else p_total)](
@@ -1062,7 +1070,9 @@ def decode_attention_triton(
     v4 coded-loop options (key-LUT path only): prefetch (0/1/2), streams (1/2), lean, values_b, affine, maxnreg,
     merge_pb, and probe_tables (timing only, not exact); coded="cuda" runs the coded split programs as the CUDA
     C++ kernel of coded_decode.cu ("auto": where it supports the call, else Triton), with cuda_kernel
-    ("warp"/"block"), cuda_copies, cuda_key_half (fp16 key table), cuda_db, cuda_mma; the exact programs
+    ("warp"/"block"), cuda_copies, cuda_key_half (fp16 key table), cuda_db, cuda_mma, value_sel (int16
+    [B, Hkv, n_cap] value-copy selection words of value_copies.py, made for the kernel's cuda_value_sel mode: speed
+    only, the result does not depend on them, ignored by every other path); the exact programs
     (anchors, window): block_a (anchors per step), exact_splits (programs per KV head); out=(out, lse)
     preallocated; poison=True fills the split partials with NaN first (tests)."""
     return DecodePlan(q, codes_k, codes_v, anchor_bits, n_coded, anchor_k, anchor_v, anchor_pos, win_k, win_v,

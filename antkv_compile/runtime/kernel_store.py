@@ -70,6 +70,13 @@ def _decode_kernels():
     return decode_attention
 
 
+def _selection_mode(cent_k: Tensor, cent_v: Tensor, codes_k: Tensor, codes_v: Tensor) -> int:
+    """The CUDA decode kernel's value-copy selection mode for this store (0: it reads no selection words)."""
+    from ..kernels.coded_decode_cuda import selection_mode
+
+    return selection_mode(cent_k, cent_v, codes_k.shape[3], codes_v.shape[3])
+
+
 def _flash_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """Unmasked attention of q [B, Hq, T, D] over k, v [B, Hkv, n, D] -> (out float32, lse float32)."""
     g = q.shape[1] // k.shape[1]
@@ -111,6 +118,17 @@ class KernelLayerStore(AnTKVLayerStore):
                                                        self.cb_k.mean, self.cb_v.centroids, self.cb_v.transform,
                                                        self.cb_v.inverse, self.cb_v.mean)]
         self._slabs: dict[str, Tensor] | None = None  # the window's buffers (see _window_push)
+        # the CUDA decode kernel's value-copy selection words, one per coded token (kernels/value_copies.py): a
+        # speed hint written with the codes, only where that kernel keeps 2 copies of the value table (1 bit) and
+        # reads them (coded_decode_cuda.DEFAULT_VALUE_SEL)
+        self.value_sel: Tensor | None = None
+        self._sel_mode = 0
+        if g.device.type == "cuda":
+            self._sel_mode = _selection_mode(self.cent_k, self.cent_v, self.codes_k, self.codes_v)
+        if self._sel_mode:
+            from ..kernels.value_copies import fixed_words
+
+            self.value_sel = fixed_words(tuple(self.codes_v.shape[:3]), self.codes_v.shape[3], g.device)
 
     # ------------------------------------------------------------------ window buffers
     def _slabs_hold(self, t: int) -> bool:
@@ -186,11 +204,13 @@ class KernelLayerStore(AnTKVLayerStore):
         # on CUDA the op's implementation is called directly: this already runs inside the opaque
         # antkv_rt::cache_attend op, and a second trip through the custom-op dispatcher layers cost ~0.2 ms of
         # host time per layer and step (benchmarks/host_overhead.py), which the 32-layer decode step could not hide
-        decode = _decode_kernels().decode_attention_triton if q.is_cuda else _ops().decode_attention
-        out, lse = decode(
-            q, self.codes_k, self.codes_v, self.anchor_bits, self.n_coded_t, self.anchor_k, self.anchor_v,
-            self.anchor_pos, keys, values, win_len, self.cent_k, inv_k, mean_k, self.cent_v, inv_v, mean_v,
-            float(self.geom.scale))
+        args = (q, self.codes_k, self.codes_v, self.anchor_bits, self.n_coded_t, self.anchor_k, self.anchor_v,
+                self.anchor_pos, keys, values, win_len, self.cent_k, inv_k, mean_k, self.cent_v, inv_v, mean_v,
+                float(self.geom.scale))
+        if q.is_cuda:
+            out, lse = _decode_kernels().decode_attention_triton(*args, value_sel=self.value_sel)
+        else:
+            out, lse = _ops().decode_attention(*args)
         return out, lse, in_place
 
     def _prefix(self, coded: bool) -> tuple[Tensor, Tensor]:
@@ -258,6 +278,10 @@ class KernelLayerStore(AnTKVLayerStore):
             self.win_v[:, :, :n].contiguous(), self.win_out.contiguous(), self.win_lse.contiguous(),
             cent_k, tr_k, inv_k, mean_k, cent_v, tr_v, inv_v, mean_v, float(self.geom.scale), float(ratio),
             self.config.score)
+        if self.value_sel is not None:
+            from ..kernels.value_copies import select_copies
+
+            select_copies(self.codes_v, self.value_sel, self.n_coded, self.n_coded + n, self._sel_mode)
         self.n_coded_t += n
         self.n_coded += n
 
