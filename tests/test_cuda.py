@@ -46,6 +46,7 @@ def test_kernel_store_matches_reference_store_on_cuda(bits, dtype):
     print(f"bits {bits} {dtype}: worst relative error {worst:.2e}, coded {ker.n_coded}, anchors {ker.num_anchors}")
     assert ker.n_coded == ref.n_coded and ker.num_anchors == ref.num_anchors
     assert worst < 2e-2
+    assert ker._graph is not None  # the decode steps were replayed from the store's CUDA graph
     if bits == "1":  # 2 copies of the value table: the store keeps the selection words of every written group
         from antkv_compile.kernels.value_copies import select_reference
 
@@ -204,3 +205,35 @@ def test_cuda_value_copy_selection_changes_no_bits():
             assert torch.equal(plan()[0], base)
         with pytest.raises(ValueError, match="value_sel"):
             DA.DecodePlan(*args, coded="cuda", cuda_value_sel=mode, value_sel=sel[:, :, 1:])
+
+
+def test_kernel_store_decode_graph_replays_the_direct_launches(monkeypatch):
+    """v8: a store's decode steps replayed from its CUDA graph give the bits of the direct launches, across window
+    flushes (anchors and codes written in place) and a long chunk that reallocates the window (captured again)."""
+    from antkv_compile.runtime import kernel_store as KS
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    b, hkv, g, d, dtype = 2, 8, 4, 128, torch.bfloat16
+    cfg = AnTKVConfig(bits="1", anchor_ratio=0.01, window=64)
+    gen = torch.Generator().manual_seed(0)
+    cbk = random_codebook(cfg.preset, hkv, d, generator=gen, scale=0.5)
+    cbv = random_codebook(cfg.preset, hkv, d, generator=gen, scale=0.5)
+    geom = StoreGeometry(b, hkv, d, 1024, dtype, dev, scale=d ** -0.5)
+    graphed, direct = KS.KernelLayerStore(geom, cbk, cbv, cfg), KS.KernelLayerStore(geom, cbk, cbv, cfg)
+    torch.manual_seed(2)
+    n = 600
+    q = torch.randn(b, hkv * g, n, d, device=dev, dtype=dtype)
+    k = torch.randn(b, hkv, n, d, device=dev, dtype=dtype)
+    v = torch.randn(b, hkv, n, d, device=dev, dtype=dtype)
+    spans = [(0, 300)] + [(t, t + 1) for t in range(300, 400)] + [(400, 500)] + [(t, t + 1) for t in range(500, n)]
+    captures = set()
+    for lo, hi in spans:
+        args = (q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi])
+        monkeypatch.setattr(KS, "_GRAPHS", True)
+        o_g = graphed.attend(*args)
+        if graphed._graph is not None:
+            captures.add(id(graphed._graph[1]))
+        monkeypatch.setattr(KS, "_GRAPHS", False)
+        o_d = direct.attend(*args)
+        assert torch.equal(o_g, o_d), (lo, hi)
+    assert len(captures) >= 2  # the 100-token chunk moved the window's buffers: a second capture

@@ -832,7 +832,7 @@ class DecodePlan:
                  submajor=False, split_mult=1.0, prologue="triton", merge="fused", key_lut=None, merge_pb=8,
                  prefetch=0, streams=1, lean=None, values_b=False, affine=False, probe_tables=False, maxnreg=None,
                  coded=None, cuda_db=None, cuda_mma=None, cuda_kernel=None, cuda_copies=None, cuda_key_half=None,
-                 block_a=None, exact_splits=None, value_sel=None, cuda_value_sel=None):
+                 block_a=None, exact_splits=None, value_sel=None, cuda_value_sel=None, workspace=None):
         require_triton()
         coded = DEFAULT_CODED if coded is None else coded
         b, hq, tq, d = q.shape
@@ -913,13 +913,23 @@ class DecodePlan:
         extra = {} if maxnreg is None else {"maxnreg": int(maxnreg)}
         nr = sm_count(q) if affine else 1  # affine: one chunk range per multiprocessor
         nr_pad = next_pow2(nr)
-        self.claim = torch.empty(nr_pad, dtype=torch.int32, device=dev)  # zeroed by the prologue (affine)
-        self.po = torch.empty(b * hkv, p_slots, r_pad, d, dtype=torch.float32, device=dev)
-        self.pl = torch.empty(b * hkv, p_slots, r_pad, dtype=torch.float32, device=dev)
-        self.cnt = torch.empty(max(1, b * hkv), dtype=torch.int32, device=dev)
+
+        def scratch(name, shape, dtype):
+            """A scratch buffer, from ``workspace`` (a dict shared by plans that run one after another on one
+            stream, e.g. the layers of a model) when given."""
+            if workspace is None:
+                return torch.empty(shape, dtype=dtype, device=dev)
+            t = workspace.get(name)
+            if t is None or tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != dev:
+                t = workspace[name] = torch.empty(shape, dtype=dtype, device=dev)
+            return t
+
+        self.claim = scratch("claim", (nr_pad,), torch.int32)  # zeroed by the prologue (affine)
+        self.po = scratch("po", (b * hkv, p_slots, r_pad, d), torch.float32)
+        self.pl = scratch("pl", (b * hkv, p_slots, r_pad), torch.float32)
+        self.cnt = scratch("cnt", (max(1, b * hkv),), torch.int32)
         lut_kernel = key_lut and not (self.cuda_coded is not None and self.cuda_coded.builds_lut)
-        self.lut = (torch.empty(b * hkv * st_k * s_k * m_k * r_g, dtype=torch.float32, device=dev) if lut_kernel
-                    else self.cnt)
+        self.lut = scratch("lut", (b * hkv * st_k * s_k * m_k * r_g,), torch.float32) if lut_kernel else self.cnt
         if poison:
             self.po.fill_(float("nan"))
             self.pl.fill_(float("nan"))
@@ -928,8 +938,10 @@ class DecodePlan:
                    torch.empty(b, hq, tq, dtype=torch.float32, device=dev))
         self.out, self.lse = out
         # every entry is written by the Triton prologue; the torch one (a benchmark comparison) writes G*Tq rows
-        alloc = torch.zeros if prologue == "torch" else torch.empty
-        self.qc = alloc(b * hkv, r_pad * (d + 1), dtype=torch.float32, device=dev)
+        if prologue == "torch":
+            self.qc = torch.zeros(b * hkv, r_pad * (d + 1), dtype=torch.float32, device=dev)
+        else:
+            self.qc = scratch("qc", (b * hkv, r_pad * (d + 1)), torch.float32)
         q = q.contiguous()
         dt, prec = dot_dtype(q.dtype), dot_precision(q.dtype)
         cbk_ph, cbv_ph = int(hcb_k == hkv and hkv > 1), int(hcb_v == hkv and hkv > 1)
@@ -1074,7 +1086,8 @@ def decode_attention_triton(
     [B, Hkv, n_cap] value-copy selection words of value_copies.py, made for the kernel's cuda_value_sel mode: speed
     only, the result does not depend on them, ignored by every other path); the exact programs
     (anchors, window): block_a (anchors per step), exact_splits (programs per KV head); out=(out, lse)
-    preallocated; poison=True fills the split partials with NaN first (tests)."""
+    preallocated; workspace (a dict: scratch buffers shared by calls that run one after another on one stream);
+    poison=True fills the split partials with NaN first (tests)."""
     return DecodePlan(q, codes_k, codes_v, anchor_bits, n_coded, anchor_k, anchor_v, anchor_pos, win_k, win_v,
                       win_len, cent_k, inv_k, mean_k, cent_v, inv_v, mean_v, scale, **options)()
 

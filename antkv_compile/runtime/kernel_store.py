@@ -16,6 +16,11 @@ this class):
   the call; it is not kept.
 * **flush** (window full): ``antkv::window_flush`` encodes the oldest tokens, scores them over the
   window's queries (Anchor Score kernel) and merges them into the anchors, all in place.
+* **CUDA graphs** (CUDA, decode of tokens that fit the window's buffers): the decode launches of a layer (prologue,
+  coded kernel, exact programs + merge) are captured once into a CUDA graph over the store's own buffers (a static
+  query buffer, the window's length in a device tensor) and replayed every step: the launches cost ~0.5 ms of host
+  time per layer and step, which left the GPU idle in a host-bound Llama-3-8B step (NOTES.md "v8"). A change of any
+  buffer (a window reallocated by a long chunk) captures again; ``ANTKV_DECODE_GRAPHS=0`` launches directly.
 * **the window** lives in preallocated buffers of ``window`` tokens (``win_*`` are views of their first
   ``n_window`` tokens): a decode step writes its one token in place instead of concatenating the whole
   window (6 copies of it per layer and step, 3.45 ms of a 70 ms Llama-3-8B step at batch 172: NOTES.md "v7").
@@ -32,6 +37,7 @@ reads post-RoPE codes) and the ``dequantized`` read path.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from torch import Tensor
@@ -47,6 +53,12 @@ log = logging.getLogger(__name__)
 
 _DECODE_ROWS = 64  # G * T query rows per KV head up to which the decode kernel is used
 _WINDOW = ("win_k", "win_v", "win_q", "win_out", "win_lse")  # the window's tensors, token axis 2
+_GRAPHS = os.environ.get("ANTKV_DECODE_GRAPHS", "1") != "0"  # decode launches replayed from a CUDA graph
+_WORKSPACES: dict = {}  # device -> the decode scratch buffers shared by every store on it (one stream)
+
+
+def _workspace(device: torch.device) -> dict:
+    return _WORKSPACES.setdefault(str(device), {})
 
 
 def kernels_support(config: AnTKVConfig) -> str | None:
@@ -118,6 +130,8 @@ class KernelLayerStore(AnTKVLayerStore):
                                                        self.cb_k.mean, self.cb_v.centroids, self.cb_v.transform,
                                                        self.cb_v.inverse, self.cb_v.mean)]
         self._slabs: dict[str, Tensor] | None = None  # the window's buffers (see _window_push)
+        self._graph: tuple | None = None  # (buffers key, CUDA graph, static query, out, lse, plan): _graph_decode
+        self._win_len = torch.zeros(g.batch, dtype=torch.int32, device=g.device)  # window length for the decode
         # the CUDA decode kernel's value-copy selection words, one per coded token (kernels/value_copies.py): a
         # speed hint written with the codes, only where that kernel keeps 2 copies of the value table (1 bit) and
         # reads them (coded_decode_cuda.DEFAULT_VALUE_SEL)
@@ -199,19 +213,55 @@ class KernelLayerStore(AnTKVLayerStore):
             values[:, :, n:n + t].copy_(v)
         else:
             keys, values = torch.cat([self.win_k, k], dim=2), torch.cat([self.win_v, v], dim=2)
-        win_len = torch.full((self.geom.batch,), n + t, dtype=torch.int32, device=q.device)
         _, _, inv_k, mean_k, _, _, inv_v, mean_v = self._cb32
         # on CUDA the op's implementation is called directly: this already runs inside the opaque
         # antkv_rt::cache_attend op, and a second trip through the custom-op dispatcher layers cost ~0.2 ms of
         # host time per layer and step (benchmarks/host_overhead.py), which the 32-layer decode step could not hide
+        if q.is_cuda and in_place and _GRAPHS and not torch.cuda.is_current_stream_capturing():
+            out, lse = self._graph_decode(q, keys, values, n + t)
+            return out, lse, in_place
+        self._win_len.fill_(n + t)
         args = (q, self.codes_k, self.codes_v, self.anchor_bits, self.n_coded_t, self.anchor_k, self.anchor_v,
-                self.anchor_pos, keys, values, win_len, self.cent_k, inv_k, mean_k, self.cent_v, inv_v, mean_v,
+                self.anchor_pos, keys, values, self._win_len, self.cent_k, inv_k, mean_k, self.cent_v, inv_v, mean_v,
                 float(self.geom.scale))
         if q.is_cuda:
-            out, lse = _decode_kernels().decode_attention_triton(*args, value_sel=self.value_sel)
+            out, lse = _decode_kernels().decode_attention_triton(*args, value_sel=self.value_sel,
+                                                                 workspace=_workspace(q.device))
         else:
             out, lse = _ops().decode_attention(*args)
         return out, lse, in_place
+
+    def _graph_decode(self, q: Tensor, keys: Tensor, values: Tensor, win_len: int) -> tuple[Tensor, Tensor]:
+        """The decode launches replayed from this store's CUDA graph (captured on first use and whenever one of
+        the buffers it reads moved); returns (out, lse) copies."""
+        _, _, inv_k, mean_k, _, _, inv_v, mean_v = self._cb32
+        static = (self.codes_k, self.codes_v, self.anchor_bits, self.n_coded_t, self.anchor_k, self.anchor_v,
+                  self.anchor_pos, keys, values, self._win_len, self.cent_k, inv_k, mean_k, self.cent_v, inv_v,
+                  mean_v)
+        sel = self.value_sel
+        key = (tuple(q.shape), q.dtype, tuple(keys.shape), None if sel is None else sel.data_ptr(),
+               *(x.data_ptr() for x in static))
+        self._win_len.fill_(win_len)
+        held = self._graph
+        if held is not None and held[0] == key:
+            _, graph, q_s, out, lse, _ = held
+            q_s.copy_(q)
+            graph.replay()
+            return out.clone(), lse.clone()
+        self._graph = None  # (frees the old graph before capturing the new one)
+        q_s = q.clone()
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+        plan = _decode_kernels().DecodePlan(q_s, *static, float(self.geom.scale), value_sel=sel, out=(out, lse),
+                                            workspace=_workspace(q.device))
+        plan()  # this step's result; also loads the kernels before the capture
+        result = out.clone(), lse.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            plan()
+        self._graph = (key, graph, q_s, out, lse, plan)
+        log.debug("layer %s: decode graph captured for %s", self._layer, tuple(q.shape))
+        return result
 
     def _prefix(self, coded: bool) -> tuple[Tensor, Tensor]:
         """Full-precision view of what precedes a chunk: decoded codes with anchors restored (if ``coded``),
