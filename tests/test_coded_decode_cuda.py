@@ -147,3 +147,23 @@ def test_fp16_key_table_halves_its_shared_memory():
         full, half = CDC.warp_layout(*args, 0), CDC.warp_layout(*args, 1)
         assert full["_smem"] - half["_smem"] == s * p.num_centroids * 16 - p.num_centroids * 128
         assert half["KH"] == 1 and full["KH"] == 0
+
+
+@pytest.mark.parametrize("value_sel", [0, 1, 2])
+def test_value_selection_modes_compile_and_apply_at_two_copies_only(value_sel):
+    """v8: the selection mode is a compile-time constant used where 2 copies of the value table fit (1 bit);
+    mode 0 compiles the v7 loop (no word is loaded), modes 1 and 2 load one 2-byte word per token."""
+    cuda_rtc = _nvrtc_or_skip()
+    for bits in ("1", "0.375"):
+        p = get_preset(bits)
+        s = 128 // p.sub_dim
+        lay = CDC.warp_layout(s, p.num_centroids, s, p.num_centroids, p.sub_dim, torch.float16, None,
+                              (s, p.sub_dim, torch.float16), 1, value_sel)
+        assert lay["SEL"] == (value_sel if lay["NCOPY"] == 2 else 0)
+        cent = torch.empty(1, 1, s, p.num_centroids, p.sub_dim, dtype=torch.float16, device="meta")
+        assert CDC.selection_mode(cent, cent, s, s, 1, value_sel) == lay["SEL"]
+    lay = CDC.warp_layout(16, 256, 16, 256, 8, torch.float16, None, (16, 8, torch.float16), 1, value_sel)
+    head = "".join(f"#define {k} {v}\n" for k, v in lay.items() if not k.startswith("_"))
+    body = _entry(cuda_rtc.compile_ptx(head + CDC._source(), "antkv_coded_warp", "compute_90a").decode(),
+                  "antkv_coded_warp")
+    assert ("ld.global.nc.u16" in body or "ld.global.u16" in body) == bool(value_sel)  # the words are read
