@@ -820,14 +820,12 @@ def _selected(opts, args):
     if opts.get("value_sel") != "select":
         return opts
     from antkv_compile.kernels.coded_decode_cuda import DEFAULT_VALUE_SEL
-    from antkv_compile.kernels.value_copies import fixed_words, select_copies
+    from antkv_compile.kernels.value_copies import selection_words
 
     cv, mode = args[2], opts.get("cuda_value_sel") or DEFAULT_VALUE_SEL
     held = _SELECTION.get((id(cv), mode))
     if held is None or held[0]() is not cv:
-        words = fixed_words(tuple(cv.shape[:3]), cv.shape[3], cv.device)
-        select_copies(cv, words, 0, cv.shape[2], mode)
-        held = _SELECTION[(id(cv), mode)] = (weakref.ref(cv), words)
+        held = _SELECTION[(id(cv), mode)] = (weakref.ref(cv), selection_words(cv, mode))
     return {**opts, "value_sel": held[1]}
 
 

@@ -35,11 +35,9 @@ def main() -> None:
     if a.value_sel is not None:
         opts["cuda_value_sel"] = a.value_sel
     if a.value_sel:
-        from antkv_compile.kernels.value_copies import fixed_words, select_copies
+        from antkv_compile.kernels.value_copies import selection_words
 
-        cv = args[2]
-        opts["value_sel"] = fixed_words(tuple(cv.shape[:3]), cv.shape[3], cv.device)
-        select_copies(cv, opts["value_sel"], 0, cv.shape[2], a.value_sel)
+        opts["value_sel"] = selection_words(args[2], a.value_sel)
     plan = DA.DecodePlan(*args, coded=a.coded, **opts)
     for _ in range(a.launches):
         plan()

@@ -187,7 +187,7 @@ def test_cuda_value_copy_selection_changes_no_bits():
     """v8: the selection words only choose which copy of the value table a row is read from, so in every mode any
     words (the selected ones, random ones, none) give the bits of the v7 kernel; malformed words are refused."""
     from antkv_compile.kernels import decode_attention as DA
-    from antkv_compile.kernels.value_copies import fixed_words, select_copies
+    from antkv_compile.kernels.value_copies import selection_words
 
     dev = torch.device("cuda", torch.cuda.current_device())
     args = _decode_case("1", 4, torch.float16, [9000, 0, 37, 1500], dev, seed=5)
@@ -197,8 +197,7 @@ def test_cuda_value_copy_selection_changes_no_bits():
     assert _rel(base, ref) < 3e-3
     rnd = torch.randint(-2**15, 2**15, tuple(codes_v.shape[:3]), dtype=torch.int16, device=dev)
     for mode in (1, 2):
-        sel = fixed_words(tuple(codes_v.shape[:3]), codes_v.shape[3], dev)
-        select_copies(codes_v, sel, 0, codes_v.shape[2], mode)
+        sel = selection_words(codes_v, mode)
         for words in (sel, rnd, None):
             plan = DA.DecodePlan(*args, coded="cuda", cuda_value_sel=mode, value_sel=words)
             assert plan.cuda_coded.value_sel == mode

@@ -99,6 +99,12 @@ def test_bank_groups_model_the_kernels_layout(mode):
             assert {group(j, k, c) for k in range(256)} == set(range(4 * c, 4 * c + 4))
 
 
+@needs_triton
+def test_selection_words_select_the_whole_array():
+    codes = torch.randint(0, 256, (1, 2, 24, 16), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    assert torch.equal(VC.selection_words(codes, 1), VC.select_reference(codes, 1))
+
+
 def test_bad_arguments_are_refused():
     codes = torch.zeros(1, 1, 16, 16, dtype=torch.uint8)
     with pytest.raises(ValueError, match="int16"):

@@ -132,4 +132,12 @@ def select_copies(codes_v: Tensor, value_sel: Tensor, lo: int, hi: int, mode: in
                                         num_warps=4)
 
 
-__all__ = ["FIXED", "GROUP", "MODES", "bins", "fixed_words", "phase_cost", "select_copies", "select_reference"]
+def selection_words(codes_v: Tensor, mode: int = 2) -> Tensor:
+    """New selection words of every token of ``codes_v`` [B, Hkv, n, CV] (the whole array selected at once)."""
+    words = fixed_words(tuple(codes_v.shape[:3]), codes_v.shape[3], codes_v.device)
+    select_copies(codes_v.contiguous(), words, 0, codes_v.shape[2], mode)
+    return words
+
+
+__all__ = ["FIXED", "GROUP", "MODES", "bins", "fixed_words", "phase_cost", "select_copies", "select_reference",
+           "selection_words"]
