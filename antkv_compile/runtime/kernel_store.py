@@ -213,7 +213,6 @@ class KernelLayerStore(AnTKVLayerStore):
             values[:, :, n:n + t].copy_(v)
         else:
             keys, values = torch.cat([self.win_k, k], dim=2), torch.cat([self.win_v, v], dim=2)
-        _, _, inv_k, mean_k, _, _, inv_v, mean_v = self._cb32
         # on CUDA the op's implementation is called directly: this already runs inside the opaque
         # antkv_rt::cache_attend op, and a second trip through the custom-op dispatcher layers cost ~0.2 ms of
         # host time per layer and step (benchmarks/host_overhead.py), which the 32-layer decode step could not hide
@@ -221,9 +220,7 @@ class KernelLayerStore(AnTKVLayerStore):
             out, lse = self._graph_decode(q, keys, values, n + t)
             return out, lse, in_place
         self._win_len.fill_(n + t)
-        args = (q, self.codes_k, self.codes_v, self.anchor_bits, self.n_coded_t, self.anchor_k, self.anchor_v,
-                self.anchor_pos, keys, values, self._win_len, self.cent_k, inv_k, mean_k, self.cent_v, inv_v, mean_v,
-                float(self.geom.scale))
+        args = (q, *self._decode_buffers(keys, values), float(self.geom.scale))
         if q.is_cuda:
             out, lse = _decode_kernels().decode_attention_triton(*args, value_sel=self.value_sel,
                                                                  workspace=_workspace(q.device))
@@ -233,11 +230,9 @@ class KernelLayerStore(AnTKVLayerStore):
 
     def _graph_decode(self, q: Tensor, keys: Tensor, values: Tensor, win_len: int) -> tuple[Tensor, Tensor]:
         """The decode launches replayed from this store's CUDA graph (captured on first use and whenever one of
-        the buffers it reads moved); returns (out, lse) copies."""
-        _, _, inv_k, mean_k, _, _, inv_v, mean_v = self._cb32
-        static = (self.codes_k, self.codes_v, self.anchor_bits, self.n_coded_t, self.anchor_k, self.anchor_v,
-                  self.anchor_pos, keys, values, self._win_len, self.cent_k, inv_k, mean_k, self.cent_v, inv_v,
-                  mean_v)
+        the buffers it reads moved); returns a copy of out and the graph's own lse (read only by _append, which
+        copies it into the window in the same step)."""
+        static = self._decode_buffers(keys, values)
         sel = self.value_sel
         key = (tuple(q.shape), q.dtype, tuple(keys.shape), None if sel is None else sel.data_ptr(),
                *(x.data_ptr() for x in static))
@@ -247,21 +242,27 @@ class KernelLayerStore(AnTKVLayerStore):
             _, graph, q_s, out, lse, _ = held
             q_s.copy_(q)
             graph.replay()
-            return out.clone(), lse.clone()
+            return out.clone(), lse
         self._graph = None  # (frees the old graph before capturing the new one)
         q_s = q.clone()
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
         plan = _decode_kernels().DecodePlan(q_s, *static, float(self.geom.scale), value_sel=sel, out=(out, lse),
                                             workspace=_workspace(q.device))
-        plan()  # this step's result; also loads the kernels before the capture
-        result = out.clone(), lse.clone()
+        plan()  # this step's result (a capture runs nothing); also loads the kernels before the capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             plan()
         self._graph = (key, graph, q_s, out, lse, plan)
         log.debug("layer %s: decode graph captured for %s", self._layer, tuple(q.shape))
-        return result
+        return out.clone(), lse
+
+    def _decode_buffers(self, keys: Tensor, values: Tensor) -> tuple[Tensor, ...]:
+        """The decode op's arguments after the query and before the scale: the store's buffers, the window's
+        keys / values and its length tensor."""
+        _, _, inv_k, mean_k, _, _, inv_v, mean_v = self._cb32
+        return (self.codes_k, self.codes_v, self.anchor_bits, self.n_coded_t, self.anchor_k, self.anchor_v,
+                self.anchor_pos, keys, values, self._win_len, self.cent_k, inv_k, mean_k, self.cent_v, inv_v, mean_v)
 
     def _prefix(self, coded: bool) -> tuple[Tensor, Tensor]:
         """Full-precision view of what precedes a chunk: decoded codes with anchors restored (if ``coded``),
