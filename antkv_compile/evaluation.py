@@ -103,8 +103,13 @@ def evaluate_method(
     batch_size: int = 4,
     progress: bool = True,
     total_eval_tokens: int | None = None,
+    prefill: int = 0,
 ) -> MethodResult:
-    """Perplexity of ``model`` over ``contexts`` [n, L] with the KV cache of ``spec``."""
+    """Perplexity of ``model`` over ``contexts`` [n, L] with the KV cache of ``spec``.
+
+    ``prefill`` > 0: the first ``prefill`` tokens of each context are one chunk (a long prompt, scored by its
+    own queries at its flush), the rest go in chunks of ``flush`` as usual, and the perplexity counts only the
+    predictions after the prompt (those that read its coded tokens)."""
     artifacts = artifacts or {}
     geom_kv = kv_geometry(model.config)
     param = next(model.parameters())
@@ -114,7 +119,8 @@ def evaluate_method(
     nll, count = 0.0, 0
     bits = {"codes": 0.0, "anchors": 0.0, "window": 0.0}
     t0 = time.time()
-    steps = math.ceil(length / chunk) * math.ceil(n / batch_size)
+    bounds = list(range(0, length, chunk)) if not prefill else [0, *range(prefill, length, chunk)]
+    steps = len(bounds) * math.ceil(n / batch_size)
     bar = tqdm(total=steps, desc=spec.name, disable=not progress, unit="chunk", leave=False)
     for b0 in range(0, n, batch_size):
         ids = contexts[b0:b0 + batch_size].to(param.device)
@@ -127,11 +133,14 @@ def evaluate_method(
             return stores[layer].attend(q, k, v, check_finite=False)
 
         with routed(model, handler):
-            for s in range(0, length, chunk):
-                e = min(length, s + chunk)
+            for i, s in enumerate(bounds):
+                e = bounds[i + 1] if i + 1 < len(bounds) else length
                 logits = chunk_logits(model, ids[:, s:e], s).float()
                 targets = ids[:, s + 1:e + 1]
                 logits = logits[:, : targets.shape[1]]
+                if prefill and s == 0:
+                    bar.update(1)
+                    continue
                 nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
                 count += targets.numel()
                 bar.update(1)

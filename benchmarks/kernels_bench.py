@@ -243,9 +243,13 @@ def correct_prefill():
         ro, rl, rs = PA.prefill_attention_ans_reference(q, k, v, dk, dv, D**-0.5)
         o, l, s = PA.prefill_attention_ans_triton(q, k, v, dk, dv, D**-0.5)
         fo, fl, fs = PA.prefill_attention_ans_triton(q, k, v, dk, dv, D**-0.5, fused=True)
+        r, band = HQ // HKV, (16 if DRY else 256)  # row-sampled scores (AnTKVConfig.score_row_stride default)
+        ss = PA.anchor_scores_triton(q, k, v, dk, dv, o, l, D**-0.5, row_stride=r, band=band)
+        rss = PA.anchor_scores_reference(q, k, v, dk, dv, ro, rl, D**-0.5, r, band)
         out[str(dtype)] = {"out": rel(o, ro), "lse": rel(l, rl), "scores_two_pass": rel(s, rs),
                            "scores_fused": rel(fs, rs), "out_fused": rel(fo, ro),
-                           "nan": bool(o.isnan().any() or s.isnan().any() or fs.isnan().any())}
+                           f"scores_sampled_R{r}_band{band}": rel(ss, rss),
+                           "nan": bool(o.isnan().any() or s.isnan().any() or fs.isnan().any() or ss.isnan().any())}
     RESULTS["correct_prefill"] = out
     log("correct_prefill", out)
 
@@ -611,6 +615,22 @@ def prefill(quick):
             except Exception as exc:  # noqa: BLE001
                 log("ans cfg failed", cfg, exc)
         best_ans = min(ans, key=ans.get)
+        # row-sampled scores (AnTKVConfig.score_row_stride; default R = G with band 256)
+        sampled = {}
+        for r, band in ([(HQ // HKV, 16)] if DRY else [(HQ // HKV, 256), (HQ // HKV, 128), (8, 256), (8, 128)]):
+            for cfg in ans_cfgs[:4]:
+                try:
+                    sampled[(r, band, cfg)] = bench(lambda: PA.anchor_scores_triton(
+                        q, k, v, dk, dv, out, lse, scale, blocks=cfg, row_stride=r, band=band), ms=ms)
+                except Exception as exc:  # noqa: BLE001
+                    log("sampled ans cfg failed", r, band, cfg, exc)
+        sampled_best = {}
+        for (r, band, cfg), x in sampled.items():
+            key = f"R{r}_band{band}"
+            if key not in sampled_best or x < sampled_best[key]["ms"]:
+                sampled_best[key] = {"ms": x, "blocks": cfg, "attn_plus_scores_ms": fwd[best_fwd] + x,
+                                     "ratio_vs_sdpa": (fwd[best_fwd] + x) / t_sdpa}
+        rec["sampled"] = sampled_best
         fused = {}
         for cfg in fused_cfgs:
             try:
@@ -731,6 +751,9 @@ def table() -> str:
         lines.append(f"{r['T']:>6} {r['sdpa_ms']:8.2f} {fwd:8.2f} {ans:8.2f} {fu:8.2f} {r['attn_plus_scores_ms']:9.2f} "
                      f"{r['ratio_vs_sdpa']:6.2f} {r['encode_ms']['1']:7.2f} {r['encode_ms']['0.375']:7.2f} "
                      f"{r['select_ms']:6.2f} {r['pipeline_ratio_1']:7.2f}")
+        for key, x in (r.get("sampled") or {}).items():
+            lines.append(f"{'':>6} row-sampled scores {key}: scores {x['ms']:.2f} ms, attn+AnS {x['attn_plus_scores_ms']:.2f} "
+                         f"ms = {x['ratio_vs_sdpa']:.2f}x SDPA (blocks {x['blocks']})")
     for name in ("decode_best", "micro", "breakdown", "correct_encode", "correct_prefill", "correct_decode", "opcheck_cuda",
                  "flush"):
         if name in RESULTS:

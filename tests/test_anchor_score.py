@@ -2,7 +2,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from antkv_compile.numerics.anchor_score import anchor_scores, first_order_output_change, weights_for_calibration
+from antkv_compile.numerics.anchor_score import (
+    anchor_scores,
+    first_order_output_change,
+    row_sample_weights,
+    weights_for_calibration,
+)
 from antkv_compile.numerics.attention import causal_mask, exact_attention
 from numerics_helpers import randn
 
@@ -65,6 +70,46 @@ def test_tokens_with_zero_residual_score_zero_and_attention_score_sums_attention
     assert s[0, 0, 3] > 0 and torch.count_nonzero(s) == 1
     acc = anchor_scores(q, k, v, out, lse, 0.5, kind="attention")
     torch.testing.assert_close(acc.sum(), torch.tensor(2.0 * n))  # every row's probabilities sum to one
+
+
+@settings(max_examples=20, deadline=None)
+@given(g=st.integers(1, 8), stride=st.integers(1, 8), band=st.integers(1, 40), n=st.integers(1, 60))
+def test_row_sampling_counts_each_pair_once_in_expectation(g, stride, band, n):
+    """Row-sampling weights: exactly 1 within the band; beyond it each row is sampled with weight R by the heads
+    with (i + g) % R == 0, so over the G heads a row's weights sum to G when R divides G (each row read once
+    per R heads), and to G on average over R consecutive rows for any R."""
+    w = row_sample_weights(g, n, n, stride, band)
+    lag = torch.arange(n)[:, None] - torch.arange(n)[None, :]
+    assert bool((w[:, lag < band] == 1).all())
+    beyond = w[:, lag >= band]
+    assert bool(((beyond == 0) | (beyond == stride)).all())
+    per_row = w.sum(0)  # [Tq, Tk]: summed over the heads
+    if g % stride == 0:
+        assert bool((per_row == g).all())
+    full = (n // stride) * stride  # rows in whole periods of R
+    if full > band and stride > 1:
+        col = per_row[:full, 0].reshape(-1, stride).sum(1)  # key 0: every row from `band` on is beyond the band
+        first = -(-band // stride)
+        assert bool((col[first:] == g * stride).all())
+
+
+def test_row_sampled_scores_are_exact_for_short_windows_and_close_for_long_ones():
+    """A window no longer than the band is scored exactly; a long one is estimated within a few percent of its
+    total (the estimator is unbiased over the heads' phases, not exact)."""
+    d, hkv, g = 16, 1, 4
+    for n, exact_expected in ((24, True), (300, False)):
+        q, k, v = randn(1, hkv * g, n, d, seed=1), randn(1, hkv, n, d, seed=2), randn(1, hkv, n, d, seed=3)
+        k_hat, v_hat = k + 0.1 * randn(1, hkv, n, d, seed=4), v + 0.1 * randn(1, hkv, n, d, seed=5)
+        mask = causal_mask(torch.arange(n), torch.arange(n))
+        out, lse = exact_attention(q, k, v, d**-0.5, mask)
+        kw = dict(kind="ans", k_hat=k_hat, v_hat=v_hat, mask=mask)
+        exact = anchor_scores(q, k, v, out, lse, d**-0.5, **kw)
+        sampled = anchor_scores(q, k, v, out, lse, d**-0.5, row_stride=4, band=32, **kw)
+        if exact_expected:
+            torch.testing.assert_close(sampled, exact)
+        else:
+            assert not torch.allclose(sampled, exact)
+            assert abs(sampled.sum() / exact.sum() - 1) < 0.05
 
 
 def test_calibration_weights_are_nonnegative_and_value_weight_is_accumulated_attention():

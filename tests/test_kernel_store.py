@@ -117,6 +117,39 @@ def test_window_lives_in_its_buffers():
     assert bytes_kv == 2 * 1 * 2 * 8 * D * 4  # K and V: batch 1, 2 heads, 8 tokens, fp32
 
 
+def test_row_sampled_scores_reach_both_stores_alike():
+    """score_row_stride / score_band go to the flush's scorer in both stores: the kernel store equals the reference
+    store with the same sampling, and the sampling changes the anchor scores of a chunk longer than the band."""
+    cfg = dict(anchor_ratio=0.2, window=8, score_row_stride=2, score_band=4)
+    ref, ker = _pair(1, 2, 80, **cfg)
+    exact, _ = _pair(1, 2, 80, **{**cfg, "score_row_stride": 1})
+    q = randn(1, 6, 60, D, seed=21)
+    k, v = randn(1, 2, 60, D, seed=22), randn(1, 2, 60, D, seed=23)
+    outs = [_run(s, q, k, v, prefill=40) for s in (ref, ker, exact)]
+    torch.testing.assert_close(outs[1], outs[0], atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(ker.anchor_score, ref.anchor_score, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ref.anchor_score, exact.anchor_score)
+    assert AnTKVConfig().row_stride_for(4) == 4 and AnTKVConfig(score_row_stride=1).row_stride_for(4) == 1
+    with pytest.raises(ValueError, match="score_row_stride"):
+        AnTKVConfig(score_row_stride=0)
+
+
+def test_decode_scratch_is_shared_by_the_stores_and_freed_with_the_last():
+    """The stores of a device share one decode workspace, which does not outlive them (a long-context run
+    once left its large split scratch allocated for the next run of the process)."""
+    import gc
+
+    from antkv_compile.runtime import kernel_store
+
+    _, a = _pair(1, 2, 20)
+    _, b = _pair(1, 2, 20)
+    assert a._workspace is b._workspace
+    a._workspace["po"] = torch.empty(8)
+    del a, b
+    gc.collect()
+    assert "cpu" not in kernel_store._WORKSPACES
+
+
 def test_overflow_and_unsupported_configs_are_refused():
     _, ker = _pair(1, 2, 20)
     with pytest.raises(CacheOverflowError, match="larger cache"):

@@ -111,6 +111,32 @@ def test_prefill_attention_and_anchor_scores_match_reference(b, hkv, g, t, d, dt
     assert _rel(part, PA.anchor_scores_reference(q, *sub, ref_out, ref_lse, scale)) < 5 * TOL[dtype]
 
 
+
+@needs_triton
+@HYP
+@given(hkv=st.integers(1, 2), g=st.sampled_from([1, 3, 4]), t=st.sampled_from([40, 97, 150]),
+       stride=st.sampled_from([2, 3, 4]), band=st.sampled_from([1, 16, 50]), blocks=st.sampled_from([16, 32]),
+       dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 99))
+def test_row_sampled_anchor_scores_match_reference(hkv, g, t, stride, band, blocks, dtype, seed):
+    """Rows sampled beyond the band: the kernel computes the sampled reference for any block size (the band and
+    the strided rows are defined per pair, not per tile), also for a partial flush (fewer keys than queries)."""
+    d = 32
+    scale = d**-0.5
+    q = _randn(1, hkv * g, t, d, seed=seed, dtype=dtype)
+    k, v = _randn(1, hkv, t, d, seed=seed + 1, dtype=dtype), _randn(1, hkv, t, d, seed=seed + 2, dtype=dtype)
+    dk, dv = _randn(1, hkv, t, d, seed=seed + 3, scale=0.3), _randn(1, hkv, t, d, seed=seed + 4, scale=0.3)
+    out, lse, exact = PA.prefill_attention_ans_reference(q, k, v, dk, dv, scale)
+    tk = t - t // 3
+    sub = [x[:, :, :tk] for x in (k, v, dk, dv)]
+    ref = PA.anchor_scores_reference(q, *sub, out, lse, scale, stride, band)
+    got = PA.anchor_scores_triton(q, *sub, out, lse, scale, row_stride=stride, band=band,
+                                  blocks=(blocks, blocks, 4, 1))
+    assert _rel(got, ref) < 5 * TOL[dtype]
+    if t - 1 - band >= stride:  # some pairs lie beyond the band: the test can tell sampled from exact scores
+        assert _rel(ref, exact[:, :, :tk]) > 1e-3
+    _, _, s3 = PA.prefill_attention_ans_triton(q, k, v, dk, dv, scale, row_stride=stride, band=band)
+    assert _rel(s3, PA.anchor_scores_reference(q, k, v, dk, dv, out, lse, scale, stride, band)) < 5 * TOL[dtype]
+
 # ---------------------------------------------------------------------------------------------- decode
 def _decode_inputs(b, hkv, g, tq, d, n_cap, a_cap, w_cap, bits, stages, shared, dtype, seed, lengths=None):
     """Random store buffers with per-sequence lengths, anchors at random coded positions, a partial window."""

@@ -78,13 +78,15 @@ def _write_codes_(buf: Tensor, codes: Tensor, n_coded: Tensor) -> None:
     buf.scatter_(2, idx.expand(b, h, w, c), codes.to(buf.dtype))
 
 
-def _scores(kind: str, win_q, win_k, win_v, dk, dv, win_out, win_lse, scale: float, use_triton: bool) -> Tensor:
+def _scores(kind: str, win_q, win_k, win_v, dk, dv, win_out, win_lse, scale: float, use_triton: bool,
+            row_stride: int, band: int) -> Tensor:
     if kind == "ans" and use_triton:
-        return anchor_scores_triton(win_q, win_k, win_v, dk, dv, win_out, win_lse, scale)
+        return anchor_scores_triton(win_q, win_k, win_v, dk, dv, win_out, win_lse, scale, row_stride=row_stride,
+                                    band=band)
     pos = torch.arange(win_q.shape[2], device=win_k.device)
     return anchor_scores_ref(win_q, win_k, win_v, win_out, win_lse, scale, kind=kind,
                              k_hat=win_k.float() + dk.float(), v_hat=win_v.float() + dv.float(),
-                             mask=causal_mask(pos, pos[:win_k.shape[2]]))
+                             mask=causal_mask(pos, pos[:win_k.shape[2]]), row_stride=row_stride, band=band)
 
 
 def window_flush_(
@@ -93,7 +95,8 @@ def window_flush_(
     win_q: Tensor, win_k: Tensor, win_v: Tensor, win_out: Tensor, win_lse: Tensor,
     cent_k: Tensor, tr_k: Tensor, inv_k: Tensor, mean_k: Tensor,
     cent_v: Tensor, tr_v: Tensor, inv_v: Tensor, mean_v: Tensor,
-    scale: float, anchor_ratio: float, score_kind: str = "ans", *, use_triton: bool | None = None,
+    scale: float, anchor_ratio: float, score_kind: str = "ans", row_stride: int = 1, band: int = 256, *,
+    use_triton: bool | None = None,
 ) -> None:
     """Encode the window into the codes, score it, update the anchors (all in place; n_coded unchanged)."""
     if use_triton is None:
@@ -114,6 +117,7 @@ def window_flush_(
     if score_kind == "random":
         scores = torch.rand(win_k.shape[:3], device=win_k.device)
     else:
-        scores = _scores(score_kind, win_q, win_k, win_v, dk, dv, win_out, win_lse, scale, use_triton)
+        scores = _scores(score_kind, win_q, win_k, win_v, dk, dv, win_out, win_lse, scale, use_triton, row_stride,
+                         band)
     select_anchors_(anchor_k, anchor_v, anchor_pos, anchor_score, anchor_bits, scores, win_k, win_v, n_coded,
                     anchor_ratio)

@@ -81,42 +81,43 @@ def _prefill_attention_fake(q, k, v, scale):
 
 @custom_op("antkv::anchor_scores", mutates_args=(), device_types="cuda")
 def anchor_scores(q: Tensor, k: Tensor, v: Tensor, dk: Tensor, dv: Tensor, out: Tensor, lse: Tensor,
-                  scale: float) -> Tensor:
+                  scale: float, row_stride: int = 1, band: int = 256) -> Tensor:
     """Anchor Score ("ans") of each of Tk key tokens over the Tq >= Tk queries aligned with them (query i
     reads keys j <= i: a window flush scores its oldest Tk tokens over all of the window's queries),
     summed over the G query heads of its KV head.
 
     q/out [B, Hq, Tq, D], lse [B, Hq, Tq] (the rows' *final* output and log-normalizer), k/v [B, Hkv, Tk, D],
-    dk/dv [B, Hkv, Tk, D] = quantized - exact. Returns [B, Hkv, Tk] float32.
+    dk/dv [B, Hkv, Tk, D] = quantized - exact. Returns [B, Hkv, Tk] float32. ``row_stride`` > 1 samples the
+    rows more than ``band`` past a key (AnTKVConfig.score_row_stride).
     """
-    return _prefill.anchor_scores_triton(q, k, v, dk, dv, out, lse, scale)
+    return _prefill.anchor_scores_triton(q, k, v, dk, dv, out, lse, scale, row_stride=row_stride, band=band)
 
 
 @anchor_scores.register_kernel("cpu")
-def _anchor_scores_cpu(q, k, v, dk, dv, out, lse, scale):
-    return _c(_prefill.anchor_scores_reference(q, k, v, dk, dv, out, lse, scale))
+def _anchor_scores_cpu(q, k, v, dk, dv, out, lse, scale, row_stride=1, band=256):
+    return _c(_prefill.anchor_scores_reference(q, k, v, dk, dv, out, lse, scale, row_stride, band))
 
 
 @anchor_scores.register_fake
-def _anchor_scores_fake(q, k, v, dk, dv, out, lse, scale):
+def _anchor_scores_fake(q, k, v, dk, dv, out, lse, scale, row_stride=1, band=256):
     return k.new_empty(k.shape[:3], dtype=torch.float32)
 
 
 @custom_op("antkv::prefill_attention_ans", mutates_args=(), device_types="cuda")
-def prefill_attention_ans(q: Tensor, k: Tensor, v: Tensor, dk: Tensor, dv: Tensor, scale: float
-                          ) -> tuple[Tensor, Tensor, Tensor]:
+def prefill_attention_ans(q: Tensor, k: Tensor, v: Tensor, dk: Tensor, dv: Tensor, scale: float,
+                          row_stride: int = 1, band: int = 256) -> tuple[Tensor, Tensor, Tensor]:
     """prefill_attention + anchor_scores in one call: (out q.dtype, lse float32 [B, Hq, T], scores float32
     [B, Hkv, T]). CUDA: forward kernel + key-block-stationary score kernel (the faster schedule measured)."""
-    return _c(*_prefill.prefill_attention_ans_triton(q, k, v, dk, dv, scale))
+    return _c(*_prefill.prefill_attention_ans_triton(q, k, v, dk, dv, scale, row_stride=row_stride, band=band))
 
 
 @prefill_attention_ans.register_kernel("cpu")
-def _prefill_attention_ans_cpu(q, k, v, dk, dv, scale):
-    return _c(*_prefill.prefill_attention_ans_reference(q, k, v, dk, dv, scale))
+def _prefill_attention_ans_cpu(q, k, v, dk, dv, scale, row_stride=1, band=256):
+    return _c(*_prefill.prefill_attention_ans_reference(q, k, v, dk, dv, scale, row_stride, band))
 
 
 @prefill_attention_ans.register_fake
-def _prefill_attention_ans_fake(q, k, v, dk, dv, scale):
+def _prefill_attention_ans_fake(q, k, v, dk, dv, scale, row_stride=1, band=256):
     return (torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32),
             k.new_empty(k.shape[:3], dtype=torch.float32))
 
@@ -190,7 +191,8 @@ def window_flush(
     codes_k: Tensor, codes_v: Tensor, anchor_k: Tensor, anchor_v: Tensor, anchor_pos: Tensor, anchor_score: Tensor,
     anchor_bits: Tensor, n_coded: Tensor, win_q: Tensor, win_k: Tensor, win_v: Tensor, win_out: Tensor,
     win_lse: Tensor, cent_k: Tensor, tr_k: Tensor, inv_k: Tensor, mean_k: Tensor, cent_v: Tensor, tr_v: Tensor,
-    inv_v: Tensor, mean_v: Tensor, scale: float, anchor_ratio: float, score_kind: str,
+    inv_v: Tensor, mean_v: Tensor, scale: float, anchor_ratio: float, score_kind: str, row_stride: int = 1,
+    band: int = 256,
 ) -> None:
     """Flush the oldest W window tokens into the store (what AnTKVLayerStore._flush(W) does), in place.
 
@@ -199,21 +201,22 @@ def window_flush(
     [B, Hq, Wq] those queries' final attention output and log-normalizer (as returned by
     decode_attention / prefill_attention). Encodes the window, writes its codes at
     n_coded[b] + t, scores it (score_kind "ans" on Triton; "sensitivity", "attention" by the reference;
-    "random"; "none"), and merges the newcomers into the anchors (see select_anchors). Does NOT advance
-    n_coded: the caller adds W afterwards (and empties its window).
+    "random"; "none"; query rows more than ``band`` past a token read every ``row_stride``-th only, see
+    AnTKVConfig.score_row_stride), and merges the newcomers into the anchors (see select_anchors). Does NOT
+    advance n_coded: the caller adds W afterwards (and empties its window).
     """
     _anchors.window_flush_(codes_k, codes_v, anchor_k, anchor_v, anchor_pos, anchor_score, anchor_bits, n_coded,
                            win_q, win_k, win_v, win_out, win_lse, cent_k, tr_k, inv_k, mean_k, cent_v, tr_v, inv_v,
-                           mean_v, scale, anchor_ratio, score_kind, use_triton=True)
+                           mean_v, scale, anchor_ratio, score_kind, row_stride, band, use_triton=True)
 
 
 @window_flush.register_kernel("cpu")
 def _window_flush_cpu(codes_k, codes_v, anchor_k, anchor_v, anchor_pos, anchor_score, anchor_bits, n_coded, win_q,
                       win_k, win_v, win_out, win_lse, cent_k, tr_k, inv_k, mean_k, cent_v, tr_v, inv_v, mean_v, scale,
-                      anchor_ratio, score_kind):
+                      anchor_ratio, score_kind, row_stride=1, band=256):
     _anchors.window_flush_(codes_k, codes_v, anchor_k, anchor_v, anchor_pos, anchor_score, anchor_bits, n_coded,
                            win_q, win_k, win_v, win_out, win_lse, cent_k, tr_k, inv_k, mean_k, cent_v, tr_v, inv_v,
-                           mean_v, scale, anchor_ratio, score_kind, use_triton=False)
+                           mean_v, scale, anchor_ratio, score_kind, row_stride, band, use_triton=False)
 
 
 @window_flush.register_fake

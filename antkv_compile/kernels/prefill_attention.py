@@ -54,9 +54,9 @@ if HAS_TRITON:
         return acc, l_i, m_i
 
     @triton.jit
-    def _ans_tile(q, o, o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv, qk_scale, scale, causal_ok,
-                  PREC: tl.constexpr):
-        """Column sums over the rows of one (query block, key block) tile of A_ij * ||...||."""
+    def _ans_terms(q, o, o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv, qk_scale, scale, causal_ok,
+                   PREC: tl.constexpr):
+        """A_ij * ||...|| over one (query block, key block) tile, 0 where not causal_ok."""
         s = tl.dot(q, k_t, input_precision=PREC)
         a = tl.exp2(s * qk_scale - lse2[:, None])
         a = tl.where(causal_ok, a, 0.0)
@@ -66,7 +66,14 @@ if HAS_TRITON:
         odv = tl.dot(o, dv_t, input_precision=PREC)
         cross = vdv[None, :] - odv
         norm2 = tl.maximum(coef * coef * dist2 + 2.0 * coef * cross + dv2[None, :], 0.0)
-        return tl.sum(a * tl.sqrt(norm2), axis=0)
+        return a * tl.sqrt(norm2)
+
+    @triton.jit
+    def _ans_tile(q, o, o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv, qk_scale, scale, causal_ok,
+                  PREC: tl.constexpr):
+        """Column sums over the rows of one (query block, key block) tile of A_ij * ||...||."""
+        return tl.sum(_ans_terms(q, o, o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv, qk_scale, scale, causal_ok,
+                                 PREC), axis=0)
 
     @triton.jit
     def _prefill_fwd_kernel(
@@ -130,16 +137,10 @@ if HAS_TRITON:
     def _ans_rows(score, q_base, o_base, l_base, s_qt, lo, hi, T, offs_n, k_t, dk_t, v_t, dv_t, v2, dv2, vdv,
                   qk_scale, scale, MASKED: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
                   DOT: tl.constexpr, PREC: tl.constexpr):
-        offs_d = tl.arange(0, D)
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             mmask = offs_m < T
-            q = tl.load(q_base + offs_m[:, None] * s_qt + offs_d[None, :], mask=mmask[:, None], other=0.0)
-            o = tl.load(o_base + offs_m[:, None] * s_qt + offs_d[None, :], mask=mmask[:, None],
-                        other=0.0).to(tl.float32)
-            lse = tl.load(l_base + offs_m, mask=mmask, other=float("inf"))
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            o2 = tl.sum(o * o, axis=1)
+            q, o, o2, lse2 = _load_rows(q_base, o_base, l_base, s_qt, offs_m, mmask, D)
             if MASKED:
                 ok = offs_n[None, :] <= offs_m[:, None]
             else:
@@ -149,13 +150,55 @@ if HAS_TRITON:
         return score
 
     @triton.jit
+    def _load_rows(q_base, o_base, l_base, s_qt, offs_m, mmask, D: tl.constexpr):
+        offs_d = tl.arange(0, D)
+        q = tl.load(q_base + offs_m[:, None] * s_qt + offs_d[None, :], mask=mmask[:, None], other=0.0)
+        o = tl.load(o_base + offs_m[:, None] * s_qt + offs_d[None, :], mask=mmask[:, None], other=0.0).to(tl.float32)
+        lse = tl.load(l_base + offs_m, mask=mmask, other=float("inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        return q, o, tl.sum(o * o, axis=1), lse2
+
+    @triton.jit
+    def _ans_rows_banded(score, q_base, o_base, l_base, s_qt, lo, hi, T, offs_n, k_t, dk_t, v_t, dv_t, v2, dv2, vdv,
+                         qk_scale, scale, g, BAND, R: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
+                         DOT: tl.constexpr, PREC: tl.constexpr):
+        """Every row of [lo, hi), each pair weighted as numerics.anchor_score.row_sample_weights says: 1 within
+        BAND rows of its key, R on the rows (i + g) % R == 0 beyond it, 0 elsewhere."""
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            mmask = offs_m < T
+            q, o, o2, lse2 = _load_rows(q_base, o_base, l_base, s_qt, offs_m, mmask, D)
+            lag = offs_m[:, None] - offs_n[None, :]
+            sampled = ((offs_m + g) % R) == 0
+            w = tl.where(lag < BAND, 1.0, tl.where(sampled[:, None], R * 1.0, 0.0))
+            terms = _ans_terms(q.to(DOT), o.to(DOT), o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv, qk_scale, scale,
+                               (lag >= 0) & mmask[:, None], PREC)
+            score += tl.sum(terms * w, axis=0)
+        return score
+
+    @triton.jit
+    def _ans_rows_strided(score, q_base, o_base, l_base, s_qt, first, T, offs_n, k_t, dk_t, v_t, dv_t, v2, dv2, vdv,
+                          qk_scale, scale, R: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
+                          DOT: tl.constexpr, PREC: tl.constexpr):
+        """Unweighted sums over the rows first, first + R, ... < T (all of them past every key's band)."""
+        for start_m in range(first, T, BLOCK_M * R):
+            offs_m = start_m + tl.arange(0, BLOCK_M) * R
+            mmask = offs_m < T
+            q, o, o2, lse2 = _load_rows(q_base, o_base, l_base, s_qt, offs_m, mmask, D)
+            score += _ans_tile(q.to(DOT), o.to(DOT), o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv, qk_scale, scale,
+                               mmask[:, None], PREC)
+        return score
+
+    @triton.jit
     def _ans_scores_kernel(
         Q, K, V, DK, DV, O, LSE, SC,
         s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_lb, s_lh, s_sb, s_sh,
-        T, TK, HKV, G, qk_scale, scale,
+        T, TK, HKV, G, qk_scale, scale, BAND,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+        R: tl.constexpr,
     ):
-        """Scores of the TK keys over the T >= TK queries aligned with them (query i reads keys j <= i)."""
+        """Scores of the TK keys over the T >= TK queries aligned with them (query i reads keys j <= i); R > 1:
+        rows sampled beyond BAND (numerics.anchor_score.row_sample_weights)."""
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // HKV
@@ -177,15 +220,32 @@ if HAS_TRITON:
         n_lo = pid_n * BLOCK_N
         m_lo = (n_lo // BLOCK_M) * BLOCK_M
         m_full = tl.minimum(tl.cdiv(n_lo + BLOCK_N, BLOCK_M) * BLOCK_M, T)  # from here on rows see every key
-        for g in range(G):
-            hq = hk * G + g
-            q_base = Q + b * s_qb + hq * s_qh
-            o_base = O + b * s_qb + hq * s_qh
-            l_base = LSE + b * s_lb + hq * s_lh
-            score = _ans_rows(score, q_base, o_base, l_base, s_qt, m_lo, m_full, T, offs_n, k_t, dk_t, v_t, dv_t,
-                              v2, dv2, vdv, qk_scale, scale, True, BLOCK_M, D, DOT, PREC)
-            score = _ans_rows(score, q_base, o_base, l_base, s_qt, m_full, T, T, offs_n, k_t, dk_t, v_t, dv_t,
-                              v2, dv2, vdv, qk_scale, scale, False, BLOCK_M, D, DOT, PREC)
+        if R == 1:
+            for g in range(G):
+                hq = hk * G + g
+                q_base = Q + b * s_qb + hq * s_qh
+                o_base = O + b * s_qb + hq * s_qh
+                l_base = LSE + b * s_lb + hq * s_lh
+                score = _ans_rows(score, q_base, o_base, l_base, s_qt, m_lo, m_full, T, offs_n, k_t, dk_t, v_t, dv_t,
+                                  v2, dv2, vdv, qk_scale, scale, True, BLOCK_M, D, DOT, PREC)
+                score = _ans_rows(score, q_base, o_base, l_base, s_qt, m_full, T, T, offs_n, k_t, dk_t, v_t, dv_t,
+                                  v2, dv2, vdv, qk_scale, scale, False, BLOCK_M, D, DOT, PREC)
+        else:
+            # rows [m_lo, m_band) hold every pair within BAND of a key of this block: weighted elementwise;
+            # from m_band on, only the sampled rows, each pair weighted R
+            m_band = tl.minimum(tl.cdiv(n_lo + BLOCK_N - 1 + BAND, BLOCK_M) * BLOCK_M, T)
+            sparse = tl.zeros([BLOCK_N], tl.float32)
+            for g in range(G):
+                hq = hk * G + g
+                q_base = Q + b * s_qb + hq * s_qh
+                o_base = O + b * s_qb + hq * s_qh
+                l_base = LSE + b * s_lb + hq * s_lh
+                score = _ans_rows_banded(score, q_base, o_base, l_base, s_qt, m_lo, m_band, T, offs_n, k_t, dk_t,
+                                         v_t, dv_t, v2, dv2, vdv, qk_scale, scale, g, BAND, R, BLOCK_M, D, DOT, PREC)
+                first = m_band + (R - (m_band + g) % R) % R
+                sparse = _ans_rows_strided(sparse, q_base, o_base, l_base, s_qt, first, T, offs_n, k_t, dk_t, v_t,
+                                           dv_t, v2, dv2, vdv, qk_scale, scale, R, BLOCK_M, D, DOT, PREC)
+            score += sparse * R
         tl.store(SC + b * s_sb + hk * s_sh + offs_n, score, mask=nmask)
 
 
@@ -245,12 +305,17 @@ def prefill_attention_triton(q: Tensor, k: Tensor, v: Tensor, scale: float, *, b
 
 
 def anchor_scores_triton(q: Tensor, k: Tensor, v: Tensor, dk: Tensor, dv: Tensor, out: Tensor, lse: Tensor,
-                         scale: float, *, blocks=None, scores: Tensor | None = None) -> Tensor:
+                         scale: float, *, blocks=None, scores: Tensor | None = None, row_stride: int = 1,
+                         band: int = 256) -> Tensor:
     """Anchor Scores ("ans") of Tk keys over the Tq >= Tk queries aligned with them (query i reads keys
     j <= i; a window flush scores its oldest Tk tokens over all the window's queries) -> [B, Hkv, Tk].
 
-    out/lse are the final attention output and log-normalizer of each query row."""
+    out/lse are the final attention output and log-normalizer of each query row. ``row_stride`` R > 1 reads
+    the rows more than ``band`` past a key only every R-th (weighted R): about R times less work on a long
+    prefill (:func:`antkv_compile.numerics.anchor_score.row_sample_weights`)."""
     require_triton()
+    if row_stride < 1 or band < 1:
+        raise ValueError(f"row_stride and band must be >= 1, got {row_stride}, {band}")
     b, hq, hkv, t, d = _check(q, k, fewer_keys=True)
     tk = k.shape[2]
     if scores is None:
@@ -271,20 +336,24 @@ def anchor_scores_triton(q: Tensor, k: Tensor, v: Tensor, dk: Tensor, dv: Tensor
         q, k, v, dk, dv, out, lse, scores,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         lse.stride(0), lse.stride(1), scores.stride(0), scores.stride(1),
-        t, tk, hkv, hq // hkv, float(scale) * LOG2E, float(scale),
-        D=d, BLOCK_M=bm, BLOCK_N=bn, DOT=dot_dtype(q.dtype), PREC=dot_precision(q.dtype),
+        t, tk, hkv, hq // hkv, float(scale) * LOG2E, float(scale), int(band),
+        D=d, BLOCK_M=bm, BLOCK_N=bn, DOT=dot_dtype(q.dtype), PREC=dot_precision(q.dtype), R=int(row_stride),
         num_warps=nw, num_stages=ns,
     )
     return scores
 
 
 def prefill_attention_ans_triton(q: Tensor, k: Tensor, v: Tensor, dk: Tensor, dv: Tensor, scale: float,
-                                 *, fused: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """(out, lse, Anchor Scores): fused one-kernel schedule or forward + key-stationary score pass."""
+                                 *, fused: bool = False, row_stride: int = 1, band: int = 256
+                                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, lse, Anchor Scores): fused one-kernel schedule (exact scores only) or forward + key-stationary
+    score pass (rows sampled beyond ``band`` with ``row_stride`` > 1)."""
     if fused:
+        if row_stride != 1:
+            raise ValueError("the fused schedule computes exact scores only (row_stride 1)")
         return prefill_attention_triton(q, k, v, scale, dk=dk, dv=dv, fused_ans=True)  # type: ignore[return-value]
     out, lse = prefill_attention_triton(q, k, v, scale)  # type: ignore[misc]
-    return out, lse, anchor_scores_triton(q, k, v, dk, dv, out, lse, scale)
+    return out, lse, anchor_scores_triton(q, k, v, dk, dv, out, lse, scale, row_stride=row_stride, band=band)
 
 
 # ---------------------------------------------------------------------------------------------- references
@@ -296,18 +365,19 @@ def prefill_attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float) -
 
 
 def anchor_scores_reference(q: Tensor, k: Tensor, v: Tensor, dk: Tensor, dv: Tensor, out: Tensor, lse: Tensor,
-                            scale: float) -> Tensor:
+                            scale: float, row_stride: int = 1, band: int = 256) -> Tensor:
     pos = torch.arange(q.shape[2], device=q.device)
     return anchor_scores_ref(q, k, v, out, lse, scale, kind="ans", k_hat=k.float() + dk.float(),
-                             v_hat=v.float() + dv.float(), mask=causal_mask(pos, pos[:k.shape[2]]))
+                             v_hat=v.float() + dv.float(), mask=causal_mask(pos, pos[:k.shape[2]]),
+                             row_stride=row_stride, band=band)
 
 
-def prefill_attention_ans_reference(q: Tensor, k: Tensor, v: Tensor, dk: Tensor, dv: Tensor, scale: float
-                                    ) -> tuple[Tensor, Tensor, Tensor]:
+def prefill_attention_ans_reference(q: Tensor, k: Tensor, v: Tensor, dk: Tensor, dv: Tensor, scale: float,
+                                    row_stride: int = 1, band: int = 256) -> tuple[Tensor, Tensor, Tensor]:
     t = q.shape[2]
     pos = torch.arange(t, device=q.device)
     out, lse = exact_attention(q, k, v, scale, causal_mask(pos, pos))
-    scores = anchor_scores_reference(q, k, v, dk, dv, out, lse, scale)
+    scores = anchor_scores_reference(q, k, v, dk, dv, out, lse, scale, row_stride, band)
     return out.to(q.dtype), lse, scores
 
 

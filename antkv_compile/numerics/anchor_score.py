@@ -19,6 +19,12 @@ kernel compute it blockwise beside FlashAttention. Cheaper variants, for compari
     "attention":   sum A_ij                                                  (accumulated attention)
     "random":      i.i.d. uniform scores
 
+Row sampling (``row_stride`` R > 1) estimates the sum for long prefills at a fraction of its cost: a pair
+(head g, query row i, key j) counts with weight 1 inside a band of exact rows (i - j < ``band``), with
+weight R on every R-th row beyond it ((i + g) % R == 0, so with R = G each row is read by exactly one of the
+G heads of its KV head), and not at all otherwise. Query i and key j are aligned (key j is the token that
+arrived with query j), as in prefill and in the window flush.
+
 ``weights_for_calibration`` gives the per-token factors of (1) that weight k-means offline.
 """
 from __future__ import annotations
@@ -52,6 +58,17 @@ def value_output_distance2(o: Tensor, v: Tensor) -> Tensor:
     return ((v * v).sum(-1)[:, :, None, None, :] - 2 * vo + (o * o).sum(-1)[..., None]).clamp_min(0)
 
 
+def row_sample_weights(g: int, tq: int, tk: int, row_stride: int, band: int, device=None) -> Tensor:
+    """Weight of each (head g, query row i, key j) pair in a row-sampled score -> [G, Tq, Tk] float32."""
+    if row_stride < 1 or band < 1:
+        raise ValueError(f"row_stride and band must be >= 1, got {row_stride}, {band}")
+    i = torch.arange(tq, device=device)[None, :, None]
+    j = torch.arange(tk, device=device)[None, None, :]
+    h = torch.arange(g, device=device)[:, None, None]
+    sampled = ((i + h) % row_stride == 0).float() * row_stride
+    return torch.where(i - j < band, torch.ones((), device=device), sampled)
+
+
 def anchor_scores(
     q: Tensor,
     k: Tensor,
@@ -65,12 +82,15 @@ def anchor_scores(
     v_hat: Tensor | None = None,
     mask: Tensor | None = None,
     generator: torch.Generator | None = None,
+    row_stride: int = 1,
+    band: int = 256,
 ) -> Tensor:
     """Score each key token [B, Hkv, Tk] over the queries that read it.
 
     q [B, Hq, Tq, D], k/v/k_hat/v_hat [B, Hkv, Tk, D], out [B, Hq, Tq, D] and lse [B, Hq, Tq] are
     the *final* attention output and log-normalizer of each query row; mask [.., Tq, Tk] marks
-    which (query, key) pairs were visible (causality).
+    which (query, key) pairs were visible (causality). ``row_stride`` > 1 samples the query rows beyond
+    ``band`` (see the module docstring).
     """
     b, hkv, tk, d = k.shape
     if kind == "random":
@@ -87,10 +107,15 @@ def anchor_scores(
         dk, dv = k_hat.float() - kf, v_hat.float() - vf
     scores = torch.zeros(b, hkv, tk, dtype=torch.float32, device=k.device)
     tq = qg.shape[3]
+    weights = None
+    if row_stride != 1:
+        weights = row_sample_weights(qg.shape[2], tq, tk, row_stride, band, k.device)
     for start in range(0, tq, _QUERY_BLOCK):
         sl = slice(start, min(tq, start + _QUERY_BLOCK))
         m = None if mask is None else mask[..., sl, :]
         a = attention_probs(qg[:, :, :, sl], kf, lg[:, :, :, sl], scale, m)  # [B, H, G, t, Tk]
+        if weights is not None:
+            a = a * weights[:, sl]
         if kind == "attention":
             scores += a.sum((2, 3))
             continue

@@ -246,6 +246,7 @@ class AnTKVLayerStore(_LayerStoreBase):
         scores = anchor_scores(
             self.win_q, k, v, self.win_out, self.win_lse, self.geom.scale, kind=self.config.score,
             k_hat=k_hat, v_hat=v_hat, mask=self.window_mask(n), generator=self._gen,
+            row_stride=self.config.row_stride_for(self.win_q.shape[1] // k.shape[1]), band=self.config.score_band,
         )
         g = self.geom
         pos = torch.arange(n0, n0 + n, dtype=torch.int32, device=g.device).expand(g.batch, g.num_kv_heads, n)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 
 import torch
 from torch import Tensor
@@ -54,11 +55,22 @@ log = logging.getLogger(__name__)
 _DECODE_ROWS = 64  # G * T query rows per KV head up to which the decode kernel is used
 _WINDOW = ("win_k", "win_v", "win_q", "win_out", "win_lse")  # the window's tensors, token axis 2
 _GRAPHS = os.environ.get("ANTKV_DECODE_GRAPHS", "1") != "0"  # decode launches replayed from a CUDA graph
-_WORKSPACES: dict = {}  # device -> the decode scratch buffers shared by every store on it (one stream)
 
 
-def _workspace(device: torch.device) -> dict:
-    return _WORKSPACES.setdefault(str(device), {})
+class _Workspace(dict):
+    """Decode scratch buffers (name -> tensor) shared by the stores of one device (one stream)."""
+
+
+# device -> workspace, held weakly: each store keeps its device's workspace alive, so the scratch goes away
+# with the last store instead of staying allocated for the life of the process
+_WORKSPACES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _workspace(device: torch.device) -> _Workspace:
+    ws = _WORKSPACES.get(str(device))
+    if ws is None:
+        ws = _WORKSPACES[str(device)] = _Workspace()
+    return ws
 
 
 def kernels_support(config: AnTKVConfig) -> str | None:
@@ -132,6 +144,7 @@ class KernelLayerStore(AnTKVLayerStore):
         self._slabs: dict[str, Tensor] | None = None  # the window's buffers (see _window_push)
         self._graph: tuple | None = None  # (buffers key, CUDA graph, static query, out, lse, plan): _graph_decode
         self._win_len = torch.zeros(g.batch, dtype=torch.int32, device=g.device)  # window length for the decode
+        self._workspace = _workspace(g.device)  # decode scratch shared with the other stores on this device
         # the CUDA decode kernel's value-copy selection words, one per coded token (kernels/value_copies.py): a
         # speed hint written with the codes, only where that kernel keeps 2 copies of the value table (1 bit) and
         # reads them (coded_decode_cuda.DEFAULT_VALUE_SEL)
@@ -223,7 +236,7 @@ class KernelLayerStore(AnTKVLayerStore):
         args = (q, *self._decode_buffers(keys, values), float(self.geom.scale))
         if q.is_cuda:
             out, lse = _decode_kernels().decode_attention_triton(*args, value_sel=self.value_sel,
-                                                                 workspace=_workspace(q.device))
+                                                                 workspace=self._workspace)
         else:
             out, lse = _ops().decode_attention(*args)
         return out, lse, in_place
@@ -248,7 +261,7 @@ class KernelLayerStore(AnTKVLayerStore):
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
         plan = _decode_kernels().DecodePlan(q_s, *static, float(self.geom.scale), value_sel=sel, out=(out, lse),
-                                            workspace=_workspace(q.device))
+                                            workspace=self._workspace)
         plan()  # this step's result (a capture runs nothing); also loads the kernels before the capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -328,7 +341,8 @@ class KernelLayerStore(AnTKVLayerStore):
             self.anchor_bits, self.n_coded_t, self.win_q.contiguous(), self.win_k[:, :, :n].contiguous(),
             self.win_v[:, :, :n].contiguous(), self.win_out.contiguous(), self.win_lse.contiguous(),
             cent_k, tr_k, inv_k, mean_k, cent_v, tr_v, inv_v, mean_v, float(self.geom.scale), float(ratio),
-            self.config.score)
+            self.config.score, self.config.row_stride_for(self.win_q.shape[1] // self.geom.num_kv_heads),
+            self.config.score_band)
         if self.value_sel is not None:
             from ..kernels.value_copies import select_copies
 
