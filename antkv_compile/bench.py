@@ -1118,6 +1118,8 @@ class Bench:
             for _ in range(2):
                 o = fn(input_ids=o.logits[:, -1:].argmax(-1), past_key_values=warm, use_cache=True)
             self.sync()
+            if session is not None:  # the session would keep the throw-away cache's stores for the next cache
+                _release_stores(session, self._stores_of(session, warm))
             del o, warm
         self._free()
         rec["compile_warmup_s"] = round(time.perf_counter() - t0, 1)
