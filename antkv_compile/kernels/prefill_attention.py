@@ -17,9 +17,13 @@ lse_i, so the scores cannot ride along the forward loop; two schedules, both her
   with o_i, lse_i in registers and adds each tile's column sums into the scores with atomics.
 
 Either way the score pass does four QK-shaped products per tile against the forward's two, so prefill
-with scores costs about three forward passes (the floor, see NOTES.md). Measured on an H100 (fp16,
-Llama-3-8B heads): two-pass 4.87 ms at 8K / 68.8 ms at 32K, fused 9.3 / 150 ms; the forward alone runs
-at 423-472 TFLOP/s (SDPA flash: 311-346), attention + scores = 2.7x SDPA's prefill.
+with exact scores costs about three forward passes (the floor, see NOTES.md). Measured on an H100 (fp16,
+Llama-3-8B heads): two-pass 4.82 ms at 8K / 67.7 ms at 32K, fused 9.1 / 150 ms; the forward alone runs
+at 443-495 TFLOP/s (SDPA flash: 314-350), attention + exact scores = 2.7x SDPA's prefill.
+
+Row sampling (``row_stride`` R > 1, the stores' default R = G for long windows): rows more than ``band`` past
+a key are read every R-th only, weighted R (numerics.anchor_score.row_sample_weights); attention + scores
+1.47x / 1.31x SDPA at R = 4, 1.20x / 1.04x at R = 8 (NOTES.md "v9").
 """
 from __future__ import annotations
 

@@ -15,7 +15,8 @@ this class):
   and the two partials merged by log-sum-exp. Decoding the prefix costs one [n, D] buffer per head for
   the call; it is not kept.
 * **flush** (window full): ``antkv::window_flush`` encodes the oldest tokens, scores them over the
-  window's queries (Anchor Score kernel) and merges them into the anchors, all in place.
+  window's queries (Anchor Score kernel; rows beyond ``score_band`` sampled every ``score_row_stride``-th, which
+  only a long chunk has) and merges them into the anchors, all in place.
 * **CUDA graphs** (CUDA, decode of tokens that fit the window's buffers): the decode launches of a layer (prologue,
   coded kernel, exact programs + merge) are captured once into a CUDA graph over the store's own buffers (a static
   query buffer, the window's length in a device tensor) and replayed every step: the launches cost ~0.5 ms of host
