@@ -119,6 +119,8 @@ def evaluate_method(
     nll, count = 0.0, 0
     bits = {"codes": 0.0, "anchors": 0.0, "window": 0.0}
     t0 = time.time()
+    if not 0 <= prefill < length - 1:
+        raise ValueError(f"prefill must leave tokens to predict: 0 <= prefill < {length - 1} (context length {length})")
     bounds = list(range(0, length, chunk)) if not prefill else [0, *range(prefill, length, chunk)]
     steps = len(bounds) * math.ceil(n / batch_size)
     bar = tqdm(total=steps, desc=spec.name, disable=not progress, unit="chunk", leave=False)

@@ -41,6 +41,21 @@ def test_full_precision_harness_equals_the_models_own_forward(tiny_setup):
     assert math.isclose(r.nll, _model_nll(model, ids), rel_tol=1e-5)
 
 
+def test_prefill_protocol_counts_only_the_predictions_after_the_prompt(tiny_setup):
+    """With a prompt chunk, the full-precision harness still equals the model's own forward on the tokens after
+    the prompt (the chunk boundaries change nothing exact), and a prompt leaving nothing to predict is refused."""
+    model, _ = tiny_setup
+    ids = torch.randint(0, model.config.vocab_size, (2, 100), generator=torch.Generator().manual_seed(4))
+    r = evaluate_method(model, ids, MethodSpec("full", "full"), progress=False, prefill=60)
+    assert r.tokens == 2 * 39  # positions 60..98 predict tokens 61..99 (position 59 is the prompt's own)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+    tail = F.cross_entropy(logits[:, 60:-1].reshape(-1, logits.shape[-1]), ids[:, 61:].reshape(-1)).item()
+    assert math.isclose(r.nll, tail, rel_tol=1e-5)
+    with pytest.raises(ValueError, match="prefill"):
+        evaluate_method(model, ids, MethodSpec("full", "full"), progress=False, prefill=99)
+
+
 @pytest.mark.parametrize("path", ["lut", "dequantized"])
 def test_everything_anchored_equals_full_precision(tiny_setup, path):
     model, art = tiny_setup
