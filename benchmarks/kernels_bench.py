@@ -833,7 +833,7 @@ V8_VARIANTS = {  # v8 (NOTES.md): value-copy selection words, written with the c
     "cuda_sel2_nowords": dict(coded="cuda", cuda_value_sel=2),  # mode 2's code, fixed choice (its overhead)
 }
 V9_VARIANTS = {  # session 7: the exact programs (anchors, window, merge) split over more programs per KV head
-    f"cuda_sel2_e{n}": dict(coded="cuda", cuda_value_sel=2, value_sel="select", exact_splits=n) for n in (2, 4, 8)
+    f"cuda_sel2_e{n}": dict(coded="cuda", cuda_value_sel=2, value_sel="select", exact_splits=n) for n in (1, 2, 4, 8)
 }
 V5_DEFAULT = ["lean", "cuda_v5", "cuda_fma", *V6_VARIANTS]
 ALL_VARIANTS = {**V3_VARIANTS, **V4_VARIANTS, **V5_VARIANTS, **V6_VARIANTS, **V7_VARIANTS, **V8_VARIANTS,

@@ -443,3 +443,19 @@ def test_ops_compile_functionalize_mutation():
     for a, e in zip(comp_bufs, eager_bufs):
         assert torch.equal(a, e)
     assert int((comp_bufs[4] >= 0).sum()) == b * hkv * math.ceil(0.2 * w)
+
+
+@settings(max_examples=50, deadline=None)
+@given(pairs=st.integers(1, 2048), capacity=st.integers(64, 1 << 20), ratio=st.sampled_from([0.0, 0.01, 0.1]),
+       coded=st.integers(1, 64), sms=st.sampled_from([66, 132]))
+def test_exact_programs_cover_the_anchor_share_and_fill_small_batches(pairs, capacity, ratio, coded, sms):
+    """Beside the CUDA coded kernel: never fewer exact programs than the anchors' share of the coded splits; more at
+    small batches (at most 8 per pair, ~2 per multiprocessor in all, >= 64 anchors each); one at large batches."""
+    anchors = math.ceil(ratio * capacity)
+    n = DA.exact_programs(pairs, capacity, anchors, coded, sms)
+    share = max(1, math.ceil(anchors * coded / capacity)) if anchors else 1
+    assert n >= share
+    if n > share:
+        assert n <= 8 and pairs * n <= 2 * sms and n <= math.ceil(anchors / 64)
+    if pairs >= 2 * sms:
+        assert n == share

@@ -823,6 +823,19 @@ def default_splits(batch: int, kv_heads: int, capacity: int, anchors: int, sms: 
     return p_coded, p_exact
 
 
+def exact_programs(pairs: int, capacity: int, anchors: int, coded_splits: int, sms: int) -> int:
+    """Exact programs (anchors + window, then the merge) per (sequence, KV head) beside the CUDA coded kernel.
+
+    At least the anchors' share of the coded splits; at small batches more, up to ~2 programs per multiprocessor
+    in all and 8 per pair, and not fewer than 64 anchors each: one program per pair left the anchors of 128K
+    tokens (1,311 per head) to 8 programs at B = 1, 0.041 of a 0.120 ms decode. Measured (NOTES.md "v9",
+    kernels_bench_decode_20261122-163927): 128K B=1 8 programs 0.090 ms, B=8 4 programs 0.352 ms (from 0.371),
+    B=32 and 32K B=128 unchanged with 1."""
+    share = max(1, cdiv(anchors * coded_splits, max(1, capacity))) if anchors else 1
+    fill = min(8, max(1, 2 * sms // max(1, pairs)), max(1, cdiv(anchors, 64)))
+    return max(share, fill)
+
+
 class DecodePlan:
     """The three launches of one decode call, with their buffers (the benchmark times them one by one)."""
 
@@ -868,7 +881,7 @@ class DecodePlan:
                 if splits is None:
                     pc = cuda_splits(b * hkv, n_cap, sm_count(q), self.cuda_coded.ctas_per_sm,
                                      self.cuda_coded.waves * split_mult)
-                    splits = (pc, max(1, cdiv(a_cap * pc, max(1, n_cap))) if a_cap else 1)
+                    splits = (pc, exact_programs(b * hkv, n_cap, a_cap, pc, sm_count(q)))
             elif coded == "cuda":
                 raise ValueError(f"coded='cuda' cannot run this call: {reason}; use coded='triton' or 'auto'")
             if self.cuda_coded is not None and affine:
@@ -1147,6 +1160,6 @@ def decode_attention(*args, **kwargs) -> tuple[Tensor, Tensor]:
 
 __all__ = [
     "anchor_mask_from_bits", "bits_from_positions", "decode_attention", "decode_attention_reference",
-    "decode_attention_triton", "default_splits",
+    "decode_attention_triton", "default_splits", "exact_programs",
 ]
 _ = (causal_mask, LN2)
