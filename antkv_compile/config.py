@@ -85,7 +85,7 @@ class AnTKVConfig:
     score_row_stride: a long window (a prefill chunk) is scored over every query row within ``score_band``
         rows of a token, and beyond that over every R-th row only, weighted R: query head g of a KV head's G
         reads the rows with (i + g) % R == 0 (``numerics.anchor_score.row_sample_weights``). About R times less
-        work for a long prefill's Anchor Scores; on SmolLM2 the sampled scores keep 98 % of the exact anchors
+        work for a long prefill's Anchor Scores; on SmolLM2 the sampled scores keep 97.7 % of the exact anchors
         (``benchmarks/results/score_sampling_recall.json``). None (default) = G, so that every row is read by
         one of the G heads; 1 = every row of every head (exact). Decode flushes (window <= band) are exact.
     score_band: rows within this many tokens of a token always count (default 256).
