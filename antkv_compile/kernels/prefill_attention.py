@@ -58,26 +58,33 @@ if HAS_TRITON:
         return acc, l_i, m_i
 
     @triton.jit
-    def _ans_terms(q, o, o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv, qk_scale, scale, causal_ok,
-                   PREC: tl.constexpr):
-        """A_ij * ||...|| over one (query block, key block) tile, 0 where not causal_ok."""
+    def _ans_terms(q, o, o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv, qk_scale, causal_ok, PREC: tl.constexpr):
+        """A_ij * ||...|| over one (query block, key block) tile, 0 where not causal_ok. The key block comes
+        prepared by _key_block: dk_t = scale dk, v_t = -2 v, dv_t = -2 dv, vdv = 2 v.dv (fewer ops per pair)."""
         s = tl.dot(q, k_t, input_precision=PREC)
         a = tl.exp2(s * qk_scale - lse2[:, None])
         a = tl.where(causal_ok, a, 0.0)
-        coef = tl.dot(q, dk_t, input_precision=PREC) * scale
-        ov = tl.dot(o, v_t, input_precision=PREC)
-        dist2 = tl.maximum(v2[None, :] - 2.0 * ov + o2[:, None], 0.0)
-        odv = tl.dot(o, dv_t, input_precision=PREC)
-        cross = vdv[None, :] - odv
-        norm2 = tl.maximum(coef * coef * dist2 + 2.0 * coef * cross + dv2[None, :], 0.0)
+        coef = tl.dot(q, dk_t, input_precision=PREC)  # scale q.dk
+        dist2 = tl.maximum(tl.dot(o, v_t, input_precision=PREC) + (v2[None, :] + o2[:, None]), 0.0)  # |v - o|^2
+        cross2 = tl.dot(o, dv_t, input_precision=PREC) + vdv[None, :]  # 2 (v - o).dv
+        norm2 = tl.maximum(coef * (coef * dist2 + cross2) + dv2[None, :], 0.0)
         return a * tl.sqrt(norm2)
 
     @triton.jit
-    def _ans_tile(q, o, o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv, qk_scale, scale, causal_ok,
-                  PREC: tl.constexpr):
+    def _key_block(k, dk, v, dv, scale, DOT: tl.constexpr):
+        """The operands of _ans_terms from a key block's k, dk, v, dv (any dtype, [D, BLOCK_N])."""
+        v_f, dv_f = v.to(tl.float32), dv.to(tl.float32)
+        v2 = tl.sum(v_f * v_f, axis=0)
+        dv2 = tl.sum(dv_f * dv_f, axis=0)
+        vdv = 2.0 * tl.sum(v_f * dv_f, axis=0)
+        return (k.to(DOT), (dk.to(tl.float32) * scale).to(DOT), (-2.0 * v_f).to(DOT), (-2.0 * dv_f).to(DOT),
+                v2, dv2, vdv)
+
+    @triton.jit
+    def _ans_tile(q, o, o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv, qk_scale, causal_ok, PREC: tl.constexpr):
         """Column sums over the rows of one (query block, key block) tile of A_ij * ||...||."""
-        return tl.sum(_ans_terms(q, o, o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv, qk_scale, scale, causal_ok,
-                                 PREC), axis=0)
+        return tl.sum(_ans_terms(q, o, o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv, qk_scale, causal_ok, PREC),
+                      axis=0)
 
     @triton.jit
     def _prefill_fwd_kernel(
@@ -125,21 +132,16 @@ if HAS_TRITON:
                 nmask = offs_n < T
                 k_t = tl.load(k_base + offs_n[None, :] * s_kt + offs_d[:, None], mask=nmask[None, :], other=0.0)
                 dk_t = tl.load(dk_base + offs_n[None, :] * s_kt + offs_d[:, None], mask=nmask[None, :], other=0.0)
-                v_t = tl.load(v_base + offs_n[None, :] * s_kt + offs_d[:, None], mask=nmask[None, :],
-                              other=0.0).to(tl.float32)
-                dv_t = tl.load(dv_base + offs_n[None, :] * s_kt + offs_d[:, None], mask=nmask[None, :],
-                               other=0.0).to(tl.float32)
-                v2 = tl.sum(v_t * v_t, axis=0)
-                dv2 = tl.sum(dv_t * dv_t, axis=0)
-                vdv = tl.sum(v_t * dv_t, axis=0)
+                v_t = tl.load(v_base + offs_n[None, :] * s_kt + offs_d[:, None], mask=nmask[None, :], other=0.0)
+                dv_t = tl.load(dv_base + offs_n[None, :] * s_kt + offs_d[:, None], mask=nmask[None, :], other=0.0)
+                k_t, dk_t, v_t, dv_t, v2, dv2, vdv = _key_block(k_t, dk_t, v_t, dv_t, scale, DOT)
                 ok = (offs_n[None, :] <= offs_m[:, None]) & mmask[:, None]
-                col = _ans_tile(q, o, o2, lse2, k_t.to(DOT), dk_t.to(DOT), v_t.to(DOT), dv_t.to(DOT),
-                                v2, dv2, vdv, qk_scale, scale, ok, PREC)
+                col = _ans_tile(q, o, o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv, qk_scale, ok, PREC)
                 tl.atomic_add(sc_base + offs_n, col, mask=nmask)
 
     @triton.jit
     def _ans_rows(score, q_base, o_base, l_base, s_qt, lo, hi, T, offs_n, k_t, dk_t, v_t, dv_t, v2, dv2, vdv,
-                  qk_scale, scale, MASKED: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
+                  qk_scale, MASKED: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
                   DOT: tl.constexpr, PREC: tl.constexpr):
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -149,8 +151,7 @@ if HAS_TRITON:
                 ok = offs_n[None, :] <= offs_m[:, None]
             else:
                 ok = mmask[:, None]
-            score += _ans_tile(q.to(DOT), o.to(DOT), o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv,
-                               qk_scale, scale, ok, PREC)
+            score += _ans_tile(q.to(DOT), o.to(DOT), o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv, qk_scale, ok, PREC)
         return score
 
     @triton.jit
@@ -164,7 +165,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _ans_rows_banded(score, q_base, o_base, l_base, s_qt, lo, hi, T, offs_n, k_t, dk_t, v_t, dv_t, v2, dv2, vdv,
-                         qk_scale, scale, g, BAND, R: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
+                         qk_scale, g, BAND, R: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
                          DOT: tl.constexpr, PREC: tl.constexpr):
         """Every row of [lo, hi), each pair weighted as numerics.anchor_score.row_sample_weights says: 1 within
         BAND rows of its key, R on the rows (i + g) % R == 0 beyond it, 0 elsewhere."""
@@ -175,21 +176,21 @@ if HAS_TRITON:
             lag = offs_m[:, None] - offs_n[None, :]
             sampled = ((offs_m + g) % R) == 0
             w = tl.where(lag < BAND, 1.0, tl.where(sampled[:, None], R * 1.0, 0.0))
-            terms = _ans_terms(q.to(DOT), o.to(DOT), o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv, qk_scale, scale,
+            terms = _ans_terms(q.to(DOT), o.to(DOT), o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv, qk_scale,
                                (lag >= 0) & mmask[:, None], PREC)
             score += tl.sum(terms * w, axis=0)
         return score
 
     @triton.jit
     def _ans_rows_strided(score, q_base, o_base, l_base, s_qt, first, T, offs_n, k_t, dk_t, v_t, dv_t, v2, dv2, vdv,
-                          qk_scale, scale, R: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
+                          qk_scale, R: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
                           DOT: tl.constexpr, PREC: tl.constexpr):
         """Unweighted sums over the rows first, first + R, ... < T (all of them past every key's band)."""
         for start_m in range(first, T, BLOCK_M * R):
             offs_m = start_m + tl.arange(0, BLOCK_M) * R
             mmask = offs_m < T
             q, o, o2, lse2 = _load_rows(q_base, o_base, l_base, s_qt, offs_m, mmask, D)
-            score += _ans_tile(q.to(DOT), o.to(DOT), o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv, qk_scale, scale,
+            score += _ans_tile(q.to(DOT), o.to(DOT), o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv, qk_scale,
                                mmask[:, None], PREC)
         return score
 
@@ -211,15 +212,10 @@ if HAS_TRITON:
         nmask = offs_n < TK
         offs_d = tl.arange(0, D)
         kv_off = b * s_kb + hk * s_kh + offs_n[None, :] * s_kt + offs_d[:, None]  # [D, BLOCK_N] (transposed)
-        k_t = tl.load(K + kv_off, mask=nmask[None, :], other=0.0).to(DOT)
-        dk_t = tl.load(DK + kv_off, mask=nmask[None, :], other=0.0).to(DOT)
-        v_f = tl.load(V + kv_off, mask=nmask[None, :], other=0.0).to(tl.float32)
-        dv_f = tl.load(DV + kv_off, mask=nmask[None, :], other=0.0).to(tl.float32)
-        v2 = tl.sum(v_f * v_f, axis=0)
-        dv2 = tl.sum(dv_f * dv_f, axis=0)
-        vdv = tl.sum(v_f * dv_f, axis=0)
-        v_t = v_f.to(DOT)
-        dv_t = dv_f.to(DOT)
+        k_t, dk_t, v_t, dv_t, v2, dv2, vdv = _key_block(
+            tl.load(K + kv_off, mask=nmask[None, :], other=0.0), tl.load(DK + kv_off, mask=nmask[None, :], other=0.0),
+            tl.load(V + kv_off, mask=nmask[None, :], other=0.0), tl.load(DV + kv_off, mask=nmask[None, :], other=0.0),
+            scale, DOT)
         score = tl.zeros([BLOCK_N], tl.float32)
         n_lo = pid_n * BLOCK_N
         m_lo = (n_lo // BLOCK_M) * BLOCK_M
@@ -231,9 +227,9 @@ if HAS_TRITON:
                 o_base = O + b * s_qb + hq * s_qh
                 l_base = LSE + b * s_lb + hq * s_lh
                 score = _ans_rows(score, q_base, o_base, l_base, s_qt, m_lo, m_full, T, offs_n, k_t, dk_t, v_t, dv_t,
-                                  v2, dv2, vdv, qk_scale, scale, True, BLOCK_M, D, DOT, PREC)
+                                  v2, dv2, vdv, qk_scale, True, BLOCK_M, D, DOT, PREC)
                 score = _ans_rows(score, q_base, o_base, l_base, s_qt, m_full, T, T, offs_n, k_t, dk_t, v_t, dv_t,
-                                  v2, dv2, vdv, qk_scale, scale, False, BLOCK_M, D, DOT, PREC)
+                                  v2, dv2, vdv, qk_scale, False, BLOCK_M, D, DOT, PREC)
         else:
             # rows [m_lo, m_band) hold every pair within BAND of a key of this block: weighted elementwise;
             # from m_band on, only the sampled rows, each pair weighted R
@@ -245,10 +241,10 @@ if HAS_TRITON:
                 o_base = O + b * s_qb + hq * s_qh
                 l_base = LSE + b * s_lb + hq * s_lh
                 score = _ans_rows_banded(score, q_base, o_base, l_base, s_qt, m_lo, m_band, T, offs_n, k_t, dk_t,
-                                         v_t, dv_t, v2, dv2, vdv, qk_scale, scale, g, BAND, R, BLOCK_M, D, DOT, PREC)
+                                         v_t, dv_t, v2, dv2, vdv, qk_scale, g, BAND, R, BLOCK_M, D, DOT, PREC)
                 first = m_band + (R - (m_band + g) % R) % R
                 sparse = _ans_rows_strided(sparse, q_base, o_base, l_base, s_qt, first, T, offs_n, k_t, dk_t, v_t,
-                                           dv_t, v2, dv2, vdv, qk_scale, scale, R, BLOCK_M, D, DOT, PREC)
+                                           dv_t, v2, dv2, vdv, qk_scale, R, BLOCK_M, D, DOT, PREC)
             score += sparse * R
         tl.store(SC + b * s_sb + hk * s_sh + offs_n, score, mask=nmask)
 
