@@ -59,11 +59,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _ans_terms(q, o, o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv, qk_scale, causal_ok, PREC: tl.constexpr):
-        """A_ij * ||...|| over one (query block, key block) tile, 0 where not causal_ok. The key block comes
+        """A_ij * ||...|| over one (query block, key block) tile, 0 where not causal_ok (None: every pair counts;
+        rows past the end read lse = +inf, so their A is 0 anyway). The key block comes
         prepared by _key_block: dk_t = scale dk, v_t = -2 v, dv_t = -2 dv, vdv = 2 v.dv (fewer ops per pair)."""
         s = tl.dot(q, k_t, input_precision=PREC)
         a = tl.exp2(s * qk_scale - lse2[:, None])
-        a = tl.where(causal_ok, a, 0.0)
+        if causal_ok is not None:
+            a = tl.where(causal_ok, a, 0.0)
         coef = tl.dot(q, dk_t, input_precision=PREC)  # scale q.dk
         dist2 = tl.maximum(tl.dot(o, v_t, input_precision=PREC) + (v2[None, :] + o2[:, None]), 0.0)  # |v - o|^2
         cross2 = tl.dot(o, dv_t, input_precision=PREC) + vdv[None, :]  # 2 (v - o).dv
@@ -148,10 +150,11 @@ if HAS_TRITON:
             mmask = offs_m < T
             q, o, o2, lse2 = _load_rows(q_base, o_base, l_base, s_qt, offs_m, mmask, D)
             if MASKED:
-                ok = offs_n[None, :] <= offs_m[:, None]
+                score += _ans_tile(q.to(DOT), o.to(DOT), o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv, qk_scale,
+                                   offs_n[None, :] <= offs_m[:, None], PREC)
             else:
-                ok = mmask[:, None]
-            score += _ans_tile(q.to(DOT), o.to(DOT), o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv, qk_scale, ok, PREC)
+                score += _ans_tile(q.to(DOT), o.to(DOT), o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv, qk_scale,
+                                   None, PREC)
         return score
 
     @triton.jit
@@ -190,8 +193,8 @@ if HAS_TRITON:
             offs_m = start_m + tl.arange(0, BLOCK_M) * R
             mmask = offs_m < T
             q, o, o2, lse2 = _load_rows(q_base, o_base, l_base, s_qt, offs_m, mmask, D)
-            score += _ans_tile(q.to(DOT), o.to(DOT), o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv, qk_scale,
-                               mmask[:, None], PREC)
+            score += _ans_tile(q.to(DOT), o.to(DOT), o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv, qk_scale, None,
+                               PREC)
         return score
 
     @triton.jit
