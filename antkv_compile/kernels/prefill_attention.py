@@ -18,12 +18,12 @@ lse_i, so the scores cannot ride along the forward loop; two schedules, both her
 
 Either way the score pass does four QK-shaped products per tile against the forward's two, so prefill
 with exact scores costs about three forward passes (the floor, see NOTES.md). Measured on an H100 (fp16,
-Llama-3-8B heads): two-pass 4.82 ms at 8K / 67.7 ms at 32K, fused 9.1 / 150 ms; the forward alone runs
-at 443-495 TFLOP/s (SDPA flash: 314-350), attention + exact scores = 2.7x SDPA's prefill.
+Llama-3-8B heads): two-pass 4.54 ms at 8K / 64.4 ms at 32K (fused 10.6 / 171 ms); the forward alone runs
+at 443-495 TFLOP/s (SDPA flash: 314-350), attention + exact scores = 2.6x SDPA's prefill.
 
 Row sampling (``row_stride`` R > 1, the stores' default R = G for long windows): rows more than ``band`` past
 a key are read every R-th only, weighted R (numerics.anchor_score.row_sample_weights); attention + scores
-1.47x / 1.31x SDPA at R = 4, 1.20x / 1.04x at R = 8 (NOTES.md "v9").
+1.38x / 1.23x SDPA at R = 4, 1.14x / 1.00x at R = 8 (NOTES.md "v9").
 """
 from __future__ import annotations
 
