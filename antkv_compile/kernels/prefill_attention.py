@@ -60,8 +60,8 @@ if HAS_TRITON:
     @triton.jit
     def _ans_terms(q, o, o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv, qk_scale, causal_ok, PREC: tl.constexpr):
         """A_ij * ||...|| over one (query block, key block) tile, 0 where not causal_ok (None: every pair counts;
-        rows past the end read lse = +inf, so their A is 0 anyway). The key block comes
-        prepared by _key_block: dk_t = scale dk, v_t = -2 v, dv_t = -2 dv, vdv = 2 v.dv (fewer ops per pair)."""
+        rows past the end read lse = +inf, so their A is 0 anyway). The key block comes prepared by _key_block:
+        dk_t = scale dk, v_t = -2 v, dv_t = -2 dv, vdv = 2 v.dv (fewer operations per pair)."""
         s = tl.dot(q, k_t, input_precision=PREC)
         a = tl.exp2(s * qk_scale - lse2[:, None])
         if causal_ok is not None:
