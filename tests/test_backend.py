@@ -307,3 +307,11 @@ def test_memory_after_prefill_is_codes_anchors_window():
     # 2 layers, 200 tokens, cap 256, fp32: dense 131072 B; codes 4096 + anchors 1632 + window (<= 8 tokens
     # of K/V + their queries) ~10 KB; the learned codebooks (~70 KB here) do not scale with length
     assert ours < dense_bytes / 4, (mem, dense_bytes)
+    # the codebooks count each storage the session and its stores hold once (an earlier version counted deep
+    # copies, whose freed addresses made the figure change from run to run)
+    session = session_for(cfg, art)
+    held = [t for pair in session.codebooks.values() for cb in pair for t in cb.tensors()]
+    for s in session.stores.values():
+        held += [t for cb in (s.cb_k, s.cb_v) for t in cb.tensors()]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}
+    assert all(session.memory_bytes()["codebooks"] == sum(storages.values()) for _ in range(3))

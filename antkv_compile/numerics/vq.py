@@ -91,8 +91,12 @@ class Codebook:
         computed at load), mean."""
         return element_bits * (self.centroids.numel() + self.transform.numel() + self.mean.numel())
 
+    def tensors(self) -> tuple[Tensor, ...]:
+        """The codebook's tensors themselves (``dataclasses.astuple`` would deep-copy them)."""
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Codebook":
-        return Codebook(*(t.to(device=device, dtype=dtype) for t in dataclasses.astuple(self)))
+        return Codebook(*(t.to(device=device, dtype=dtype) for t in self.tensors()))
 
     def _per_head(self, t: Tensor, num_heads: int) -> Tensor:
         """Broadcast a [H_cb, ...] tensor to [num_heads, ...]."""

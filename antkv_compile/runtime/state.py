@@ -271,11 +271,11 @@ class Session:
                 add("window_queries", t)
         for cbk, cbv in self.codebooks.values():
             for cb in (cbk, cbv):
-                for t in dataclasses.astuple(cb):
+                for t in cb.tensors():  # (astuple would count deep copies)
                     add("codebooks", t)
         for s in self.stores.values():  # the stores' device copies (kernel dtypes) of the codebooks
             for cb in (s.cb_k, s.cb_v):
-                for t in dataclasses.astuple(cb):
+                for t in cb.tensors():  # (astuple would count deep copies)
                     add("codebooks", t)
             for t in (getattr(s, "cent_k", None), getattr(s, "cent_v", None), *getattr(s, "_cb32", ())):
                 add("codebooks", t)
