@@ -144,9 +144,10 @@ if HAS_TRITON:
     @triton.jit
     def _ans_rows(score, q_base, o_base, l_base, s_qt, lo, hi, T, offs_n, k_t, dk_t, v_t, dv_t, v2, dv2, vdv,
                   qk_scale, MASKED: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
-                  DOT: tl.constexpr, PREC: tl.constexpr):
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
+                  DOT: tl.constexpr, PREC: tl.constexpr, STEP: tl.constexpr):
+        """Unweighted column sums over the rows lo, lo + STEP, ... < hi (causal mask on the diagonal blocks)."""
+        for start_m in range(lo, hi, BLOCK_M * STEP):
+            offs_m = start_m + tl.arange(0, BLOCK_M) * STEP
             mmask = offs_m < T
             q, o, o2, lse2 = _load_rows(q_base, o_base, l_base, s_qt, offs_m, mmask, D)
             if MASKED:
@@ -185,19 +186,6 @@ if HAS_TRITON:
         return score
 
     @triton.jit
-    def _ans_rows_strided(score, q_base, o_base, l_base, s_qt, first, T, offs_n, k_t, dk_t, v_t, dv_t, v2, dv2, vdv,
-                          qk_scale, R: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
-                          DOT: tl.constexpr, PREC: tl.constexpr):
-        """Unweighted sums over the rows first, first + R, ... < T (all of them past every key's band)."""
-        for start_m in range(first, T, BLOCK_M * R):
-            offs_m = start_m + tl.arange(0, BLOCK_M) * R
-            mmask = offs_m < T
-            q, o, o2, lse2 = _load_rows(q_base, o_base, l_base, s_qt, offs_m, mmask, D)
-            score += _ans_tile(q.to(DOT), o.to(DOT), o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv, qk_scale, None,
-                               PREC)
-        return score
-
-    @triton.jit
     def _ans_scores_kernel(
         Q, K, V, DK, DV, O, LSE, SC,
         s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_lb, s_lh, s_sb, s_sh,
@@ -230,9 +218,9 @@ if HAS_TRITON:
                 o_base = O + b * s_qb + hq * s_qh
                 l_base = LSE + b * s_lb + hq * s_lh
                 score = _ans_rows(score, q_base, o_base, l_base, s_qt, m_lo, m_full, T, offs_n, k_t, dk_t, v_t, dv_t,
-                                  v2, dv2, vdv, qk_scale, True, BLOCK_M, D, DOT, PREC)
+                                  v2, dv2, vdv, qk_scale, True, BLOCK_M, D, DOT, PREC, 1)
                 score = _ans_rows(score, q_base, o_base, l_base, s_qt, m_full, T, T, offs_n, k_t, dk_t, v_t, dv_t,
-                                  v2, dv2, vdv, qk_scale, False, BLOCK_M, D, DOT, PREC)
+                                  v2, dv2, vdv, qk_scale, False, BLOCK_M, D, DOT, PREC, 1)
         else:
             # rows [m_lo, m_band) hold every pair within BAND of a key of this block: weighted elementwise;
             # from m_band on, only the sampled rows, each pair weighted R
@@ -246,8 +234,8 @@ if HAS_TRITON:
                 score = _ans_rows_banded(score, q_base, o_base, l_base, s_qt, m_lo, m_band, T, offs_n, k_t, dk_t,
                                          v_t, dv_t, v2, dv2, vdv, qk_scale, g, BAND, R, BLOCK_M, D, DOT, PREC)
                 first = m_band + (R - (m_band + g) % R) % R
-                sparse = _ans_rows_strided(sparse, q_base, o_base, l_base, s_qt, first, T, offs_n, k_t, dk_t, v_t,
-                                           dv_t, v2, dv2, vdv, qk_scale, R, BLOCK_M, D, DOT, PREC)
+                sparse = _ans_rows(sparse, q_base, o_base, l_base, s_qt, first, T, T, offs_n, k_t, dk_t, v_t, dv_t,
+                                   v2, dv2, vdv, qk_scale, False, BLOCK_M, D, DOT, PREC, R)
             score += sparse * R
         tl.store(SC + b * s_sb + hk * s_sh + offs_n, score, mask=nmask)
 
