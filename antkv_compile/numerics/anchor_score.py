@@ -58,11 +58,14 @@ def value_output_distance2(o: Tensor, v: Tensor) -> Tensor:
     return ((v * v).sum(-1)[:, :, None, None, :] - 2 * vo + (o * o).sum(-1)[..., None]).clamp_min(0)
 
 
-def row_sample_weights(g: int, tq: int, tk: int, row_stride: int, band: int, device=None) -> Tensor:
-    """Weight of each (head g, query row i, key j) pair in a row-sampled score -> [G, Tq, Tk] float32."""
+def row_sample_weights(g: int, tq: int, tk: int, row_stride: int, band: int, device=None, rows: slice | None = None
+                       ) -> Tensor:
+    """Weight of each (head g, query row i, key j) pair in a row-sampled score -> [G, Tq, Tk] float32 (only the
+    query rows ``rows`` when given)."""
     if row_stride < 1 or band < 1:
         raise ValueError(f"row_stride and band must be >= 1, got {row_stride}, {band}")
-    i = torch.arange(tq, device=device)[None, :, None]
+    rows = rows or slice(0, tq)
+    i = torch.arange(rows.start, rows.stop, device=device)[None, :, None]
     j = torch.arange(tk, device=device)[None, None, :]
     h = torch.arange(g, device=device)[:, None, None]
     sampled = ((i + h) % row_stride == 0).float() * row_stride
@@ -107,15 +110,12 @@ def anchor_scores(
         dk, dv = k_hat.float() - kf, v_hat.float() - vf
     scores = torch.zeros(b, hkv, tk, dtype=torch.float32, device=k.device)
     tq = qg.shape[3]
-    weights = None
-    if row_stride != 1:
-        weights = row_sample_weights(qg.shape[2], tq, tk, row_stride, band, k.device)
     for start in range(0, tq, _QUERY_BLOCK):
         sl = slice(start, min(tq, start + _QUERY_BLOCK))
         m = None if mask is None else mask[..., sl, :]
         a = attention_probs(qg[:, :, :, sl], kf, lg[:, :, :, sl], scale, m)  # [B, H, G, t, Tk]
-        if weights is not None:
-            a = a * weights[:, sl]
+        if row_stride != 1:  # per query block: the whole [G, Tq, Tk] would be ~200 MB for a 4K-token chunk
+            a = a * row_sample_weights(qg.shape[2], tq, tk, row_stride, band, k.device, rows=sl)
         if kind == "attention":
             scores += a.sum((2, 3))
             continue
