@@ -577,7 +577,8 @@ def prefill(quick):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     rows = []
     fwd_cfgs = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
-    ans_cfgs = [(64, 64, 8, 2), (64, 32, 4, 1), (64, 64, 4, 2), (128, 64, 8, 2), (32, 64, 4, 2), (64, 64, 4, 3)]
+    # score kernel: (BLOCK_M, BLOCK_N, warps, stages); the first four also run the row-sampled scores
+    ans_cfgs = [(64, 128, 8, 2), (64, 64, 4, 2), (64, 128, 8, 3), (128, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 3)]
     fused_cfgs = [(64, 64, 8, 2), (128, 32, 8, 2)]
     ts = [8192] if quick else [8192, 32768]
     if DRY:
@@ -689,7 +690,12 @@ def flush_timing():
     fn = lambda: torch.ops.antkv.window_flush(*bufs, n0, q, k, v, o, lse, *cb, D**-0.5, 0.01, "ans")  # noqa: E731
     t_eager = bench(fn)
     t_graph = bench(graph_of(fn))
-    RESULTS["flush"] = {"batch": b, "window": w, "eager_ms": t_eager, "graph_ms": t_graph}
+    # the score kernel alone at the flush's shape (its oldest w / 2 keys over the window's w queries), per block shape
+    dk, dv = (0.3 * torch.randn(b, HKV, w // 2, D, device=DEV)).to(dtype), (0.3 * torch.randn(b, HKV, w // 2, D, device=DEV)).to(dtype)
+    kk, vv = k[:, :, : w // 2], v[:, :, : w // 2]
+    scores = {str(cfg): bench(lambda: PA.anchor_scores_triton(q, kk, vv, dk, dv, o, lse, D**-0.5, blocks=cfg))
+              for cfg in ([None] if DRY else [(64, 64, 4, 2), (64, 32, 4, 2), (64, 128, 8, 2), None])}
+    RESULTS["flush"] = {"batch": b, "window": w, "eager_ms": t_eager, "graph_ms": t_graph, "scores_ms": scores}
     log("flush", RESULTS["flush"])
 
 
@@ -1121,11 +1127,10 @@ def main():
     want = lambda n: not only or n in only  # noqa: E731
     env(" ".join(["python"] + sys.argv))
     ceilings()
-    if want("correct"):
-        correct_encode()
-        correct_prefill()
-        correct_decode()
-        opcheck_cuda()
+    for name, fn in (("correct_encode", correct_encode), ("correct_prefill", correct_prefill),
+                     ("correct_decode", correct_decode), ("opcheck_cuda", opcheck_cuda)):
+        if want("correct") or (only and name in only):
+            fn()
     base = {"block_n": 64, "num_warps": 4, "num_stages": 1, "gather_cache": ".ca", "submajor": False, "cent": "fp16"}
     best = {k: dict(base) for k in ("1", "0.375", "1_fp16", "0.375_fp16")}
     if want("micro"):

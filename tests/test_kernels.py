@@ -111,11 +111,28 @@ def test_prefill_attention_and_anchor_scores_match_reference(b, hkv, g, t, d, dt
     assert _rel(part, PA.anchor_scores_reference(q, *sub, ref_out, ref_lse, scale)) < 5 * TOL[dtype]
 
 
+@needs_triton
+def test_anchor_scores_take_the_rows_norms_or_compute_them():
+    """The score kernel reads |o_i|^2 per row: given (e.g. by whoever wrote out) or computed from out; a tensor of
+    the wrong shape is refused."""
+    q = _randn(1, 4, 40, 32, seed=1, dtype=torch.float16)
+    k, v = _randn(1, 2, 40, 32, seed=2, dtype=torch.float16), _randn(1, 2, 40, 32, seed=3, dtype=torch.float16)
+    dk, dv = _randn(1, 2, 40, 32, seed=4, scale=0.3), _randn(1, 2, 40, 32, seed=5, scale=0.3)
+    out, lse = PA.prefill_attention_triton(q, k, v, 32**-0.5)
+    own = PA.anchor_scores_triton(q, k, v, dk, dv, out, lse, 32**-0.5)
+    given_ = PA.anchor_scores_triton(q, k, v, dk, dv, out, lse, 32**-0.5, o2=out.float().square().sum(-1))
+    torch.testing.assert_close(own, given_, rtol=1e-5, atol=1e-6)
+    wrong = PA.anchor_scores_triton(q, k, v, dk, dv, out, lse, 32**-0.5, o2=torch.zeros_like(lse))
+    assert _rel(wrong, own) > 1e-2  # the norms are used
+    with pytest.raises(ValueError, match="shaped like lse"):
+        PA.anchor_scores_triton(q, k, v, dk, dv, out, lse, 32**-0.5, o2=lse[..., :-1])
+
 
 @needs_triton
 @HYP
 @given(hkv=st.integers(1, 2), g=st.sampled_from([1, 3, 4]), t=st.sampled_from([40, 97, 150]),
-       stride=st.sampled_from([2, 3, 4]), band=st.sampled_from([1, 16, 50]), blocks=st.sampled_from([16, 32]),
+       stride=st.sampled_from([2, 3, 4]), band=st.sampled_from([1, 16, 50]),
+       blocks=st.sampled_from([(16, 16), (32, 32), (16, 64), (64, 128)]),
        dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 99))
 def test_row_sampled_anchor_scores_match_reference(hkv, g, t, stride, band, blocks, dtype, seed):
     """Rows sampled beyond the band: the kernel computes the sampled reference for any block size (the band and
@@ -130,7 +147,7 @@ def test_row_sampled_anchor_scores_match_reference(hkv, g, t, stride, band, bloc
     sub = [x[:, :, :tk] for x in (k, v, dk, dv)]
     ref = PA.anchor_scores_reference(q, *sub, out, lse, scale, stride, band)
     got = PA.anchor_scores_triton(q, *sub, out, lse, scale, row_stride=stride, band=band,
-                                  blocks=(blocks, blocks, 4, 1))
+                                  blocks=(*blocks, 4, 1))
     assert _rel(got, ref) < 5 * TOL[dtype]
     if t - 1 - band >= stride:  # some pairs lie beyond the band: the test can tell sampled from exact scores
         assert _rel(ref, exact[:, :, :tk]) > 1e-3

@@ -67,7 +67,8 @@ if HAS_TRITON:
         if causal_ok is not None:
             a = tl.where(causal_ok, a, 0.0)
         coef = tl.dot(q, dk_t, input_precision=PREC)  # scale q.dk
-        dist2 = tl.maximum(tl.dot(o, v_t, input_precision=PREC) + (v2[None, :] + o2[:, None]), 0.0)  # |v - o|^2
+        # |v - o|^2 (a rounding below 0 only moves norm2, which is clamped)
+        dist2 = tl.dot(o, v_t, input_precision=PREC) + (v2[None, :] + o2[:, None])
         cross2 = tl.dot(o, dv_t, input_precision=PREC) + vdv[None, :]  # 2 (v - o).dv
         norm2 = tl.maximum(coef * (coef * dist2 + cross2) + dv2[None, :], 0.0)
         return a * tl.sqrt(norm2)
@@ -142,59 +143,71 @@ if HAS_TRITON:
                 tl.atomic_add(sc_base + offs_n, col, mask=nmask)
 
     @triton.jit
-    def _ans_rows(score, q_base, o_base, l_base, s_qt, lo, hi, T, offs_n, k_t, dk_t, v_t, dv_t, v2, dv2, vdv,
-                  qk_scale, MASKED: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
-                  DOT: tl.constexpr, PREC: tl.constexpr, STEP: tl.constexpr):
-        """Unweighted column sums over the rows lo, lo + STEP, ... < hi (causal mask on the diagonal blocks)."""
-        for start_m in range(lo, hi, BLOCK_M * STEP):
-            offs_m = start_m + tl.arange(0, BLOCK_M) * STEP
-            mmask = offs_m < T
-            q, o, o2, lse2 = _load_rows(q_base, o_base, l_base, s_qt, offs_m, mmask, D)
-            if MASKED:
-                score += _ans_tile(q.to(DOT), o.to(DOT), o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv, qk_scale,
-                                   offs_n[None, :] <= offs_m[:, None], PREC)
-            else:
-                score += _ans_tile(q.to(DOT), o.to(DOT), o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv, qk_scale,
-                                   None, PREC)
-        return score
-
-    @triton.jit
-    def _load_rows(q_base, o_base, l_base, s_qt, offs_m, mmask, D: tl.constexpr):
-        offs_d = tl.arange(0, D)
-        q = tl.load(q_base + offs_m[:, None] * s_qt + offs_d[None, :], mask=mmask[:, None], other=0.0)
-        o = tl.load(o_base + offs_m[:, None] * s_qt + offs_d[None, :], mask=mmask[:, None], other=0.0).to(tl.float32)
+    def _stats(l_base, o2_base, offs_m, T, lse_shift):
+        mmask = offs_m < T
         lse = tl.load(l_base + offs_m, mask=mmask, other=float("inf"))
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        return q, o, tl.sum(o * o, axis=1), lse2
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634 - lse_shift)
+        return lse2, tl.load(o2_base + offs_m, mask=mmask, other=0.0)
 
     @triton.jit
-    def _ans_rows_banded(score, q_base, o_base, l_base, s_qt, lo, hi, T, offs_n, k_t, dk_t, v_t, dv_t, v2, dv2, vdv,
-                         qk_scale, g, BAND, R: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
+    def _qo(q_base, o_base, s_qt, offs_m, T, D: tl.constexpr, DOT: tl.constexpr):
+        offs_d = tl.arange(0, D)
+        mmask = offs_m < T
+        q = tl.load(q_base + offs_m[:, None] * s_qt + offs_d[None, :], mask=mmask[:, None], other=0.0)
+        o = tl.load(o_base + offs_m[:, None] * s_qt + offs_d[None, :], mask=mmask[:, None], other=0.0)
+        return q.to(DOT), o.to(DOT)
+
+    @triton.jit
+    def _ans_rows(acc, q_base, o_base, l_base, o2_base, s_qt, lo, hi, T, offs_n, k_t, dk_t, v_t, dv_t, v2, dv2, vdv,
+                  qk_scale, lse_shift, MASKED: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
+                  DOT: tl.constexpr, PREC: tl.constexpr, STEP: tl.constexpr):
+        """acc [BLOCK_M, BLOCK_N] += the tiles of the rows lo, lo + STEP, ... < hi, each pair weighted
+        2^lse_shift (causal mask on the diagonal blocks). The rows' lse and |o|^2 are loaded one tile ahead."""
+        rows = tl.arange(0, BLOCK_M) * STEP
+        lse2_n, o2_n = _stats(l_base, o2_base, lo + rows, T, lse_shift)
+        for start_m in range(lo, hi, BLOCK_M * STEP):
+            offs_m = start_m + rows
+            lse2, o2 = lse2_n, o2_n
+            lse2_n, o2_n = _stats(l_base, o2_base, offs_m + BLOCK_M * STEP, T, lse_shift)
+            q, o = _qo(q_base, o_base, s_qt, offs_m, T, D, DOT)
+            if MASKED:
+                acc += _ans_terms(q, o, o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv, qk_scale,
+                                  offs_n[None, :] <= offs_m[:, None], PREC)
+            else:
+                acc += _ans_terms(q, o, o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv, qk_scale, None, PREC)
+        return acc
+
+    @triton.jit
+    def _ans_rows_banded(acc, q_base, o_base, l_base, o2_base, s_qt, lo, hi, T, offs_n, k_t, dk_t, v_t, dv_t, v2,
+                         dv2, vdv, qk_scale, g, BAND, R: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
                          DOT: tl.constexpr, PREC: tl.constexpr):
         """Every row of [lo, hi), each pair weighted as numerics.anchor_score.row_sample_weights says: 1 within
         BAND rows of its key, R on the rows (i + g) % R == 0 beyond it, 0 elsewhere."""
+        rows = tl.arange(0, BLOCK_M)
+        lse2_n, o2_n = _stats(l_base, o2_base, lo + rows, T, 0.0)
         for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            mmask = offs_m < T
-            q, o, o2, lse2 = _load_rows(q_base, o_base, l_base, s_qt, offs_m, mmask, D)
+            offs_m = start_m + rows
+            lse2, o2 = lse2_n, o2_n
+            lse2_n, o2_n = _stats(l_base, o2_base, offs_m + BLOCK_M, T, 0.0)
+            q, o = _qo(q_base, o_base, s_qt, offs_m, T, D, DOT)
             lag = offs_m[:, None] - offs_n[None, :]
             sampled = ((offs_m + g) % R) == 0
             w = tl.where(lag < BAND, 1.0, tl.where(sampled[:, None], R * 1.0, 0.0))
-            terms = _ans_terms(q.to(DOT), o.to(DOT), o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv, qk_scale,
-                               (lag >= 0) & mmask[:, None], PREC)
-            score += tl.sum(terms * w, axis=0)
-        return score
+            terms = _ans_terms(q, o, o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv, qk_scale, lag >= 0, PREC)
+            acc += terms * w
+        return acc
 
     @triton.jit
     def _ans_scores_kernel(
-        Q, K, V, DK, DV, O, LSE, SC,
+        Q, K, V, DK, DV, O, LSE, O2, SC,
         s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_lb, s_lh, s_sb, s_sh,
         T, TK, HKV, G, qk_scale, scale, BAND,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
         R: tl.constexpr,
     ):
         """Scores of the TK keys over the T >= TK queries aligned with them (query i reads keys j <= i); R > 1:
-        rows sampled beyond BAND (numerics.anchor_score.row_sample_weights)."""
+        rows sampled beyond BAND (numerics.anchor_score.row_sample_weights). O2 holds |o_i|^2 of each row (as
+        stored). The tiles add up in a [BLOCK_M, BLOCK_N] accumulator, summed over its rows once at the end."""
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // HKV
@@ -207,37 +220,31 @@ if HAS_TRITON:
             tl.load(K + kv_off, mask=nmask[None, :], other=0.0), tl.load(DK + kv_off, mask=nmask[None, :], other=0.0),
             tl.load(V + kv_off, mask=nmask[None, :], other=0.0), tl.load(DV + kv_off, mask=nmask[None, :], other=0.0),
             scale, DOT)
-        score = tl.zeros([BLOCK_N], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         n_lo = pid_n * BLOCK_N
         m_lo = (n_lo // BLOCK_M) * BLOCK_M
         m_full = tl.minimum(tl.cdiv(n_lo + BLOCK_N, BLOCK_M) * BLOCK_M, T)  # from here on rows see every key
-        if R == 1:
-            for g in range(G):
-                hq = hk * G + g
-                q_base = Q + b * s_qb + hq * s_qh
-                o_base = O + b * s_qb + hq * s_qh
-                l_base = LSE + b * s_lb + hq * s_lh
-                score = _ans_rows(score, q_base, o_base, l_base, s_qt, m_lo, m_full, T, offs_n, k_t, dk_t, v_t, dv_t,
-                                  v2, dv2, vdv, qk_scale, True, BLOCK_M, D, DOT, PREC, 1)
-                score = _ans_rows(score, q_base, o_base, l_base, s_qt, m_full, T, T, offs_n, k_t, dk_t, v_t, dv_t,
-                                  v2, dv2, vdv, qk_scale, False, BLOCK_M, D, DOT, PREC, 1)
-        else:
-            # rows [m_lo, m_band) hold every pair within BAND of a key of this block: weighted elementwise;
-            # from m_band on, only the sampled rows, each pair weighted R
-            m_band = tl.minimum(tl.cdiv(n_lo + BLOCK_N - 1 + BAND, BLOCK_M) * BLOCK_M, T)
-            sparse = tl.zeros([BLOCK_N], tl.float32)
-            for g in range(G):
-                hq = hk * G + g
-                q_base = Q + b * s_qb + hq * s_qh
-                o_base = O + b * s_qb + hq * s_qh
-                l_base = LSE + b * s_lb + hq * s_lh
-                score = _ans_rows_banded(score, q_base, o_base, l_base, s_qt, m_lo, m_band, T, offs_n, k_t, dk_t,
-                                         v_t, dv_t, v2, dv2, vdv, qk_scale, g, BAND, R, BLOCK_M, D, DOT, PREC)
+        # rows [m_lo, m_band) hold every pair within BAND of a key of this block (R > 1: weighted elementwise);
+        # from m_band on, only the sampled rows, each pair weighted R (through lse: A * R = 2^(s - lse2 + log2 R))
+        m_band = tl.minimum(tl.cdiv(n_lo + BLOCK_N - 1 + BAND, BLOCK_M) * BLOCK_M, T)
+        for g in range(G):
+            hq = hk * G + g
+            q_base = Q + b * s_qb + hq * s_qh
+            o_base = O + b * s_qb + hq * s_qh
+            l_base = LSE + b * s_lb + hq * s_lh
+            o2_base = O2 + b * s_lb + hq * s_lh
+            if R == 1:
+                acc = _ans_rows(acc, q_base, o_base, l_base, o2_base, s_qt, m_lo, m_full, T, offs_n, k_t, dk_t, v_t,
+                                dv_t, v2, dv2, vdv, qk_scale, 0.0, True, BLOCK_M, D, DOT, PREC, 1)
+                acc = _ans_rows(acc, q_base, o_base, l_base, o2_base, s_qt, m_full, T, T, offs_n, k_t, dk_t, v_t,
+                                dv_t, v2, dv2, vdv, qk_scale, 0.0, False, BLOCK_M, D, DOT, PREC, 1)
+            else:
+                acc = _ans_rows_banded(acc, q_base, o_base, l_base, o2_base, s_qt, m_lo, m_band, T, offs_n, k_t,
+                                       dk_t, v_t, dv_t, v2, dv2, vdv, qk_scale, g, BAND, R, BLOCK_M, D, DOT, PREC)
                 first = m_band + (R - (m_band + g) % R) % R
-                sparse = _ans_rows(sparse, q_base, o_base, l_base, s_qt, first, T, T, offs_n, k_t, dk_t, v_t, dv_t,
-                                   v2, dv2, vdv, qk_scale, False, BLOCK_M, D, DOT, PREC, R)
-            score += sparse * R
-        tl.store(SC + b * s_sb + hk * s_sh + offs_n, score, mask=nmask)
+                acc = _ans_rows(acc, q_base, o_base, l_base, o2_base, s_qt, first, T, T, offs_n, k_t, dk_t, v_t,
+                                dv_t, v2, dv2, vdv, qk_scale, tl.log2(R * 1.0), False, BLOCK_M, D, DOT, PREC, R)
+        tl.store(SC + b * s_sb + hk * s_sh + offs_n, tl.sum(acc, axis=0), mask=nmask)
 
 
 def _check(q: Tensor, k: Tensor, fewer_keys: bool = False) -> tuple[int, int, int, int, int]:
@@ -255,6 +262,16 @@ def _default_blocks(d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     if dtype == torch.float32:
         return 32, 32, 4, 1
     return (128, 64, 8, 3) if d >= 128 else (128, 64, 4, 3)
+
+
+def _score_blocks(tk: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the score kernel: 128-key blocks over two warpgroups for long
+    windows (measured best at 8K and 32K, NOTES.md "v10"), a block the size of a decode flush's keys otherwise."""
+    if dtype == torch.float32:
+        return 32, 32, 4, 1
+    if tk > 64:
+        return 64, 128, 8, 2
+    return (64, 32, 4, 2) if tk <= 32 else (64, 64, 4, 2)
 
 
 def prefill_attention_triton(q: Tensor, k: Tensor, v: Tensor, scale: float, *, blocks=None,
@@ -297,7 +314,7 @@ def prefill_attention_triton(q: Tensor, k: Tensor, v: Tensor, scale: float, *, b
 
 def anchor_scores_triton(q: Tensor, k: Tensor, v: Tensor, dk: Tensor, dv: Tensor, out: Tensor, lse: Tensor,
                          scale: float, *, blocks=None, scores: Tensor | None = None, row_stride: int = 1,
-                         band: int = 256) -> Tensor:
+                         band: int = 256, o2: Tensor | None = None) -> Tensor:
     """Anchor Scores ("ans") of Tk keys over the Tq >= Tk queries aligned with them (query i reads keys
     j <= i; a window flush scores its oldest Tk tokens over all the window's queries) -> [B, Hkv, Tk].
 
@@ -319,12 +336,15 @@ def anchor_scores_triton(q: Tensor, k: Tensor, v: Tensor, dk: Tensor, dv: Tensor
     lse = lse.float().contiguous()
     if out.stride() != q.stride():
         out = out.reshape(q.shape).contiguous()
-    if blocks is None:
-        blocks = (32, 32, 4, 1) if q.dtype == torch.float32 else (64, 64, 4, 2)
-    bm, bn, nw, ns = blocks
+    if o2 is None:
+        o2 = torch.linalg.vector_norm(out, dim=-1, dtype=torch.float32).square_()
+    o2 = o2.float().contiguous()
+    if o2.shape != lse.shape:
+        raise ValueError(f"o2 must be |out|^2 per row, shaped like lse {tuple(lse.shape)}: got {tuple(o2.shape)}")
+    bm, bn, nw, ns = blocks or _score_blocks(tk, q.dtype)
     grid = (cdiv(tk, bn), b * hkv)
     _ans_scores_kernel[grid](
-        q, k, v, dk, dv, out, lse, scores,
+        q, k, v, dk, dv, out, lse, o2, scores,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         lse.stride(0), lse.stride(1), scores.stride(0), scores.stride(1),
         t, tk, hkv, hq // hkv, float(scale) * LOG2E, float(scale), int(band),
