@@ -8,7 +8,8 @@ Bytes on the device, as functions of batch B and context N (tokens per sequence)
     anchors    B L Hkv (rho N + 1) (2 D e + 4 + 4)          (K, V at e bytes, int32 position, fp32 score)
                + B L Hkv N / 8                              (one anchor bit per token)
     window     B L Hkv W 2 D e + B L Hq W (2 D e + 4)       (K, V; the window's queries, outputs, LSE)
-    codebooks  L 2 Hcb (S M d' + D D + D) 2                 (fp16 centroids, one D x D map, mean)
+    codebooks  L 2 Hcb (S M d' (4 + 2) + 2 D D 4 + D 4)     (fp32 centroids and the kernels' fp16 copy, the D x D
+                                                            map and its inverse, mean: what the device holds)
     workspace  decode activations + logits + split-K partials, prefill chunk activations
 
 The planner answers the longest context per batch size and the largest batch per context that fit
@@ -93,8 +94,11 @@ class MemoryModel:
             out["codes"] = B * N * L * hkv * (sp.Rational(code_bits, 8) + selection_bytes(p, d))
             out["anchors"] = B * L * hkv * ((sp.nsimplify(self.anchor_ratio) * N + 1) * (2 * d * e + 8) + N / 8)
             out["window"] = B * L * (hkv * self.window * 2 * d * e + hq * self.window * (2 * d * e + 4))
-            per_book = hkv * (p.stages * p.num_subspaces(d) * p.num_centroids * p.sub_dim + d * d + d)
-            out["codebooks"] = sp.Integer(L * 2 * per_book * 2)
+            # resident per codebook: fp32 centroids + the kernels' fp16 copy, fp32 map + inverse + mean (matches
+            # session.memory_bytes() on the GPU: 168.0 MB for Llama-3-8B at 1 bit, e2e_memory_v9)
+            centroids = p.stages * p.num_subspaces(d) * p.num_centroids * p.sub_dim
+            per_book = hkv * (centroids * (4 + 2) + 2 * d * d * 4 + d * 4)
+            out["codebooks"] = sp.Integer(L * 2 * per_book)
         decode = B * (4 * s.hidden_size + 2 * s.intermediate_size) * e + B * s.vocab_size * 4
         decode += B * hq * self.decode_splits * (d + 2) * 4
         prefill = self.prefill_chunk * (4 * s.hidden_size + 3 * s.intermediate_size) * e + self.prefill_chunk * s.vocab_size * 4

@@ -59,3 +59,22 @@ def test_headroom_keeps_the_batches_that_ran_out_of_memory_out_of_reach(llama):
     assert tiny.largest_batch(32832, budget) >= 256  # and still at least the batches measured to fit
     bare = MemoryModel(llama, get_preset("1"), headroom=0.0)
     assert bare.bytes_at(8, 32768)["total"] < one.bytes_at(8, 32768)["total"] < 1.05 * bare.bytes_at(8, 32768)["total"]
+
+
+@pytest.mark.parametrize("bits", ["1", "0.375"])
+def test_codebook_term_is_what_the_device_holds(llama, bits):
+    """The planner counts the codebooks as resident on the GPU: each Codebook's tensors in fp32 (centroids, map,
+    inverse, mean) plus the kernels' fp16 copy of the centroids (runtime/kernel_store.py), per layer and K / V."""
+    import torch
+
+    from antkv_compile.numerics.vq import Codebook
+
+    p = get_preset(bits)
+    h, d = llama.num_kv_heads, llama.head_dim
+    cb = Codebook(torch.zeros(p.stages, h, d // p.sub_dim, p.num_centroids, p.sub_dim), torch.zeros(h, d, d),
+                  torch.zeros(h, d, d), torch.zeros(h, d))
+    per_book = sum(t.numel() * t.element_size() for t in cb.tensors()) + cb.centroids.to(torch.float16).nbytes
+    term = MemoryModel(llama, p).bytes_at(1, 1)["codebooks"]
+    assert term == llama.num_layers * 2 * per_book
+    if bits == "1":
+        assert term == 168_034_304  # session.memory_bytes()["codebooks"] on the H100 (e2e_memory_v9): 168.0 MB

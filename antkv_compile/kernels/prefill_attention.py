@@ -11,19 +11,21 @@ with dk, dv the token's quantization residuals (x_hat - x). The per-pair terms n
 lse_i, so the scores cannot ride along the forward loop; two schedules, both here:
 
 * two-pass (default): the forward kernel writes out and lse; a second, key-block-stationary kernel
-  keeps k, v, dk, dv of a key block in registers and walks the query blocks that see it (all G heads),
-  with four products per tile (q.k, q.dk, o.v, o.dv). Deterministic, no atomics.
+  keeps k, v, dk, dv of a key block (prepared once, as MMA operands in shared memory) and walks the query
+  blocks that see it (all G heads), with four products per tile (q.k, q.dk, o.v, o.dv); |o_i|^2 comes per
+  row beside lse, both loaded one tile ahead, and the tiles add up in a 2-D accumulator summed once at the
+  end. Deterministic, no atomics.
 * fused: one query-block-stationary kernel runs the forward loop, then walks the same key blocks again
   with o_i, lse_i in registers and adds each tile's column sums into the scores with atomics.
 
 Either way the score pass does four QK-shaped products per tile against the forward's two, so prefill
 with exact scores costs about three forward passes (the floor, see NOTES.md). Measured on an H100 (fp16,
-Llama-3-8B heads): two-pass 4.54 ms at 8K / 64.4 ms at 32K (fused 10.6 / 171 ms); the forward alone runs
-at 443-495 TFLOP/s (SDPA flash: 314-350), attention + exact scores = 2.6x SDPA's prefill.
+Llama-3-8B heads): two-pass 4.06 ms at 8K / 55.7 ms at 32K (fused 10.3 / 170 ms); the forward alone runs
+at 450-495 TFLOP/s (SDPA flash: 314-350), attention + exact scores = 2.2-2.3x SDPA's prefill.
 
 Row sampling (``row_stride`` R > 1, the stores' default R = G for long windows): rows more than ``band`` past
 a key are read every R-th only, weighted R (numerics.anchor_score.row_sample_weights); attention + scores
-1.38x / 1.23x SDPA at R = 4, 1.14x / 1.00x at R = 8 (NOTES.md "v9").
+1.26x / 1.12x SDPA at R = 4, 1.09x / 0.94x at R = 8 (NOTES.md "v9", "v10").
 """
 from __future__ import annotations
 
