@@ -146,6 +146,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _stats(l_base, o2_base, offs_m, T, lse_shift):
+        """lse of rows offs_m in log2 units minus ``lse_shift`` (log2 of the rows' weight), and their |o|^2. Rows past
+        the end and rows that saw no key (lse = -inf) read lse2 = +inf, so their A is 0."""
         mmask = offs_m < T
         lse = tl.load(l_base + offs_m, mask=mmask, other=float("inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634 - lse_shift)
