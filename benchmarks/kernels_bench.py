@@ -632,6 +632,7 @@ def prefill(quick):
                 sampled_best[key] = {"ms": x, "blocks": cfg, "attn_plus_scores_ms": fwd[best_fwd] + x,
                                      "ratio_vs_sdpa": (fwd[best_fwd] + x) / t_sdpa}
         rec["sampled"] = sampled_best
+        rec["sampled_ms"] = {f"R{r}_band{band} {cfg}": x for (r, band, cfg), x in sampled.items()}
         fused = {}
         for cfg in fused_cfgs:
             try:

@@ -240,7 +240,7 @@ def test_kernel_store_decode_graph_replays_the_direct_launches(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("stride,band", [(4, 256), (8, 128), (3, 1), (1, 256)])
-@pytest.mark.parametrize("d", [128, 64])
+@pytest.mark.parametrize("d", [128, 64, 256])
 def test_row_sampled_anchor_scores_match_reference_on_cuda(dtype, stride, band, d):
     """The score kernel (exact, and with rows sampled beyond the band) at a prefill-sized window with the
     benchmark's heads and the default tile sizes, against the reference (sampled: visibly different from the

@@ -20,12 +20,12 @@ lse_i, so the scores cannot ride along the forward loop; two schedules, both her
 
 Either way the score pass does four QK-shaped products per tile against the forward's two, so prefill
 with exact scores costs about three forward passes (the floor, see NOTES.md). Measured on an H100 (fp16,
-Llama-3-8B heads): two-pass 4.06 ms at 8K / 55.7 ms at 32K (fused 10.3 / 170 ms); the forward alone runs
-at 450-495 TFLOP/s (SDPA flash: 314-350), attention + exact scores = 2.2-2.3x SDPA's prefill.
+Llama-3-8B heads): two-pass 3.60 ms at 8K / 55.0 ms at 32K (fused 10.4 / 170 ms); the forward alone runs
+at 450-495 TFLOP/s (SDPA flash: 314-350), attention + exact scores = 2.05-2.2x SDPA's prefill.
 
 Row sampling (``row_stride`` R > 1, the stores' default R = G for long windows): rows more than ``band`` past
 a key are read every R-th only, weighted R (numerics.anchor_score.row_sample_weights); attention + scores
-1.26x / 1.12x SDPA at R = 4, 1.09x / 0.94x at R = 8 (NOTES.md "v9", "v10").
+1.18x / 1.11x SDPA at R = 4, 1.04x / 0.93x at R = 8 (NOTES.md "v9", "v10").
 """
 from __future__ import annotations
 
@@ -211,9 +211,11 @@ if HAS_TRITON:
     ):
         """Scores of the TK keys over the T >= TK queries aligned with them (query i reads keys j <= i); R > 1:
         rows sampled beyond BAND (numerics.anchor_score.row_sample_weights). O2 holds |o_i|^2 of each row (as
-        stored). The tiles add up in a [BLOCK_M, BLOCK_N] accumulator, summed over its rows once at the end."""
-        pid_n = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        stored). The tiles add up in a [BLOCK_M, BLOCK_N] accumulator, summed over its rows once at the end.
+        One flat grid, key block major: the first key blocks of every (sequence, head), which see the most rows,
+        start first (longest first; head-major order left the last heads' longest programs to the end)."""
+        pid_bh = tl.program_id(0) % (tl.num_programs(0) // tl.cdiv(TK, BLOCK_N))
+        pid_n = tl.program_id(0) // (tl.num_programs(0) // tl.cdiv(TK, BLOCK_N))
         b = pid_bh // HKV
         hk = pid_bh % HKV
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -268,13 +270,17 @@ def _default_blocks(d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     return (128, 64, 8, 3) if d >= 128 else (128, 64, 4, 3)
 
 
-def _score_blocks(tk: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the score kernel: 128-key blocks over two warpgroups for long
-    windows (measured best at 8K and 32K, NOTES.md "v10"), a block the size of a decode flush's keys otherwise."""
+def _score_blocks(tk: int, d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the score kernel: 128-key blocks over two warpgroups with
+    3-stage row tiles for long windows (measured best at 8K and 32K, NOTES.md "v10"; 224 of the 227 KB of shared
+    memory at head_dim 128), a block the size of a decode flush's keys otherwise; 32-key blocks above head_dim 128
+    (the four key-block operands and the double-buffered q / o tiles must fit in shared memory)."""
     if dtype == torch.float32:
         return 32, 32, 4, 1
+    if d > 128:
+        return 64, 32, 4, 2
     if tk > 64:
-        return 64, 128, 8, 2
+        return 64, 128, 8, 3
     return (64, 32, 4, 2) if tk <= 32 else (64, 64, 4, 2)
 
 
@@ -345,8 +351,8 @@ def anchor_scores_triton(q: Tensor, k: Tensor, v: Tensor, dk: Tensor, dv: Tensor
     o2 = o2.float().contiguous()
     if o2.shape != lse.shape:
         raise ValueError(f"o2 must be |out|^2 per row, shaped like lse {tuple(lse.shape)}: got {tuple(o2.shape)}")
-    bm, bn, nw, ns = blocks or _score_blocks(tk, q.dtype)
-    grid = (cdiv(tk, bn), b * hkv)
+    bm, bn, nw, ns = blocks or _score_blocks(tk, d, q.dtype)
+    grid = (cdiv(tk, bn) * b * hkv,)
     _ans_scores_kernel[grid](
         q, k, v, dk, dv, out, lse, o2, scores,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
