@@ -214,8 +214,9 @@ if HAS_TRITON:
         stored). The tiles add up in a [BLOCK_M, BLOCK_N] accumulator, summed over its rows once at the end.
         One flat grid, key block major: the first key blocks of every (sequence, head), which see the most rows,
         start first (longest first; head-major order left the last heads' longest programs to the end)."""
-        pid_bh = tl.program_id(0) % (tl.num_programs(0) // tl.cdiv(TK, BLOCK_N))
-        pid_n = tl.program_id(0) // (tl.num_programs(0) // tl.cdiv(TK, BLOCK_N))
+        n_bh = tl.num_programs(0) // tl.cdiv(TK, BLOCK_N)  # (sequence, KV head) pairs
+        pid_bh = tl.program_id(0) % n_bh
+        pid_n = tl.program_id(0) // n_bh
         b = pid_bh // HKV
         hk = pid_bh % HKV
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
