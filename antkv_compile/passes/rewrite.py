@@ -54,11 +54,25 @@ class RewriteResult:
     release_outputs: list  # flat output indices of in-graph dense buffers (lazily initialised cache)
 
 
-def _capacity(site: AttentionSite) -> int | None:
+def _capacity(site: AttentionSite) -> int | fx.Node | None:
+    """The cache length: an int, or (a graph traced with dynamic shapes, as Dynamo does after a second prompt
+    length) the SymInt graph input that holds it, so the store's capacity is taken at run time."""
     shape = P.shape_of(site.key_buffer)
-    if shape is None or len(shape) != 4 or not isinstance(shape[2], int):
+    if shape is None or len(shape) != 4:
         return None
-    return shape[2]
+    length = shape[2]
+    if isinstance(length, int):
+        return length
+    if not isinstance(length, torch.SymInt):
+        return None
+    expr = length.node.expr
+    for node in site.key_buffer.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        value = P.node_value(node)
+        if isinstance(value, torch.SymInt) and value.node.expr == expr:
+            return node
+    return None
 
 
 def _site_problem(site: AttentionSite) -> str | None:
@@ -69,7 +83,7 @@ def _site_problem(site: AttentionSite) -> str | None:
     if site.position is None:
         return f"no_position: layer {site.layer} cache write has no position"
     if _capacity(site) is None:
-        return f"unknown_capacity: layer {site.layer} cache buffer has no static length"
+        return f"unknown_capacity: layer {site.layer} cache buffer length is neither static nor a graph input"
     if site.layer is None:
         return "unknown_layer: cannot tell which layer an attention belongs to"
     if a.scale is None:
@@ -171,10 +185,12 @@ def apply_rewrite(gm: fx.GraphModule, plan: RewritePlan, session_id: int) -> Rew
         a = site.attention
         old_out = vmap[site.output]
         mask = vmap[a.mask.node] if a.mask is not None else None
+        capacity = _capacity(site)
+        capacity = vmap[capacity] if isinstance(capacity, fx.Node) else int(capacity)
         with graph.inserting_before(old_out):
             node = graph.call_function(op, (vmap[site.query], vmap[site.new_key], vmap[site.new_value],
                                              vmap[site.position], mask, int(session_id), int(site.layer),
-                                             int(_capacity(site)), float(a.scale)))
+                                             capacity, float(a.scale)))
         node.meta = dict(site.output.meta)
         node.meta["antkv_layer"] = site.layer
         old_out.replace_all_uses_with(node)

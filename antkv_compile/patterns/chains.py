@@ -95,8 +95,9 @@ def unwrap_repeat_kv(node) -> tuple | None:
     return unsq.args[0], n_rep, (node, *noops, inner, unsq)
 
 
-def prefix_slice_limit(node) -> int | None:
-    """``x[:, :, :n]`` / ``x[:, :, :n, :]`` / ``x[:, :, 0:n, ...]`` on a 4-D tensor -> ``n``; else None."""
+def prefix_slice_limit(node) -> int | fx.Node | None:
+    """``x[:, :, :n]`` / ``x[:, :, :n, :]`` / ``x[:, :, 0:n, ...]`` on a 4-D tensor -> ``n`` (an int, or the graph
+    node of a symbolic length when Dynamo traced dynamic shapes); else None."""
     if not P.is_getitem(node) or len(node.args) != 2 or not isinstance(node.args[1], tuple):
         return None
     idx = node.args[1]
@@ -105,7 +106,10 @@ def prefix_slice_limit(node) -> int | None:
     s = idx[2]
     if not isinstance(s, slice) or s.start not in (None, 0) or s.step not in (None, 1):
         return None
-    if not isinstance(s.stop, int) or isinstance(s.stop, bool) or s.stop < 0:
+    if isinstance(s.stop, fx.Node):
+        if not isinstance(P.node_value(s.stop), torch.SymInt):
+            return None
+    elif not isinstance(s.stop, int) or isinstance(s.stop, bool) or s.stop < 0:
         return None
     if not all(P.is_full_slice(i) or i is Ellipsis for i in idx[3:]):
         return None
@@ -130,7 +134,10 @@ def unwrap_kv(node) -> KVChain:
             continue
         lim = prefix_slice_limit(node)
         if lim is not None and isinstance(node.args[0], fx.Node):
-            limit = lim if limit is None else min(limit, lim)
+            if limit is None or isinstance(lim, fx.Node):
+                limit = lim
+            elif isinstance(limit, int):
+                limit = min(limit, lim)
             peeled.append(node)
             node = node.args[0]
             continue

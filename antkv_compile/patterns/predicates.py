@@ -50,6 +50,7 @@ __all__ = [
     "is_comparison",
     "is_floordiv",
     "is_getitem",
+    "node_value",
     "is_expand",
     "is_reshape",
     "is_unsqueeze",
@@ -117,6 +118,16 @@ def tensor_meta(node: Any) -> torch.Tensor | None:
         value = node.meta.get(key)
         if isinstance(value, torch.Tensor):
             return value
+    return None
+
+
+def node_value(node: Any) -> Any:
+    """What the tracer recorded for ``node`` (a fake tensor, a SymInt, ...), or None."""
+    if not isinstance(node, fx.Node):
+        return None
+    for key in ("example_value", "val"):
+        if key in node.meta:
+            return node.meta[key]
     return None
 
 
