@@ -77,6 +77,31 @@ def _warn_once(message: str, category) -> None:
     warnings.warn(message, category, stacklevel=3)
 
 
+class _RecompileLimitWatch(logging.Filter):
+    """Turns Dynamo's "hit config.recompile_limit" log record into one antkv warning: from then on that frame runs
+    eagerly, i.e. with the dense, uncompressed cache, and nothing of this package runs to say so otherwise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "torch._dynamo hit config." in str(record.msg):
+            args = record.args if isinstance(record.args, tuple) else ()
+            limit = f"{args[0]}={args[1]}" if len(args) >= 2 else "its recompile limit"
+            function = str(args[2]) if len(args) >= 3 else "a compiled function"
+            _warn_once(f"antkv: Dynamo stopped compiling {function} after {limit}; its later calls run eagerly "
+                       "with the dense, UNCOMPRESSED KV cache. Raise torch._dynamo.config.recompile_limit, or keep "
+                       "the shapes that change between calls few (one StaticCache length, a fixed batch)",
+                       AntKVFallbackWarning)
+        return True
+
+
+_WATCH = _RecompileLimitWatch()
+
+
+def _watch_recompile_limit() -> None:
+    logger = logging.getLogger("torch._dynamo.convert_frame")
+    if _WATCH not in logger.filters:
+        logger.addFilter(_WATCH)
+
+
 def parse_options(options: dict | None):
     """Split torch.compile ``options`` into (AnTKVConfig, artifact or None, release_dense, inductor options)."""
     from .config import AnTKVConfig
@@ -135,6 +160,7 @@ def antkv_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None 
     from .runtime.state import release_dense, session_for
 
     config, artifact, release, inductor_options = parse_options(options)
+    _watch_recompile_limit()
     inner = inductor_options.pop("__inner")
     patches = _config_patches(mode, inductor_options)
     report = find_attention_sites(gm)

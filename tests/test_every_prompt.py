@@ -79,3 +79,26 @@ def test_multi_turn_chat_on_one_cache_stays_compressed(compiled):
         assert calls >= LAYERS * NEW, f"turn {turn} ran {calls} antkv ops (not compressed)"
         assert ids.tolist() == ref_ids.tolist(), f"turn {turn}"
     assert all(r["after"] is not None for r in last_compiles), [r["plan"].fallback_reason for r in last_compiles]
+
+
+def test_a_frame_sent_to_eager_by_the_recompile_limit_is_reported(monkeypatch):
+    """Past Dynamo's recompile limit a frame runs eagerly, with the dense cache: one antkv warning says so."""
+    import warnings
+
+    from antkv_compile.backend import AntKVFallbackWarning, _WARNED
+
+    torch._dynamo.reset()
+    _WARNED.clear()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_shapes", False)
+    model = tiny_model("llama")
+    compiled = torch.compile(model, backend="antkv", options={"inner": "eager", "anchor_ratio": 1.0})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for n in (8, 9, 10):
+            cache = StaticCache(config=model.config, max_cache_len=n)
+            with torch.no_grad():
+                compiled(input_ids=_prompt(n, seed=n), **{_cache_kw(model): cache}, use_cache=True)
+    ours = [str(w.message) for w in caught if issubclass(w.category, AntKVFallbackWarning)]
+    assert any("UNCOMPRESSED" in m and "recompile_limit" in m for m in ours), ours
+    torch._dynamo.reset()
