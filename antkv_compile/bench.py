@@ -659,10 +659,17 @@ class Bench:
             self.model.set_attn_implementation(spec.attn)
 
     # -------------------------------------------------------------- one measured point
+    def timed_steps(self, spec: ConfigSpec, steps: int | None = None) -> int:
+        """Timed decode steps of a point: antkv points time whole flush periods (every layer flushes its window
+        once per ``flush`` steps), so the flushes (VQ encode + Anchor Scores + anchor selection) fall inside the
+        timed steps, each counted once."""
+        steps = steps or self.args.steps
+        return steps if spec.kind == "dense" else _round_up(steps, self.antkv_config(spec).flush_size)
+
     def run_point(self, spec: ConfigSpec, batch: int, context: int, *, purpose: str, capacity: int | None = None,
                   check: bool = False, fill: str | None = None, steps: int | None = None) -> dict:
         a = self.args
-        steps = steps or a.steps
+        steps = self.timed_steps(spec, steps)
         extra = a.warmup + steps + (1 if check else 0) + 1
         rec: dict[str, Any] = {
             "purpose": purpose, "config": spec.name, "label": spec.label, "kind": spec.kind, "bits": spec.bits,
@@ -832,6 +839,7 @@ class Bench:
         self._filled(rec, stores, cache, ctx)
         step = _greedy_step(dec, cache, last)
 
+        rec["flushes_per_layer_in_timed_steps"] = rec["steps"] // self.antkv_config(spec).flush_size
         self._timed(step, rec["steps"], rec)
         if check:
             self._check(rec, stores, step)
@@ -856,7 +864,7 @@ class Bench:
     def _antkv_bytes_read(self, spec: ConfigSpec, b: int, ctx: int) -> int:
         """Bytes one decode step must read from the store: codes of ``ctx`` tokens, the anchors, the window."""
         t = self.memory_model(spec).bytes_at(b, ctx)
-        return t["codes"] + t["anchors"] + t["window"]
+        return t["codes"] + t["anchors"] + t["window"]  # not the window's queries: only a flush reads them
 
     def _fill_stores(self, stores: dict, cache, b: int, start: int, ctx: int, gen, rec: dict, spec) -> None:
         a = self.args
@@ -967,8 +975,9 @@ class Bench:
             pl["measured_peak"] = m["peak"]
             pl["peak_over_predicted"] = m["peak"] / pred["total"]
             pl["peak_within_prediction"] = m["peak"] <= pred["total"]
-            steady = {"weights": m["weights"], "codes": m["codes"], "anchors": m["anchors"], "window": m["window"],
-                      "codebooks": m["codebooks"], "kv_full_precision": m["dense_kv"]}
+            steady = {"weights": m["weights"], "codes": m["codes"], "anchors": m["anchors"], "window": m["window_kv"],
+                      "window_queries": m["window_queries"], "codebooks": m["codebooks"],
+                      "kv_full_precision": m["dense_kv"]}
             pl["measured_over_predicted"] = {k: (steady[k] / pred[k] if pred.get(k) else None)
                                              for k in steady if k in pred}
         rec["planner"] = pl
@@ -983,7 +992,7 @@ class Bench:
             if not self._available(spec):
                 continue
             for ctx in [int(x) for x in _split(a.contexts)]:
-                cap = _round_up(ctx + a.warmup + a.steps + 2, 64)
+                cap = _round_up(ctx + a.warmup + self.timed_steps(spec) + 2, 64)
                 self._enter_group((spec.name, "throughput", ctx))
                 pmax = self.memory_model(spec).largest_batch(cap, self.budget)
                 batches = self._batches(pmax)
@@ -1012,7 +1021,7 @@ class Bench:
             if spec.kind != "antkv":
                 self.log(f"[capacity] {spec.name}: the capacity run is for antkv configurations; skipped")
                 continue
-            extra = a.warmup + a.steps + 3
+            extra = a.warmup + self.timed_steps(spec) + 3
             mm = self.memory_model(spec)
             planner_longest = mm.longest_context(1, self.budget)
             if a.capacity_context:
@@ -1058,11 +1067,11 @@ class Bench:
             ctx, chunk = a.prefill_context, a.prefill_chunk
             if ctx % chunk:
                 ctx = _round_up(ctx, chunk)
-            cap = _round_up(ctx + a.warmup + a.steps + 3, 64)
+            cap = _round_up(ctx + a.warmup + self.timed_steps(spec) + 3, 64)
             self._enter_group((spec.name, "prefill", cap))
             self.log(f"[prefill] {spec.label}: chunked prefill of {ctx:,} tokens, {chunk} per forward, then decode")
             rec = {"purpose": "prefill", "config": spec.name, "label": spec.label, "kind": spec.kind, "bits": spec.bits,
-                   "batch": 1, "context": ctx, "capacity": cap, "chunk": chunk, "steps": a.steps, "warmup": a.warmup,
+                   "batch": 1, "context": ctx, "capacity": cap, "chunk": chunk, "steps": self.timed_steps(spec), "warmup": a.warmup,
                    "status": "running"}
             t0 = time.time()
             try:

@@ -7,7 +7,8 @@ Bytes on the device, as functions of batch B and context N (tokens per sequence)
                + B N L Hkv 2                                (value-copy selection words, 1 bit: see below)
     anchors    B L Hkv (rho N + 1) (2 D e + 4 + 4)          (K, V at e bytes, int32 position, fp32 score)
                + B L Hkv N / 8                              (one anchor bit per token)
-    window     B L Hkv W 2 D e + B L Hq W (2 D e + 4)       (K, V; the window's queries, outputs, LSE)
+    window     B L Hkv W 2 D e                              (K, V)
+    window_queries  B L Hq W (2 D e + 4)                    (the window's queries, outputs, LSE: kept for scoring)
     codebooks  L 2 Hcb (S M d' (4 + 2) + 2 D D 4 + D 4)     (fp32 centroids and the kernels' fp16 copy, the D x D
                                                             map and its inverse, mean: what the device holds)
     workspace  decode activations + logits + split-K partials, prefill chunk activations
@@ -93,7 +94,8 @@ class MemoryModel:
             code_bits = 2 * p.stages * p.num_subspaces(d) * 8 * math.ceil(p.code_bits / 8)
             out["codes"] = B * N * L * hkv * (sp.Rational(code_bits, 8) + selection_bytes(p, d))
             out["anchors"] = B * L * hkv * ((sp.nsimplify(self.anchor_ratio) * N + 1) * (2 * d * e + 8) + N / 8)
-            out["window"] = B * L * (hkv * self.window * 2 * d * e + hq * self.window * (2 * d * e + 4))
+            out["window"] = B * L * hkv * self.window * 2 * d * e
+            out["window_queries"] = B * L * hq * self.window * (2 * d * e + 4)  # kept for scoring, not read by decode
             # resident per codebook: fp32 centroids + the kernels' fp16 copy, fp32 map + inverse + mean (matches
             # session.memory_bytes() on the GPU: 168.0 MB for Llama-3-8B at 1 bit, e2e_memory_v9)
             centroids = p.stages * p.num_subspaces(d) * p.num_centroids * p.sub_dim
