@@ -1093,6 +1093,10 @@ def main_decode_only(out_dir, variants=None, rep_ms=100, grid=None, warm=True, s
 # path; "rope" is the default. The sweep is small on purpose: one GPU run picks the best.
 ROPE_VARIANTS = {
     "rope": dict(),
+    "rope_tile": dict(rope_trig="tile", rope_block_n=32),  # cos / sin once per (tile, pair): ~16 flops per element
+    "rope_tile_b64w8": dict(rope_trig="tile", rope_block_n=64, rope_warps=8),
+    "rope_tile_b64": dict(rope_trig="tile", rope_block_n=64),
+    "rope_tile_m2": dict(rope_trig="tile", rope_block_n=32, split_mult=2),
     "rope_b32": dict(rope_block_n=32),
     "rope_b128w8": dict(rope_block_n=128, rope_warps=8),
     "rope_w8": dict(rope_warps=8),
@@ -1153,7 +1157,8 @@ def decode_rope(variants=None, rep_ms=100, grid=None):
         rargs = rope_inputs(decode_inputs(bits, b, ctx, dt, seed=17 + b), seed=17 + b)
         ref_o, ref_l = rope_decode_reference(*rargs)
         for name in names:
-            if ctx == 131072 and name not in ("rope", "rope_fast", "rope_nosplit", "rope_b128w8"):
+            if ctx == 131072 and name not in ("rope", "rope_fast", "rope_nosplit", "rope_b128w8", "rope_tile",
+                                              "rope_tile_b64w8"):
                 continue  # the long shape checks the angle path: the trig / gather variants
             try:
                 plan, _ = _rope_fn(rargs, name)

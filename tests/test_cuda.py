@@ -274,11 +274,12 @@ def _pair_codebook(hkv, d, bits, seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("trig", ["libdevice", "fast"])
+@pytest.mark.parametrize("trig", ["libdevice", "tile", "fast"])
 def test_rope_decode_at_128k_slots_matches_reference(dtype, trig):
     """The pre-RoPE kernel against its reference with slots up to 131K (angles up to 131K rad on pair 0: the range
-    reduction of cos / sin), Llama-3 RoPE (theta 500000), G = 4, 1 bit; anchors masked. "fast" (tl.cos / tl.sin) is
-    the benchmark's alternative: this test says whether it is accurate enough."""
+    reduction of cos / sin), Llama-3 RoPE (theta 500000), G = 4, 1 bit; anchors masked. "tile" factors the angle per
+    tile (exact to HF's fp32 rounding); "fast" (tl.cos / tl.sin) is a benchmark alternative: this test says whether
+    it is accurate enough."""
     from antkv_compile.kernels import decode_attention as DA
     from antkv_compile.kernels import rope_decode as RD
     from antkv_compile.numerics.vq import random_codebook

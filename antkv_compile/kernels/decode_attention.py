@@ -797,6 +797,9 @@ LAST_LAUNCH: dict = {}  # the last compiled kernel per launcher (the benchmark r
 # The coded split programs: "auto" = the CUDA C++ kernel (coded_decode.cu) where it supports the call, else the
 # Triton loop; ANTKV_DECODE_CODED=triton|cuda|auto overrides the default of every call that does not pass one.
 DEFAULT_CODED = os.environ.get("ANTKV_DECODE_CODED", "auto")
+# The pre-RoPE coded kernel's rotation (rope_decode.py): "libdevice" (cos / sin per token and pair), "tile" (the angle
+# factored per tile, same fp32 angle), "fast"; ANTKV_ROPE_TRIG overrides the default of calls that pass none.
+DEFAULT_ROPE_TRIG = os.environ.get("ANTKV_ROPE_TRIG", "libdevice")
 _WARNED: set = set()
 
 
@@ -847,7 +850,7 @@ class DecodePlan:
                  coded=None, cuda_db=None, cuda_mma=None, cuda_kernel=None, cuda_copies=None, cuda_key_half=None,
                  block_a=None, exact_splits=None, value_sel=None, cuda_value_sel=None, workspace=None,
                  rope_keys=None, rope_block_n=None, rope_warps=None, rope_stages=None, rope_split=True,
-                 rope_trig="libdevice"):
+                 rope_trig=None):
         require_triton()
         # rope_keys = (pairs_k, freq_k, attention_scaling): pre-RoPE keys in RoPE-pair sub-spaces (rope_decode.py);
         # cent_k is then the key table with the mean folded in, inv_k / mean_k are unused (None)
@@ -1034,7 +1037,8 @@ class DecodePlan:
 
             pairs_arg, freq_arg = rope_keys[0].contiguous(), rope_keys[1].float().contiguous()
             rope_cfg = dict(dot=dt, prec=prec, block_n=rope_block_n, num_warps=int(rope_warps or 4),
-                            num_stages=int(rope_stages or 1), split=bool(rope_split), trig=rope_trig,
+                            num_stages=int(rope_stages or 1), split=bool(rope_split),
+                            trig=DEFAULT_ROPE_TRIG if rope_trig is None else rope_trig,
                             cache=gather_cache, interpret=interpreting())
 
         def _rope_partials():

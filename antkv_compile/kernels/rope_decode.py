@@ -29,8 +29,11 @@ slots that the existing exact programs (anchors, window) and the fused merge con
 DecodePlan` with ``rope_keys``; the post-RoPE prologue and key lookup table are not needed).
 
 Trigonometry: ``trig="libdevice"`` (default) calls the accurate ``__nv_cosf`` / ``__nv_sinf`` (full range reduction:
-slots up to the fp32 integer limit 2^24); ``trig="fast"`` uses ``tl.cos`` / ``tl.sin`` (the backend's choice; the
-benchmark checks its accuracy before timing it). Under the interpreter both are numpy's.
+slots up to the fp32 integer limit 2^24) per (token, pair); ``trig="fast"`` uses ``tl.cos`` / ``tl.sin`` (the
+backend's choice; the benchmark checks its accuracy before timing it); ``trig="tile"`` factors the angle per tile
+(kernel comment): accurate cos / sin once per (tile, pair) and once per (in-tile offset, pair) for the program, then
+~16 flops per (token, pair), still fp32(slot * inv_freq) as HF rounds it (to ~1e-7). Under the interpreter the
+cos / sin are numpy's.
 
 :func:`rope_decode_reference` is the PyTorch reference: decode + rotate + exact attention (+ anchors, window, merge).
 """
@@ -96,7 +99,7 @@ if HAS_TRITON:
         C_K: tl.constexpr, S_K: tl.constexpr, M_K: tl.constexpr, SUB_K: tl.constexpr, ST_K: tl.constexpr,
         C_V: tl.constexpr, S_V: tl.constexpr, M_V: tl.constexpr, SUB_V: tl.constexpr, ST_V: tl.constexpr,
         BLOCK_N: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, CACHE: tl.constexpr, SPLIT: tl.constexpr,
-        TRIG: tl.constexpr,
+        TRIG: tl.constexpr, TILE: tl.constexpr,
     ):
         pid_bh = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -113,12 +116,23 @@ if HAS_TRITON:
         rvalid = rows < G * TQ
         j = tl.load(PAIRS + hk * DH + tl.arange(0, DH))
         qrow = Q + b * s_qb + (h * G + rg)[:, None] * s_qh + rt[:, None] * s_qt
-        q_re = (tl.load(qrow + j[None, :], mask=rvalid[:, None], other=0.0).to(tl.float32) * qk_scale).to(DOT)
-        q_im = (tl.load(qrow + (j + DH)[None, :], mask=rvalid[:, None], other=0.0).to(tl.float32)
-                * qk_scale).to(DOT)
+        q32_re = tl.load(qrow + j[None, :], mask=rvalid[:, None], other=0.0).to(tl.float32) * qk_scale
+        q32_im = tl.load(qrow + (j + DH)[None, :], mask=rvalid[:, None], other=0.0).to(tl.float32) * qk_scale
+        q_re = q32_re.to(DOT)
+        q_im = q32_im.to(DOT)
         s_idx = tl.arange(0, S_K)
         i_idx = tl.arange(0, HALF)
         freq = tl.load(FREQ + hk * DH + s_idx[:, None] * HALF + i_idx[None, :])  # [S_K, HALF] fp32
+        if TILE:
+            # angle(p0 + d) = A + B + c with A = fl(p0 w) per tile, B = fl(d w) per in-tile offset d (this table,
+            # the same for every tile), c = e(p) - e(p0) - e(d) the roundings' difference, e(x) = fl(x w) - x w
+            # exact by FMA, |c| <= 1.5 ulp of the angle: fl(p w) exactly as HF rounds it, without a cos/sin per
+            # (token, pair). R(A) turns the query once per tile; R(B) R(c) the keys (R(c) = 1 - c^2/2 + i c).
+            dn = tl.zeros([BLOCK_N, S_K, HALF], tl.float32) + tl.arange(0, BLOCK_N).to(tl.float32)[:, None, None]
+            fw = tl.zeros([BLOCK_N, S_K, HALF], tl.float32) + freq[None, :, :]
+            b_ang = dn * fw
+            neg_eb = tl.fma(dn, fw, -b_ang)  # d w - fl(d w) = -e(d)
+            cb, sb = _cos_sin(b_ang, TRIG)
         # this program's share of the sequence's coded tokens
         n_b = tl.load(NCODED + b)
         chunk = tl.cdiv(tl.cdiv(n_b, P_CODED), BLOCK_N) * BLOCK_N
@@ -135,15 +149,36 @@ if HAS_TRITON:
             nmask = offs_n < end
             re, im = _rope_keys(CK, ck_base, offs_n, nmask, TAB_K, hk, HCB_K, C_K, S_K, M_K, SUB_K, ST_K, BLOCK_N,
                                 SPLIT)
-            # the slot's RoPE angle per coding pair, in fp32 exactly as HF: float(position) * inv_freq
-            ang = offs_n.to(tl.float32)[:, None, None] * freq[None, :, :]
-            c, s = _cos_sin(ang, TRIG)
-            c = c * rope_scale
-            s = s * rope_scale
-            k_re = tl.reshape(re * c - im * s, [BLOCK_N, DH]).to(DOT)
-            k_im = tl.reshape(im * c + re * s, [BLOCK_N, DH]).to(DOT)
-            logits = tl.dot(q_re, tl.trans(k_re), input_precision=PREC)
-            logits = tl.dot(q_im, tl.trans(k_im), acc=logits, input_precision=PREC)  # [R_PAD, BLOCK_N]
+            if TILE:
+                p0 = tl.zeros([S_K, HALF], tl.float32) + n0  # exact below 2^24
+                a_ang = p0 * freq
+                neg_ea = tl.fma(p0, freq, -a_ang)  # p0 w - fl(p0 w) = -e(p0)
+                ca, sa = _cos_sin(a_ang, TRIG)
+                ca = tl.reshape(ca, [DH])[None, :] * rope_scale
+                sa = tl.reshape(sa, [DH])[None, :] * rope_scale
+                qa_re = (q32_re * ca + q32_im * sa).to(DOT)  # q e^{-iA} a, per tile
+                qa_im = (q32_im * ca - q32_re * sa).to(DOT)
+                pf = tl.zeros([BLOCK_N, S_K, HALF], tl.float32) + offs_n.to(tl.float32)[:, None, None]
+                p_ang = pf * fw
+                neg_ep = tl.fma(pf, fw, -p_ang)  # -e(p)
+                cc = neg_eb + neg_ea[None, :, :] - neg_ep  # c = e(p) - e(p0) - e(d)
+                u = 1.0 - 0.5 * cc * cc
+                cphi = cb * u - sb * cc
+                sphi = sb * u + cb * cc
+                k_re = tl.reshape(re * cphi - im * sphi, [BLOCK_N, DH]).to(DOT)
+                k_im = tl.reshape(im * cphi + re * sphi, [BLOCK_N, DH]).to(DOT)
+                logits = tl.dot(qa_re, tl.trans(k_re), input_precision=PREC)
+                logits = tl.dot(qa_im, tl.trans(k_im), acc=logits, input_precision=PREC)
+            else:
+                # the slot's RoPE angle per coding pair, in fp32 exactly as HF: float(position) * inv_freq
+                ang = offs_n.to(tl.float32)[:, None, None] * freq[None, :, :]
+                c, s = _cos_sin(ang, TRIG)
+                c = c * rope_scale
+                s = s * rope_scale
+                k_re = tl.reshape(re * c - im * s, [BLOCK_N, DH]).to(DOT)
+                k_im = tl.reshape(im * c + re * s, [BLOCK_N, DH]).to(DOT)
+                logits = tl.dot(q_re, tl.trans(k_re), input_precision=PREC)
+                logits = tl.dot(q_im, tl.trans(k_im), acc=logits, input_precision=PREC)  # [R_PAD, BLOCK_N]
             word = tl.load(BITS + bits_base + offs_n // 32, mask=nmask, other=0)
             keep = nmask & (((word >> (offs_n % 32)) & 1) == 0)
             logits = tl.where(keep[None, :], logits, float("-inf"))
@@ -154,7 +189,7 @@ if HAS_TRITON:
         _store_partial(PO, PL, pid_bh, pid_s, PS, acc, m_i, l_i, G * TQ, R_PAD, D, R_PAD)
 
 
-TRIG_MODES = {"libdevice": 0, "fast": 1}
+TRIG_MODES = {"libdevice": 0, "fast": 1, "tile": 0}  # tile: libdevice cos / sin once per tile and pair
 
 
 def launch_rope_coded(q: Tensor, codes_k: Tensor, codes_v: Tensor, anchor_bits: Tensor, n_coded: Tensor,
@@ -178,7 +213,7 @@ def launch_rope_coded(q: Tensor, codes_k: Tensor, codes_v: Tensor, anchor_bits: 
         C_K=codes_k.shape[3], S_K=s_k, M_K=m_k, SUB_K=sub_k, ST_K=st_k,
         C_V=codes_v.shape[3], S_V=s_v, M_V=m_v, SUB_V=sub_v, ST_V=st_v,
         BLOCK_N=block_n, DOT=dot, PREC=prec, CACHE=cache, SPLIT=bool(split),
-        TRIG=1 if interpret else TRIG_MODES[trig], num_warps=num_warps, num_stages=num_stages,
+        TRIG=1 if interpret else TRIG_MODES[trig], TILE=trig == "tile", num_warps=num_warps, num_stages=num_stages,
     )
 
 
