@@ -302,6 +302,43 @@ def test_backend_kernel_store_equals_reference_store_and_capacity_beyond_the_sta
     assert stores and all(s.geom.capacity == 24 and len(s) == 12 + 10 for s in stores)
 
 
+def test_backend_pre_rope_kernel_store_equals_reference_store():
+    """A pre-RoPE artifact in the RoPE-pair layout through the compiled model: options store='kernels' (the rope decode
+    op, the flush with unrotation; their CPU references here) gives the reference store's logits."""
+    from test_backend import compiled
+
+    from antkv_compile.artifact import CodebookArtifact
+    from antkv_compile.backend import last_compiles
+    from antkv_compile.models import kv_geometry, tiny_model
+    from antkv_compile.numerics.rope import model_rope_parameters
+    from antkv_compile.numerics.vq import random_codebook
+
+    model = tiny_model("llama")
+    g = kv_geometry(model.config)
+    p = get_preset("1")
+    gen = torch.Generator().manual_seed(0)
+    keys, values = [], []
+    for _ in range(g.num_layers):
+        tr, inv = pair_transform(torch.stack([torch.randperm(g.head_dim // 2, generator=gen)
+                                              for _ in range(g.num_kv_heads)]))
+        cents = 0.3 * torch.randn(1, g.num_kv_heads, g.head_dim // p.sub_dim, p.num_centroids, p.sub_dim,
+                                  generator=gen)
+        keys.append(Codebook(cents, tr, inv, 0.1 * torch.randn(g.num_kv_heads, g.head_dim, generator=gen)))
+        values.append(random_codebook(p, g.num_kv_heads, g.head_dim, generator=gen, scale=0.3))
+    inv_freq, scaling = model_rope_parameters(model)
+    manifest = {"preset": {"name": p.name, "sub_dim": p.sub_dim, "code_bits": p.code_bits, "stages": p.stages},
+                "tensors_sha256": "random-pre-rope-pairs", "model": {}, "key_space": "pre_rope",
+                "rope": {"attention_scaling": scaling}}
+    art = CodebookArtifact(keys, values, manifest, inv_freq)
+    ids = torch.randint(3, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    base = dict(anchor_ratio=0.1, window=4, artifact=art, inner="eager")
+    ref = _greedy_manual(compiled(model, store="reference", **base), model, ids, 10, 24)
+    ker = _greedy_manual(compiled(model, store="kernels", **base), model, ids, 10, 24)
+    torch.testing.assert_close(ker, ref, atol=1e-4, rtol=1e-4)
+    stores = list(last_compiles[-1]["session"].stores.values())
+    assert stores and all(type(s).__name__ == "KernelLayerStore" and s.pre_rope and s.n_coded > 0 for s in stores)
+
+
 def test_store_whose_cache_identity_died_is_adopted_by_the_next_step_of_the_same_length():
     """transformers 5.17 on CUDA hands the prefill graph a cache-length tensor that dies after the call (seen on
     the H100): the store must survive as the layer's orphan and be adopted by the next step at its length;
