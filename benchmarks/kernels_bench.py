@@ -1087,6 +1087,202 @@ def main_decode_only(out_dir, variants=None, rep_ms=100, grid=None, warm=True, s
         f.write("\n".join(LOG))
 
 
+# ------------------------------------------------------------------------------------ pre-RoPE pair-layout keys
+# kernels/rope_decode.py (NOTES.md "Pre-RoPE pair-layout decode"): the coded programs decode pre-RoPE keys through a
+# table with the map and mean folded in and rotate each pair by its slot in registers. Options of DecodePlan's rope
+# path; "rope" is the default. The sweep is small on purpose: one GPU run picks the best.
+ROPE_VARIANTS = {
+    "rope": dict(),
+    "rope_tile": dict(rope_trig="tile", rope_block_n=32),  # cos / sin once per (tile, pair): ~16 flops per element
+    "rope_tile_b64w8": dict(rope_trig="tile", rope_block_n=64, rope_warps=8),
+    "rope_tile_b64": dict(rope_trig="tile", rope_block_n=64),
+    "rope_tile_m2": dict(rope_trig="tile", rope_block_n=32, split_mult=2),
+    "rope_b32": dict(rope_block_n=32),
+    "rope_b128w8": dict(rope_block_n=128, rope_warps=8),
+    "rope_w8": dict(rope_warps=8),
+    "rope_s2": dict(rope_stages=2),
+    "rope_nosplit": dict(rope_split=False),
+    "rope_fast": dict(rope_trig="fast"),  # tl.cos / tl.sin: timed only if exact enough (correctness first)
+    "rope_m0.5": dict(split_mult=0.5),
+    "rope_m2": dict(split_mult=2),
+    "rope_e2": dict(exact_splits=2),
+}
+ROPE_THETA = 500000.0  # Llama-3
+
+
+def rope_inputs(args, seed=0):
+    """The post-RoPE decode inputs with the key codebook replaced by a pre-RoPE one in the RoPE-pair layout (random
+    pair order per head, the same random centroids and mean), as rope_decode_triton takes them: the codes, anchors
+    and window are the same tensors, so both paths read the same bytes."""
+    from antkv_compile.kernels.rope_decode import rope_key_tables
+    from antkv_compile.numerics.rope_pairs import pair_transform
+
+    g = torch.Generator().manual_seed(seed)
+    cent = args[11]
+    st_, h, s_, m, sd = cent.shape
+    tr, inv = pair_transform(torch.stack([torch.randperm(D // 2, generator=g) for _ in range(h)]))
+    cb = Codebook(cent.float().cpu(), tr, inv, args[13].float().cpu())
+    inv_freq = 1.0 / ROPE_THETA ** (torch.arange(0, D, 2).float() / D)
+    table, pairs, freq = rope_key_tables(cb, inv_freq, torch.float16 if cent.dtype != torch.float32 else torch.float32,
+                                         DEV)
+    return [*args[:11], table, pairs, freq, *args[14:], 1.0]
+
+
+def _rope_fn(rargs, name):
+    """A DecodePlan of variant ``name`` over rope inputs (one plan reused by every replay) and its splits."""
+    opts = dict(ROPE_VARIANTS[name])
+    q, rest = rargs[0], rargs[1:]
+    plan = DA.DecodePlan(q, *rest[:11], None, None, *rest[13:17], rope_keys=(rest[11], rest[12], rest[17]), **opts)
+    return plan, list(plan.splits)
+
+
+@section("decode_rope")
+def decode_rope(variants=None, rep_ms=100, grid=None):
+    """Pre-RoPE pair-layout decode: correctness of every variant against rope_decode_reference (poisoned partials,
+    the plan's own launch, two CUDA-graph replays), then the grid (default: 1 bit, 128K B = 1/8/32 and 32K B = 128)
+    against FP16 SDPA (flash) and the post-RoPE CUDA kernel (cuda_sel2: today's default) on the same codes."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from antkv_compile.kernels.rope_decode import rope_decode_reference
+    sms = RESULTS["env"]["sms"]
+    copy_bw = RESULTS.get("ceilings", {}).get("copy_GBps", float("nan")) * 1e9
+    names = list(variants or ROPE_VARIANTS)
+    RESULTS["rope_variants"] = {n: {k: str(v) for k, v in ROPE_VARIANTS[n].items()} for n in names}
+    corr = {}
+    cshapes = [("1", 2, 8192, torch.float16), ("1", 3, 5000, torch.float16), ("1", 1, 131072, torch.bfloat16),
+               ("1", 1, 131072, torch.float16)]
+    if DRY:
+        cshapes = [("1", 2, 300, torch.float16), ("1", 1, 200, torch.float32)]
+    for bits, b, ctx, dt in cshapes:
+        rargs = rope_inputs(decode_inputs(bits, b, ctx, dt, seed=17 + b), seed=17 + b)
+        ref_o, ref_l = rope_decode_reference(*rargs)
+        for name in names:
+            if ctx == 131072 and name not in ("rope", "rope_fast", "rope_nosplit", "rope_b128w8", "rope_tile",
+                                              "rope_tile_b64w8"):
+                continue  # the long shape checks the angle path: the trig / gather variants
+            try:
+                plan, _ = _rope_fn(rargs, name)
+                o, l_ = DA.DecodePlan(rargs[0], *rargs[1:12], None, None, *rargs[14:18], poison=True,
+                                      rope_keys=(rargs[12], rargs[13], rargs[18]), **ROPE_VARIANTS[name])()
+                o2, _ = plan()
+                rec = {"out": rel(o, ref_o), "lse": rel(l_, ref_l), "out_splits": rel(o2, ref_o),
+                       "nan": bool(o.isnan().any() or l_.isnan().any() or o2.isnan().any())}
+                if not DRY:
+                    held = {}
+                    rp = graph_of(lambda: held.__setitem__("o", plan()[0]))
+                    held["o"].fill_(float("nan"))
+                    rp()
+                    rp()
+                    torch.cuda.synchronize()
+                    rec["graph"] = rel(held["o"], ref_o)
+                    rec["nan"] = rec["nan"] or bool(held["o"].isnan().any())
+            except Exception as exc:  # noqa: BLE001 - report and go on
+                rec = {"error": repr(exc)[:500], "nan": True, "out": float("inf"), "out_splits": float("inf")}
+            rec["variant"] = name
+            corr[f"{bits}_B{b}_{ctx}_{str(dt)[6:]}_{name}"] = rec
+            log("correct rope", bits, b, ctx, dt, name, rec)
+        del rargs, ref_o, ref_l
+        empty_cache()
+    RESULTS["correct_rope"] = corr
+    bad = sorted({r["variant"] for r in corr.values()
+                  if r["nan"] or max(r["out"], r["out_splits"], r.get("graph", 0)) > 6e-3})
+    RESULTS["correct_rope_bad"] = bad
+    log("correct_rope_bad (variants dropped from 'best')", bad)
+    shapes = grid or [("1", 131072, 1), ("1", 131072, 8), ("1", 131072, 32), ("1", 32768, 128)]
+    if DRY:
+        shapes = [("1", 200, 1), ("1", 300, 2)]
+    rows = []
+    for bits, ctx, b in shapes:
+        q = torch.randn(b, HQ, 1, D, device=DEV, dtype=torch.float16)
+        k = torch.randn(b, HKV, ctx, D, device=DEV, dtype=torch.float16)
+        v = torch.randn(b, HKV, ctx, D, device=DEV, dtype=torch.float16)
+
+        def sdpa():
+            if DRY:
+                return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        sdpa_ms = bench(graph_of(sdpa), ms=rep_ms, warm=25)
+        del q, k, v
+        empty_cache()
+        args = decode_inputs(bits, b, ctx, torch.float16, seed=4)
+        timed = {}
+        if not DRY:  # the post-RoPE CUDA kernel (default options + selection words) on the same codes
+            try:
+                fn, spl = _run_variant(args, b, ctx, "cuda_sel2", sms)
+                timed["post_rope_cuda"] = {"ms": bench(graph_of(fn), ms=rep_ms, warm=25), "splits": spl}
+            except Exception as exc:  # noqa: BLE001
+                timed["post_rope_cuda"] = {"ms": float("nan"), "error": repr(exc)[:300]}
+        rargs = rope_inputs(args, seed=4)
+        for name in names:
+            try:
+                plan, spl = _rope_fn(rargs, name)
+                t = bench(graph_of(plan), ms=rep_ms, warm=25)
+                k_ = DA.LAST_LAUNCH.get("rope_coded")
+                rec = {"ms": t, "splits": spl, "regs": getattr(k_, "n_regs", None),
+                       "spills": getattr(k_, "n_spills", None)}
+                if not DRY:  # the coded launch alone (after the prologue's counter fill)
+                    rec["coded_ms"] = bench(graph_of(lambda: (plan.prologue(), plan.rope_partials())), ms=rep_ms,
+                                            warm=25)
+                timed[name] = rec
+            except Exception as exc:  # noqa: BLE001
+                log("rope variant failed", name, bits, ctx, b, repr(exc)[:300])
+                timed[name] = {"ms": float("nan"), "splits": None, "error": repr(exc)[:300]}
+            log("rope variant", bits, ctx, b, name, timed[name])
+        ok = [n for n in names if n not in bad and timed[n]["ms"] == timed[n]["ms"]]
+        best = min(ok, key=lambda n: timed[n]["ms"]) if ok else names[0]
+        t = timed[best]["ms"]
+        by = decode_bytes(args, sum(timed[best]["splits"] or [1]))
+        floor_ms = by["total"] / copy_bw * 1e3
+        rec = {"bits": bits, "ctx": ctx, "batch": b, "sdpa_ms": sdpa_ms, "best": best, "ms": t,
+               "default_ms": timed[names[0]]["ms"], "speedup": sdpa_ms / t,
+               "post_rope_cuda_ms": timed.get("post_rope_cuda", {}).get("ms"), "bytes": by,
+               "floor_ms": floor_ms, "bw_frac": floor_ms / t, "timed": timed}
+        rows.append(rec)
+        log("decode rope", {k_: v_ for k_, v_ in rec.items() if k_ not in ("timed", "bytes")})
+        del args, rargs
+        empty_cache()
+        if PARTIAL:
+            RESULTS["decode_rope"] = rows
+            with open(PARTIAL, "w") as f:
+                json.dump(RESULTS, f, indent=1, default=str)
+    RESULTS["decode_rope"] = rows
+    w = max(9, max(len(n) for n in names) + 2)
+    lines = ["DECODE pre-RoPE pair layout (ms, median of CUDA-graph replays; FP16 SDPA flash + GQA; post-RoPE CUDA = "
+             "cuda_sel2 on the same codes; floor = bytes / copy bandwidth)",
+             f"{'bits':>5} {'ctx':>7} {'B':>4} {'sdpa':>8} {'postcuda':>9} " + "".join(f"{n:>{w}}" for n in names)]
+    for r in rows:
+        pc = r["post_rope_cuda_ms"]
+        lines.append(f"{r['bits']:>5} {r['ctx']:>7} {r['batch']:>4} {r['sdpa_ms']:8.3f} "
+                     f"{(pc if pc is not None else float('nan')):9.3f} "
+                     + "".join(f"{r['timed'][n]['ms']:{w}.3f}" for n in names))
+    lines += ["", "coded launch alone (ms)",
+              f"{'bits':>5} {'ctx':>7} {'B':>4} " + "".join(f"{n:>{w}}" for n in names)]
+    for r in rows:
+        lines.append(f"{r['bits']:>5} {r['ctx']:>7} {r['batch']:>4} "
+                     + "".join(f"{r['timed'][n].get('coded_ms', float('nan')):{w}.3f}" for n in names))
+    lines += ["", f"{'bits':>5} {'ctx':>7} {'B':>4} {'sdpa':>8} {'best':>8} {'x sdpa':>7} {'floor':>7} {'%floor':>7}"
+                  f"  best variant (regs / spills of its coded kernel)"]
+    for r in rows:
+        tb = r["timed"][r["best"]]
+        lines.append(f"{r['bits']:>5} {r['ctx']:>7} {r['batch']:>4} {r['sdpa_ms']:8.3f} {r['ms']:8.3f} "
+                     f"{r['speedup']:7.2f} {r['floor_ms']:7.3f} {100 * r['bw_frac']:7.1f}  {r['best']} "
+                     f"({tb.get('regs')} / {tb.get('spills')})")
+    log("\n".join(lines))
+
+
+def main_decode_rope(out_dir, variants=None, rep_ms=100, grid=None):
+    env(" ".join(["python"] + sys.argv))
+    ceilings()
+    decode_rope(variants, rep_ms, grid)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    with open(os.path.join(out_dir, f"kernels_bench_rope_{stamp}.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1, default=str)
+    with open(os.path.join(out_dir, f"kernels_bench_rope_{stamp}.log"), "w") as f:
+        f.write("\n".join(LOG))
+    log(f"wrote {out_dir}/kernels_bench_rope_{stamp}.json / .log")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None, help="folder for JSON + PNG (default: $OUT, else benchmarks/results)")
@@ -1103,6 +1299,10 @@ def main():
     ap.add_argument("--warm", default="", help=argparse.SUPPRESS)  # internal: subprocess of the warm-up
     ap.add_argument("--grid", default="",
                     help="--decode-only shapes as bits:ctx:B,... (default: 1 and 0.375 bit x 8K/32K/128K x B=1/8/32)")
+    ap.add_argument("--rope", action="store_true",
+                    help="--decode-only: the pre-RoPE pair-layout decode (kernels/rope_decode.py): correctness, then "
+                         "its config sweep beside SDPA and the post-RoPE CUDA kernel (1 bit, 128K B=1/8/32, 32K "
+                         "B=128; --variants picks from " + ",".join(ROPE_VARIANTS) + ")")
     ap.add_argument("--split-times", action="store_true",
                     help="--decode-only: also time the coded (CUDA) and exact (Triton) launches of coded=cuda apart")
     a = ap.parse_args()
@@ -1116,6 +1316,13 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
     global PARTIAL
     PARTIAL = os.path.join(out_dir, "kernels_bench_partial.json")
+    if a.decode_only and a.rope:
+        names = [n for n in a.variants.split(",") if n]
+        unknown = [n for n in names if n not in ROPE_VARIANTS]
+        if unknown:
+            raise SystemExit(f"unknown rope variants {unknown}; known: {list(ROPE_VARIANTS)}")
+        grid = [(x.split(":")[0], int(x.split(":")[1]), int(x.split(":")[2])) for x in a.grid.split(",") if x]
+        return main_decode_rope(out_dir, names or None, a.rep_ms, grid or None)
     if a.decode_only:
         names = [n for n in a.variants.split(",") if n]
         unknown = [n for n in names if n not in ALL_VARIANTS]

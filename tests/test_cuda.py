@@ -259,3 +259,82 @@ def test_row_sampled_anchor_scores_match_reference_on_cuda(dtype, stride, band, 
     assert _rel(got, ref) < 1e-2
     if stride > 1:
         assert _rel(ref, exact) > 1e-3
+
+
+# ------------------------------------------------------------------------------------- pre-RoPE pair-layout keys
+def _pair_codebook(hkv, d, bits, seed):
+    from antkv_compile.numerics.rope_pairs import pair_transform
+    from antkv_compile.numerics.vq import Codebook
+
+    g = torch.Generator().manual_seed(seed)
+    tr, inv = pair_transform(torch.stack([torch.randperm(d // 2, generator=g) for _ in range(hkv)]))
+    p = AnTKVConfig(bits=bits).preset
+    cents = 0.5 * torch.randn(1, hkv, d // p.sub_dim, p.num_centroids, p.sub_dim, generator=g)
+    return Codebook(cents, tr, inv, 0.2 * torch.randn(hkv, d, generator=g))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("trig", ["libdevice", "tile", "fast"])
+def test_rope_decode_at_128k_slots_matches_reference(dtype, trig):
+    """The pre-RoPE kernel against its reference with slots up to 131K (angles up to 131K rad on pair 0: the range
+    reduction of cos / sin), Llama-3 RoPE (theta 500000), G = 4, 1 bit; anchors masked. "tile" factors the angle per
+    tile (exact to HF's fp32 rounding); "fast" (tl.cos / tl.sin) is a benchmark alternative: this test says whether
+    it is accurate enough."""
+    from antkv_compile.kernels import decode_attention as DA
+    from antkv_compile.kernels import rope_decode as RD
+    from antkv_compile.numerics.vq import random_codebook
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    b, hkv, g, d, n = 1, 2, 4, 128, 131072
+    cbk = _pair_codebook(hkv, d, "1", 0)
+    cbv = random_codebook(AnTKVConfig(bits="1").preset, hkv, d, generator=torch.Generator().manual_seed(1), scale=0.5)
+    inv_freq = 1.0 / 500000.0 ** (torch.arange(0, d, 2).float() / d)
+    table, pairs, freq = RD.rope_key_tables(cbk, inv_freq, torch.float16, dev)
+    torch.manual_seed(2)
+    q = torch.randn(b, hkv * g, 1, d, device=dev, dtype=dtype)
+    ck = torch.randint(0, 256, (b, hkv, n, 16), device=dev, dtype=torch.uint8)
+    cv = torch.randint(0, 256, (b, hkv, n, 16), device=dev, dtype=torch.uint8)
+    pos = torch.randint(0, n, (b, hkv, 1311), device=dev, dtype=torch.int32)
+    ak, av = (torch.randn(b, hkv, 1311, d, device=dev, dtype=dtype) for _ in range(2))
+    wk, wv = (torch.randn(b, hkv, 64, d, device=dev, dtype=dtype) for _ in range(2))
+    args = (q, ck, cv, DA.bits_from_positions(pos, n), torch.full((b,), n, dtype=torch.int32, device=dev), ak, av,
+            pos, wk, wv, torch.full((b,), 33, dtype=torch.int32, device=dev), table, pairs, freq,
+            cbv.centroids.to(dev, torch.float16), cbv.inverse.to(dev), cbv.mean.to(dev), d ** -0.5, 1.0)
+    out, lse = RD.rope_decode_triton(*args, rope_trig=trig, poison=True)
+    ref_out, ref_lse = RD.rope_decode_reference(*args)
+    err = _rel(out, ref_out)
+    print(f"rope decode 128K {dtype} {trig}: relative error {err:.2e}, lse {_rel(lse, ref_lse):.2e}")
+    assert err < 1e-2 and _rel(lse, ref_lse) < 2e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pre_rope_kernel_store_matches_reference_store_on_cuda(dtype):
+    """A pre-RoPE pair-layout store on the GPU (Triton encode + scores, the rope decode kernel, its CUDA graph) against
+    the reference store: chunks over a coded prefix and decode steps across flushes."""
+    from antkv_compile.numerics.rope import InvFreqRope
+    from antkv_compile.numerics.vq import random_codebook
+    from antkv_compile.runtime.kernel_store import KernelLayerStore
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    b, hkv, g, d = 2, 8, 4, 128
+    cfg = AnTKVConfig(bits="1", anchor_ratio=0.01, window=64, key_space="pre_rope", coded_path="dequantized")
+    cbk = _pair_codebook(hkv, d, "1", 3)
+    cbv = random_codebook(cfg.preset, hkv, d, generator=torch.Generator().manual_seed(4), scale=0.5)
+    rope = InvFreqRope(1.0 / 500000.0 ** (torch.arange(0, d, 2).float() / d))
+    geom = StoreGeometry(b, hkv, d, 2048, dtype, dev, scale=d ** -0.5)
+    ref = AnTKVLayerStore(geom, cbk, cbv, cfg, rope=rope)
+    ker = KernelLayerStore(geom, cbk, cbv, cfg, rope=rope)
+    torch.manual_seed(1)
+    n = 1300
+    q = torch.randn(b, hkv * g, n, d, device=dev, dtype=dtype)
+    k = torch.randn(b, hkv, n, d, device=dev, dtype=dtype)
+    v = torch.randn(b, hkv, n, d, device=dev, dtype=dtype)
+    worst = 0.0
+    for lo, hi in [(0, 700), (700, 1200)] + [(t, t + 1) for t in range(1200, n)]:
+        o_ref = ref.attend(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi])
+        o_ker = ker.attend(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi])
+        worst = max(worst, _rel(o_ker, o_ref))
+    print(f"pre-RoPE store {dtype}: worst relative error {worst:.2e}, coded {ker.n_coded}, anchors {ker.num_anchors}")
+    assert ker.n_coded == ref.n_coded and ker.num_anchors == ref.num_anchors
+    assert worst < 2e-2
+    assert ker._graph is not None and ker.value_sel is None

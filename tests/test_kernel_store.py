@@ -6,9 +6,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from antkv_compile.config import AnTKVConfig
+from antkv_compile.config import AnTKVConfig, get_preset
 from antkv_compile.numerics.attention import causal_mask, exact_attention
 from antkv_compile.numerics.store import AnTKVLayerStore, CacheOverflowError, StoreGeometry
+from antkv_compile.numerics.rope import InvFreqRope
+from antkv_compile.numerics.rope_pairs import pair_transform
+from antkv_compile.numerics.vq import Codebook
 from antkv_compile.runtime.kernel_store import KernelLayerStore, kernels_support
 from numerics_helpers import codebook_with_transform, randn
 
@@ -154,8 +157,106 @@ def test_overflow_and_unsupported_configs_are_refused():
     _, ker = _pair(1, 2, 20)
     with pytest.raises(CacheOverflowError, match="larger cache"):
         ker.attend(randn(1, 2, 21, D), randn(1, 2, 21, D), randn(1, 2, 21, D))
-    assert kernels_support(AnTKVConfig(key_space="pre_rope", coded_path="dequantized")) is not None
+    assert kernels_support(AnTKVConfig(coded_path="dequantized")) is not None  # post-RoPE decoded shadow
+    assert kernels_support(AnTKVConfig(key_space="pre_rope", coded_path="dequantized")) is None  # pair layout
     assert kernels_support(AnTKVConfig()) is None
+
+
+# ------------------------------------------------------------------------------------- pre-RoPE keys (pair layout)
+def _rope_pair(batch, kv_heads, capacity, *, d=D, bits="1", stages=1, shared=False, theta=50.0, scaling=1.0,
+               seed=0, **cfg):
+    """A reference store and a kernel store over one pre-RoPE key codebook in the RoPE-pair layout (random pair
+    order per head, random centroids and mean) and a plain value codebook; RoPE from stored frequencies."""
+    geom = StoreGeometry(batch, kv_heads, d, capacity, torch.float32, torch.device("cpu"), scale=0.25)
+    config = AnTKVConfig(**{"bits": bits, "window": 8, "key_space": "pre_rope", "coded_path": "dequantized", **cfg})
+    gen = torch.Generator().manual_seed(seed)
+    h = 1 if shared else kv_heads
+    tr, inv = pair_transform(torch.stack([torch.randperm(d // 2, generator=gen) for _ in range(h)]))
+    p = get_preset(bits)
+    cents = torch.randn(stages, h, d // p.sub_dim, p.num_centroids, p.sub_dim, generator=gen)
+    cents = cents * torch.tensor([0.5**i for i in range(stages)])[:, None, None, None, None]
+    cbk = Codebook(cents, tr, inv, 0.3 * torch.randn(h, d, generator=gen))
+    cbv = codebook_with_transform(bits, kv_heads, d, seed + 2)
+    rope = InvFreqRope(1.0 / theta ** (torch.arange(0, d, 2).float() / d), scaling)
+    return (AnTKVLayerStore(geom, cbk, cbv, config, rope=rope),
+            KernelLayerStore(geom, cbk, cbv, config, rope=rope))
+
+
+def _float_numels(store) -> dict[str, int]:
+    """Elements of each float tensor the store holds (dicts of tensors summed under their attribute's name)."""
+    out = {}
+    for name, t in vars(store).items():
+        for x in (t.values() if isinstance(t, dict) else t if isinstance(t, (list, tuple)) else [t]):
+            if isinstance(x, torch.Tensor) and x.is_floating_point():
+                out[name] = out.get(name, 0) + x.numel()
+    return out
+
+
+def test_pre_rope_kernel_store_keeps_no_decoded_copy():
+    """No float buffer of the pre-RoPE kernel store grows with capacity x head_dim (a decoded or fp32 shadow of the
+    cache): only the codes (uint8), the anchor bitmask and the anchors (here none) grow with capacity."""
+    small = _rope_pair(1, 2, 64, anchor_ratio=0.0)[1]
+    large = _rope_pair(1, 2, 4096, anchor_ratio=0.0)[1]
+    a, b = _float_numels(small), _float_numels(large)
+    grown = {k: b[k] - a.get(k, 0) for k in b if b[k] - a.get(k, 0) >= (4096 - 64) * D}
+    assert grown == {} and not hasattr(large, "k_hat") and not hasattr(large, "v_hat")
+
+
+@settings(max_examples=8, deadline=None)
+@given(prefill=st.integers(0, 40), n=st.integers(1, 60), batch=st.integers(1, 2), group=st.sampled_from([1, 3, 4]),
+       ratio=st.sampled_from([0.0, 0.05, 0.3]), score=st.sampled_from(["ans", "sensitivity"]),
+       window=st.integers(2, 9), bits=st.sampled_from(["1", "2", "0.375"]), stages=st.sampled_from([1, 2]),
+       shared=st.booleans(), scaling=st.sampled_from([1.0, 1.3]), seed=st.integers(0, 999))
+def test_pre_rope_kernel_store_equals_reference_store(prefill, n, batch, group, ratio, score, window, bits, stages,
+                                                      shared, scaling, seed):
+    """Pre-RoPE pair-layout keys: same outputs step by step (decode through antkv::rope_decode_attention, long
+    chunks over the decoded + rotated prefix), same codes (the flush unrotates by slot before the encode), same
+    anchors (scores over the rotated residual), across several flushes."""
+    prefill = min(prefill, n)
+    ref, ker = _rope_pair(batch, 2, 80, bits=bits, stages=stages, shared=shared, scaling=scaling, seed=seed,
+                          anchor_ratio=ratio, score=score, window=window)
+    assert ker.pre_rope
+    q = randn(batch, 2 * group, n, D, seed=seed)
+    k, v = randn(batch, 2, n, D, seed=seed + 1), randn(batch, 2, n, D, seed=seed + 2)
+    torch.testing.assert_close(_run(ker, q, k, v, prefill), _run(ref, q, k, v, prefill), atol=2e-5, rtol=2e-5)
+    assert ker.n_coded == ref.n_coded and int(ker.n_coded_t[0]) == ref.n_coded
+    assert torch.equal(ker.codes_k[:, :, :ker.n_coded], ref.codes_k[:, :, :ref.n_coded])
+    assert torch.equal(ker.codes_v[:, :, :ker.n_coded], ref.codes_v[:, :, :ref.n_coded])
+    assert torch.equal(ker.anchor_pos.sort(dim=2).values, ref.anchor_pos.sort(dim=2).values)
+
+
+def test_pre_rope_chunks_over_a_coded_prefix_and_fill_then_exact_decode():
+    """Long chunks after the store holds pre-RoPE codes (prefix decoded and rotated by slot), then decode steps; and a
+    store filled with every token anchored decodes exactly (the rotation of codes is never seen by an anchor)."""
+    ref, ker = _rope_pair(1, 2, 120, anchor_ratio=0.1, window=8, seed=3)
+    n = 120
+    q = randn(1, 8, n, D, seed=7)
+    k, v = randn(1, 2, n, D, seed=8), randn(1, 2, n, D, seed=9)
+    outs = {}
+    for name, s in (("ref", ref), ("ker", ker)):
+        o = [s.attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b]) for a, b in ((0, 40), (40, 90), (90, 110))]
+        o += [s.attend(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1]) for t in range(110, n)]
+        outs[name] = torch.cat(o, dim=2)
+    torch.testing.assert_close(outs["ker"], outs["ref"], atol=2e-5, rtol=2e-5)
+    assert ker.num_anchors == ref.num_anchors
+    _, full = _rope_pair(1, 2, 300, anchor_ratio=1.0, window=16, seed=4)
+    q, k, v = randn(1, 6, 201, D, seed=3), randn(1, 2, 201, D, seed=4), randn(1, 2, 201, D, seed=5)
+    for lo in range(0, 200, 64):
+        full.fill(q[:, :, lo:min(200, lo + 64)], k[:, :, lo:min(200, lo + 64)], v[:, :, lo:min(200, lo + 64)])
+    out = full.attend(q[:, :, 200:], k[:, :, 200:], v[:, :, 200:])
+    pos = torch.arange(201)
+    torch.testing.assert_close(out, exact_attention(q, k, v, 0.25, causal_mask(pos, pos))[0][:, :, 200:],
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_pre_rope_kernel_store_refuses_a_dense_key_map():
+    """A pre-RoPE key codebook whose map mixes RoPE pairs cannot be decoded in-kernel: refused at construction."""
+    geom = StoreGeometry(1, 2, D, 40, torch.float32, torch.device("cpu"), scale=0.25)
+    config = AnTKVConfig(key_space="pre_rope", coded_path="dequantized")
+    rope = InvFreqRope(1.0 / 50.0 ** (torch.arange(0, D, 2).float() / D))
+    cb = codebook_with_transform("1", 2, D, 1)
+    with pytest.raises(ValueError, match="pair layout|RoPE-pair"):
+        KernelLayerStore(geom, cb, cb, config, rope=rope)
 
 
 # ------------------------------------------------------------------------------------- through the backend
@@ -199,6 +300,43 @@ def test_backend_kernel_store_equals_reference_store_and_capacity_beyond_the_sta
     torch.testing.assert_close(small, ker, atol=1e-4, rtol=1e-4)
     stores = list(last_compiles[-1]["session"].stores.values())
     assert stores and all(s.geom.capacity == 24 and len(s) == 12 + 10 for s in stores)
+
+
+def test_backend_pre_rope_kernel_store_equals_reference_store():
+    """A pre-RoPE artifact in the RoPE-pair layout through the compiled model: options store='kernels' (the rope decode
+    op, the flush with unrotation; their CPU references here) gives the reference store's logits."""
+    from test_backend import compiled
+
+    from antkv_compile.artifact import CodebookArtifact
+    from antkv_compile.backend import last_compiles
+    from antkv_compile.models import kv_geometry, tiny_model
+    from antkv_compile.numerics.rope import model_rope_parameters
+    from antkv_compile.numerics.vq import random_codebook
+
+    model = tiny_model("llama")
+    g = kv_geometry(model.config)
+    p = get_preset("1")
+    gen = torch.Generator().manual_seed(0)
+    keys, values = [], []
+    for _ in range(g.num_layers):
+        tr, inv = pair_transform(torch.stack([torch.randperm(g.head_dim // 2, generator=gen)
+                                              for _ in range(g.num_kv_heads)]))
+        cents = 0.3 * torch.randn(1, g.num_kv_heads, g.head_dim // p.sub_dim, p.num_centroids, p.sub_dim,
+                                  generator=gen)
+        keys.append(Codebook(cents, tr, inv, 0.1 * torch.randn(g.num_kv_heads, g.head_dim, generator=gen)))
+        values.append(random_codebook(p, g.num_kv_heads, g.head_dim, generator=gen, scale=0.3))
+    inv_freq, scaling = model_rope_parameters(model)
+    manifest = {"preset": {"name": p.name, "sub_dim": p.sub_dim, "code_bits": p.code_bits, "stages": p.stages},
+                "tensors_sha256": "random-pre-rope-pairs", "model": {}, "key_space": "pre_rope",
+                "rope": {"attention_scaling": scaling}}
+    art = CodebookArtifact(keys, values, manifest, inv_freq)
+    ids = torch.randint(3, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    base = dict(anchor_ratio=0.1, window=4, artifact=art, inner="eager")
+    ref = _greedy_manual(compiled(model, store="reference", **base), model, ids, 10, 24)
+    ker = _greedy_manual(compiled(model, store="kernels", **base), model, ids, 10, 24)
+    torch.testing.assert_close(ker, ref, atol=1e-4, rtol=1e-4)
+    stores = list(last_compiles[-1]["session"].stores.values())
+    assert stores and all(type(s).__name__ == "KernelLayerStore" and s.pre_rope and s.n_coded > 0 for s in stores)
 
 
 def test_store_whose_cache_identity_died_is_adopted_by_the_next_step_of_the_same_length():

@@ -24,10 +24,12 @@ from torch import Tensor
 
 from ..numerics.anchor_score import anchor_scores as anchor_scores_ref
 from ..numerics.attention import causal_mask
+from ..numerics.rope import rotate, unrotate
 from ..numerics.vq import Codebook
 from ._common import can_launch
 from .decode_attention import bits_from_positions
 from .prefill_attention import anchor_scores_triton
+from .rope_decode import rope_cos_sin
 from .vq_encode import vq_encode_triton
 
 
@@ -96,18 +98,31 @@ def window_flush_(
     cent_k: Tensor, tr_k: Tensor, inv_k: Tensor, mean_k: Tensor,
     cent_v: Tensor, tr_v: Tensor, inv_v: Tensor, mean_v: Tensor,
     scale: float, anchor_ratio: float, score_kind: str = "ans", row_stride: int = 1, band: int = 256, *,
-    use_triton: bool | None = None,
+    use_triton: bool | None = None, rope_inv_freq: Tensor | None = None, rope_scale: float = 1.0,
 ) -> None:
-    """Encode the window into the codes, score it, update the anchors (all in place; n_coded unchanged)."""
+    """Encode the window into the codes, score it, update the anchors (all in place; n_coded unchanged).
+
+    ``rope_inv_freq`` (pre-RoPE key codebooks): keys are unrotated by their slots n_coded[b] + t before the encode,
+    the key residual rotated back (scores and anchors are post-RoPE), as AnTKVLayerStore._flush does."""
     if use_triton is None:
         use_triton = can_launch(win_k)
+    keys = win_k
+    if rope_inv_freq is not None:
+        slots = n_coded.to(win_k.device).long()[:, None] + torch.arange(win_k.shape[2], device=win_k.device)
+        cos, sin = rope_cos_sin(slots, rope_inv_freq, rope_scale)  # [B, W, D]
+        cos, sin = cos[:, None], sin[:, None]
+        keys = unrotate(win_k.float(), cos, sin)
     if use_triton:
-        ck, dk = vq_encode_triton(win_k, cent_k, tr_k, inv_k, mean_k)
+        ck, dk = vq_encode_triton(keys, cent_k, tr_k, inv_k, mean_k)
         cv, dv = vq_encode_triton(win_v, cent_v, tr_v, inv_v, mean_v)
+        if rope_inv_freq is not None:
+            dk = rotate(dk, cos, sin)
     else:  # exactly what the store does: k_hat rounded to the storage dtype
         cbk = Codebook(cent_k.float(), tr_k.float(), inv_k.float(), mean_k.float())
         cbv = Codebook(cent_v.float(), tr_v.float(), inv_v.float(), mean_v.float())
-        ck, k_hat = cbk.quantize(win_k)
+        ck, k_hat = cbk.quantize(keys)
+        if rope_inv_freq is not None:
+            k_hat = rotate(k_hat.float(), cos, sin).to(win_k.dtype)
         cv, v_hat = cbv.quantize(win_v)
         dk, dv = k_hat.float() - win_k.float(), v_hat.float() - win_v.float()
     _write_codes_(codes_k, ck, n_coded)

@@ -797,6 +797,9 @@ LAST_LAUNCH: dict = {}  # the last compiled kernel per launcher (the benchmark r
 # The coded split programs: "auto" = the CUDA C++ kernel (coded_decode.cu) where it supports the call, else the
 # Triton loop; ANTKV_DECODE_CODED=triton|cuda|auto overrides the default of every call that does not pass one.
 DEFAULT_CODED = os.environ.get("ANTKV_DECODE_CODED", "auto")
+# The pre-RoPE coded kernel's rotation (rope_decode.py): "libdevice" (cos / sin per token and pair), "tile" (the angle
+# factored per tile, same fp32 angle), "fast"; ANTKV_ROPE_TRIG overrides the default of calls that pass none.
+DEFAULT_ROPE_TRIG = os.environ.get("ANTKV_ROPE_TRIG", "libdevice")
 _WARNED: set = set()
 
 
@@ -845,9 +848,16 @@ class DecodePlan:
                  submajor=False, split_mult=1.0, prologue="triton", merge="fused", key_lut=None, merge_pb=8,
                  prefetch=0, streams=1, lean=None, values_b=False, affine=False, probe_tables=False, maxnreg=None,
                  coded=None, cuda_db=None, cuda_mma=None, cuda_kernel=None, cuda_copies=None, cuda_key_half=None,
-                 block_a=None, exact_splits=None, value_sel=None, cuda_value_sel=None, workspace=None):
+                 block_a=None, exact_splits=None, value_sel=None, cuda_value_sel=None, workspace=None,
+                 rope_keys=None, rope_block_n=None, rope_warps=None, rope_stages=None, rope_split=True,
+                 rope_trig=None):
         require_triton()
+        # rope_keys = (pairs_k, freq_k, attention_scaling): pre-RoPE keys in RoPE-pair sub-spaces (rope_decode.py);
+        # cent_k is then the key table with the mean folded in, inv_k / mean_k are unused (None)
+        rope = rope_keys is not None
         coded = DEFAULT_CODED if coded is None else coded
+        if rope:
+            coded = "triton"  # the coded programs are rope_decode's kernel
         b, hq, tq, d = q.shape
         hkv, n_cap = codes_k.shape[1], codes_k.shape[2]
         g = hq // hkv
@@ -888,12 +898,23 @@ class DecodePlan:
                 raise ValueError("affine is an option of the Triton coded loop, not of coded='cuda'")
         elif coded == "cuda":
             raise ValueError("coded='cuda' needs a GPU (not the Triton interpreter); use coded='triton' or 'auto'")
+        if rope:
+            from .rope_decode import rope_unsupported_reason
+
+            reason = rope_unsupported_reason(q, cent_k, codes_k)
+            if reason:
+                raise ValueError(f"the pre-RoPE decode kernel cannot run this call: {reason}")
+            rope_block_n = 64 if rope_block_n is None else int(rope_block_n)
+            if splits is None:  # coded splits as the Triton loop's; exact programs as beside the CUDA kernel
+                pc, _ = default_splits(b, hkv, n_cap, a_cap, sm_count(q), rope_block_n, mult=split_mult)
+                splits = (pc, exact_programs(b * hkv, n_cap, a_cap, pc, sm_count(q)))
+            key_lut, lean = False, False
         if splits is None:
             splits = default_splits(b, hkv, n_cap, a_cap, sm_count(q), block_n, mult=split_mult)
         # with coded="cuda" the Triton launch runs only the exact programs (anchors, window): measured best with
         # 64 anchors per step, pipelined (NOTES.md "v7": 0.111 -> 0.077 ms at 128K B=32); the Triton coded loop
         # keeps its own measured best (32, unpipelined)
-        exact_only = self.cuda_coded is not None
+        exact_only = self.cuda_coded is not None or rope
         block_a = (64 if exact_only else 32) if block_a is None else int(block_a)
         num_stages = (2 if exact_only else 1) if num_stages is None else int(num_stages)
         p_coded, p_exact = splits
@@ -951,20 +972,25 @@ class DecodePlan:
                    torch.empty(b, hq, tq, dtype=torch.float32, device=dev))
         self.out, self.lse = out
         # every entry is written by the Triton prologue; the torch one (a benchmark comparison) writes G*Tq rows
-        if prologue == "torch":
+        if rope:
+            self.qc = self.po  # no query transform: the coded kernel reads q itself (any fp32 tensor fills the slot)
+        elif prologue == "torch":
             self.qc = torch.zeros(b * hkv, r_pad * (d + 1), dtype=torch.float32, device=dev)
         else:
             self.qc = scratch("qc", (b * hkv, r_pad * (d + 1)), torch.float32)
         q = q.contiguous()
         dt, prec = dot_dtype(q.dtype), dot_precision(q.dtype)
         cbk_ph, cbv_ph = int(hcb_k == hkv and hkv > 1), int(hcb_v == hkv and hkv > 1)
-        inv_k32, mean_k32 = inv_k.float().contiguous(), mean_k.float().contiguous()
+        inv_k32, mean_k32 = (None, None) if rope else (inv_k.float().contiguous(), mean_k.float().contiguous())
         inv_v32, mean_v32 = inv_v.float().contiguous(), mean_v.float().contiguous()
         qk_scale = float(scale) * LOG2E
         self.empty = b * hkv == 0 or tq == 0
         qc = self.qc
 
         def _prologue():
+            if rope:  # the exact programs' arrival counter starts past the coded partials (written before them)
+                self.cnt.fill_(p_coded)
+                return
             if prologue == "torch":  # cuBLAS instead of the Triton prologue (benchmark comparison)
                 qr = q.float().reshape(b, hkv, g * tq, d)
                 inv = inv_k32 if hcb_k == hkv else inv_k32.expand(hkv, d, d)
@@ -1006,8 +1032,22 @@ class DecodePlan:
                        bits_arg, nc_arg, centv_arg, self.po, self.pl, self.cnt, hkv, n_cap, anchor_bits.shape[2],
                        p_slots, cbv_ph, g * tq, hcb_k, cbk_ph, sel_arg)
 
+        if rope:
+            from .rope_decode import launch_rope_coded
+
+            pairs_arg, freq_arg = rope_keys[0].contiguous(), rope_keys[1].float().contiguous()
+            rope_cfg = dict(dot=dt, prec=prec, block_n=rope_block_n, num_warps=int(rope_warps or 4),
+                            num_stages=int(rope_stages or 1), split=bool(rope_split),
+                            trig=DEFAULT_ROPE_TRIG if rope_trig is None else rope_trig,
+                            cache=gather_cache, interpret=interpreting())
+
+        def _rope_partials():
+            LAST_LAUNCH["rope_coded"] = launch_rope_coded(
+                q, ck_plain, cv_arg, bits_arg, nc_arg, centk_arg, pairs_arg, freq_arg, centv_arg, self.po, self.pl,
+                p_coded, p_slots, r_pad, qk_scale, rope_keys[2], **rope_cfg)
+
         def _triton_partials():
-            LAST_LAUNCH["decode"] = _decode_partials_kernel[(b * hkv, p_exact if cuda_coded is not None else p_total)](
+            LAST_LAUNCH["decode"] = _decode_partials_kernel[(b * hkv, p_exact if exact_only else p_total)](
                 q, qc, ck_arg, cv_arg, bits_arg, nc_arg,
                 anchor_k.contiguous(), anchor_v.contiguous(), anchor_pos.contiguous(),
                 win_k.contiguous(), win_v.contiguous(), win_len.contiguous(),
@@ -1025,18 +1065,21 @@ class DecodePlan:
                 ROWS_T=rows_on_n, R_G=r_g, SUBMAJOR=submajor, KLUT=key_lut, FUSE=fuse, PB=merge_pb,
                 KC=min(32, d), V4=v4, LEAN=bool(lean), PF=int(prefetch), NS=int(streams), KW=c_k // cpw, CPW=cpw,
                 VB=bool(values_b), PROBE=bool(probe_tables), AFFINE=bool(affine), CLAIM=self.claim, NR=nr,
-                NR_PAD=nr_pad, INTERP=interpreting(), PID0=p_coded if cuda_coded is not None else 0,
+                NR_PAD=nr_pad, INTERP=interpreting(), PID0=p_coded if exact_only else 0,
                 num_warps=num_warps, num_stages=num_stages, **extra,
             )
 
         def _partials():
             if cuda_coded is not None:
                 _cuda_partials()
+            if rope:
+                _rope_partials()
             _triton_partials()
 
         # with coded="cuda" the two launches of partials(), timed apart by the benchmark (each after the prologue,
         # which resets the arrival counters: alone, neither reaches the merge)
         self.cuda_partials = _cuda_partials if cuda_coded is not None else None
+        self.rope_partials = _rope_partials if rope else None
         self.triton_partials = _triton_partials
 
         def _merge():

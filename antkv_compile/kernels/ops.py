@@ -26,6 +26,7 @@ from torch.library import custom_op
 from . import anchors as _anchors
 from . import decode_attention as _decode
 from . import prefill_attention as _prefill
+from . import rope_decode as _rope
 from . import vq_encode as _vq
 
 
@@ -158,6 +159,35 @@ def _decode_attention_fake(q, codes_k, codes_v, anchor_bits, n_coded, anchor_k, 
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
+@custom_op("antkv::rope_decode_attention", mutates_args=(), device_types="cuda")
+def rope_decode_attention(
+    q: Tensor, codes_k: Tensor, codes_v: Tensor, anchor_bits: Tensor, n_coded: Tensor,
+    anchor_k: Tensor, anchor_v: Tensor, anchor_pos: Tensor, win_k: Tensor, win_v: Tensor, win_len: Tensor,
+    table_k: Tensor, pairs_k: Tensor, freq_k: Tensor, cent_v: Tensor, inv_v: Tensor, mean_v: Tensor, scale: float,
+    rope_scale: float,
+) -> tuple[Tensor, Tensor]:
+    """decode_attention for pre-RoPE keys coded in RoPE-pair sub-spaces (kernels/rope_decode.py): the key codes
+    are decoded through table_k [stages, H_cb, S, M, sd] (centroids + mean in coding space), each pair rotated by its
+    slot's angle fp32(slot * freq_k) times rope_scale (attention_scaling), pairs_k [H_cb, D/2] int32 the model pair of
+    each coding pair, freq_k [H_cb, D/2] float32 its frequency. Everything else as decode_attention.
+    """
+    return _rope.rope_decode_triton(q, codes_k, codes_v, anchor_bits, n_coded, anchor_k, anchor_v, anchor_pos, win_k,
+                                    win_v, win_len, table_k, pairs_k, freq_k, cent_v, inv_v, mean_v, scale, rope_scale)
+
+
+@rope_decode_attention.register_kernel("cpu")
+def _rope_decode_attention_cpu(q, codes_k, codes_v, anchor_bits, n_coded, anchor_k, anchor_v, anchor_pos, win_k,
+                               win_v, win_len, table_k, pairs_k, freq_k, cent_v, inv_v, mean_v, scale, rope_scale):
+    return _c(*_rope.rope_decode_reference(q, codes_k, codes_v, anchor_bits, n_coded, anchor_k, anchor_v, anchor_pos,
+                                           win_k, win_v, win_len, table_k, pairs_k, freq_k, cent_v, inv_v, mean_v,
+                                           scale, rope_scale))
+
+
+@rope_decode_attention.register_fake
+def _rope_decode_attention_fake(q, *args):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
 # ------------------------------------------------------------------------------------------------- mutating
 _ANCHOR_BUFFERS = ("anchor_k", "anchor_v", "anchor_pos", "anchor_score", "anchor_bits")
 
@@ -192,7 +222,7 @@ def window_flush(
     anchor_bits: Tensor, n_coded: Tensor, win_q: Tensor, win_k: Tensor, win_v: Tensor, win_out: Tensor,
     win_lse: Tensor, cent_k: Tensor, tr_k: Tensor, inv_k: Tensor, mean_k: Tensor, cent_v: Tensor, tr_v: Tensor,
     inv_v: Tensor, mean_v: Tensor, scale: float, anchor_ratio: float, score_kind: str, row_stride: int = 1,
-    band: int = 256,
+    band: int = 256, rope_inv_freq: Tensor | None = None, rope_scale: float = 1.0,
 ) -> None:
     """Flush the oldest W window tokens into the store (what AnTKVLayerStore._flush(W) does), in place.
 
@@ -204,19 +234,25 @@ def window_flush(
     "random"; "none"; query rows more than ``band`` past a token read every ``row_stride``-th only, see
     AnTKVConfig.score_row_stride), and merges the newcomers into the anchors (see select_anchors). Does NOT
     advance n_coded: the caller adds W afterwards (and empties its window).
+
+    rope_inv_freq [D/2] (pre-RoPE key codebooks): the window's keys are post-RoPE; each is unrotated by its slot
+    n_coded[b] + t (cos/sin of fp32(slot * inv_freq) times rope_scale, as the model) before it is encoded, and its
+    quantization residual rotated back for the Anchor Score (the scores and the anchors see post-RoPE keys).
     """
     _anchors.window_flush_(codes_k, codes_v, anchor_k, anchor_v, anchor_pos, anchor_score, anchor_bits, n_coded,
                            win_q, win_k, win_v, win_out, win_lse, cent_k, tr_k, inv_k, mean_k, cent_v, tr_v, inv_v,
-                           mean_v, scale, anchor_ratio, score_kind, row_stride, band, use_triton=True)
+                           mean_v, scale, anchor_ratio, score_kind, row_stride, band, use_triton=True,
+                           rope_inv_freq=rope_inv_freq, rope_scale=rope_scale)
 
 
 @window_flush.register_kernel("cpu")
 def _window_flush_cpu(codes_k, codes_v, anchor_k, anchor_v, anchor_pos, anchor_score, anchor_bits, n_coded, win_q,
                       win_k, win_v, win_out, win_lse, cent_k, tr_k, inv_k, mean_k, cent_v, tr_v, inv_v, mean_v, scale,
-                      anchor_ratio, score_kind, row_stride=1, band=256):
+                      anchor_ratio, score_kind, row_stride=1, band=256, rope_inv_freq=None, rope_scale=1.0):
     _anchors.window_flush_(codes_k, codes_v, anchor_k, anchor_v, anchor_pos, anchor_score, anchor_bits, n_coded,
                            win_q, win_k, win_v, win_out, win_lse, cent_k, tr_k, inv_k, mean_k, cent_v, tr_v, inv_v,
-                           mean_v, scale, anchor_ratio, score_kind, row_stride, band, use_triton=False)
+                           mean_v, scale, anchor_ratio, score_kind, row_stride, band, use_triton=False,
+                           rope_inv_freq=rope_inv_freq, rope_scale=rope_scale)
 
 
 @window_flush.register_fake
@@ -230,6 +266,7 @@ OPS = {
     "anchor_scores": anchor_scores,
     "prefill_attention_ans": prefill_attention_ans,
     "decode_attention": decode_attention,
+    "rope_decode_attention": rope_decode_attention,
     "select_anchors": select_anchors,
     "window_flush": window_flush,
 }

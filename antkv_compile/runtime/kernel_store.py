@@ -32,11 +32,19 @@ Semantics equal the reference store's (same window/flush policy, same anchors), 
 queries see the window and the chunk): what the long-context benchmark uses to fill a store to millions
 of tokens without an O(n^2) prefill.
 
-Not covered (the session falls back to the reference store): pre-RoPE key codebooks (the decode kernel
-reads post-RoPE codes) and the ``dequantized`` read path.
+**Pre-RoPE keys** (``key_space="pre_rope"``, a key codebook in the RoPE-pair layout of
+:mod:`antkv_compile.numerics.rope_pairs`): decode runs ``antkv::rope_decode_attention`` (the key codes decoded
+through a table with the map and mean folded in, each pair rotated by its slot's angle in registers:
+``kernels/rope_decode.py``); a flush unrotates the window's keys by their slots before the encode and rotates the
+key residual back for the Anchor Scores (``window_flush`` with ``rope_inv_freq``); a long chunk decodes the prefix
+and rotates it. The RoPE position of a coded token is its slot, as in the reference store. No decoded copy of the
+cache is kept (the reference store's ``coded_path="dequantized"`` shadow is not allocated here).
+
+Not covered (the session falls back to the reference store): the ``dequantized`` read path of post-RoPE codes.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import weakref
@@ -46,6 +54,7 @@ from torch import Tensor
 
 from ..config import AnTKVConfig
 from ..numerics.attention import exact_attention, merge_partials
+from ..numerics.rope import rotate
 from ..numerics.store import AnTKVLayerStore, StoreGeometry
 from ..numerics.vq import Codebook
 
@@ -54,6 +63,7 @@ __all__ = ["KernelLayerStore", "kernels_support"]
 log = logging.getLogger(__name__)
 
 _DECODE_ROWS = 64  # G * T query rows per KV head up to which the decode kernel is used
+_DECODE_CHUNK = 8192  # coded tokens decoded at a time for a long chunk's prefix (bounds the float32 transients)
 _WINDOW = ("win_k", "win_v", "win_q", "win_out", "win_lse")  # the window's tensors, token axis 2
 _GRAPHS = os.environ.get("ANTKV_DECODE_GRAPHS", "1") != "0"  # decode launches replayed from a CUDA graph
 
@@ -75,12 +85,25 @@ def _workspace(device: torch.device) -> _Workspace:
 
 
 def kernels_support(config: AnTKVConfig) -> str | None:
-    """None when the kernel store can serve ``config``, else the reason it cannot."""
-    if config.key_space != "post_rope":
-        return "pre-RoPE key codes (the decode kernel reads post-RoPE codes)"
+    """None when the kernel store can serve ``config``, else the reason it cannot. Pre-RoPE keys are served (their
+    key codebook must be in the RoPE-pair layout: checked when the store is built); ``coded_path`` is then how the
+    reference store reads them, the kernels decode the codes on the fly either way."""
+    if config.key_space == "pre_rope":
+        return None
     if config.coded_path != "lut":
         return "coded_path='dequantized'"
     return None
+
+
+def rope_parameters(rope) -> tuple[Tensor, float]:
+    """(inv_freq [D/2] float32, attention_scaling) of a RoPE table (numerics.rope.InvFreqRope, or RopeTable over a
+    model's default rotary embedding)."""
+    if hasattr(rope, "inv_freq"):
+        return rope.inv_freq.detach().float().cpu(), float(rope.attention_scaling)
+    rot = getattr(rope, "rotary", None)
+    if rot is not None and hasattr(rot, "inv_freq"):
+        return rot.inv_freq.detach().float().cpu(), float(getattr(rot, "attention_scaling", 1.0))
+    raise ValueError(f"cannot read inv_freq / attention_scaling from {type(rope).__name__}")
 
 
 def _ops():
@@ -124,11 +147,17 @@ class KernelLayerStore(AnTKVLayerStore):
     window_in_buffers = True  # win_* are views of preallocated buffers (the cache op must not compact them)
 
     def __init__(self, geometry: StoreGeometry, codebook_k: Codebook, codebook_v: Codebook, config: AnTKVConfig,
-                 layer_index: int = 0, centroid_dtype: torch.dtype | None = None) -> None:
+                 layer_index: int = 0, centroid_dtype: torch.dtype | None = None, rope=None) -> None:
         reason = kernels_support(config)
         if reason:
             raise ValueError(f"the kernel store does not support {reason}; use AnTKVLayerStore")
-        super().__init__(geometry, codebook_k, codebook_v, config, layer_index=layer_index)
+        self.pre_rope = config.key_space == "pre_rope"
+        base = config
+        if config.coded_path != "lut":  # the base class would allocate the reference's decoded shadow: not here
+            base = copy.copy(config)
+            object.__setattr__(base, "coded_path", "lut")
+        super().__init__(geometry, codebook_k, codebook_v, base, layer_index=layer_index, rope=rope)
+        self.config = config
         self._layer = layer_index
         g = geometry
         nw = max(1, -(-g.capacity // 32))
@@ -139,6 +168,17 @@ class KernelLayerStore(AnTKVLayerStore):
             centroid_dtype = torch.float16 if g.device.type == "cuda" else torch.float32
         self.cent_k = self.cb_k.centroids.to(centroid_dtype).contiguous()
         self.cent_v = self.cb_v.centroids.to(centroid_dtype).contiguous()
+        self.rope_keys: tuple[Tensor, Tensor, Tensor, float] | None = None  # (table, pairs, freq, scaling)
+        if self.pre_rope:
+            from ..kernels.rope_decode import rope_key_tables
+
+            inv_freq, a = rope_parameters(rope)
+            if inv_freq.numel() != g.head_dim // 2:
+                raise ValueError(f"the RoPE table has {inv_freq.numel()} frequencies for head_dim {g.head_dim}")
+            self.rope_inv_freq = inv_freq.to(g.device)
+            table, pairs, freq = rope_key_tables(self.cb_k, inv_freq, centroid_dtype, g.device)
+            self.rope_keys = (table, pairs, freq, a)
+            self.cent_k = table  # the decode kernel's key table (centroids + mean in coding space)
         self._cb32 = [t.float().contiguous() for t in (self.cb_k.centroids, self.cb_k.transform, self.cb_k.inverse,
                                                        self.cb_k.mean, self.cb_v.centroids, self.cb_v.transform,
                                                        self.cb_v.inverse, self.cb_v.mean)]
@@ -151,7 +191,7 @@ class KernelLayerStore(AnTKVLayerStore):
         # reads them (coded_decode_cuda.DEFAULT_VALUE_SEL)
         self.value_sel: Tensor | None = None
         self._sel_mode = 0
-        if g.device.type == "cuda":
+        if g.device.type == "cuda" and not self.pre_rope:  # words only the post-RoPE CUDA kernel reads
             self._sel_mode = _selection_mode(self.cent_k, self.cent_v, self.codes_k, self.codes_v)
         if self._sel_mode:
             from ..kernels.value_copies import fixed_words
@@ -235,6 +275,14 @@ class KernelLayerStore(AnTKVLayerStore):
             return out, lse, in_place
         self._win_len.fill_(n + t)
         args = (q, *self._decode_buffers(keys, values), float(self.geom.scale))
+        if self.pre_rope:
+            if q.is_cuda:
+                from ..kernels.rope_decode import rope_decode_triton
+
+                out, lse = rope_decode_triton(*args, self.rope_keys[3], workspace=self._workspace)
+            else:
+                out, lse = _ops().rope_decode_attention(*args, self.rope_keys[3])
+            return out, lse, in_place
         if q.is_cuda:
             out, lse = _decode_kernels().decode_attention_triton(*args, value_sel=self.value_sel,
                                                                  workspace=self._workspace)
@@ -261,8 +309,15 @@ class KernelLayerStore(AnTKVLayerStore):
         q_s = q.clone()
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-        plan = _decode_kernels().DecodePlan(q_s, *static, float(self.geom.scale), value_sel=sel, out=(out, lse),
-                                            workspace=self._workspace)
+        if self.pre_rope:  # static = (..., table_k, pairs_k, freq_k, cent_v, inv_v, mean_v): as rope_decode_triton
+            pre = list(static)
+            pairs, freq = pre[11], pre[12]
+            plan = _decode_kernels().DecodePlan(q_s, *pre[:11], None, None, *pre[13:], float(self.geom.scale),
+                                                rope_keys=(pairs, freq, self.rope_keys[3]), out=(out, lse),
+                                                workspace=self._workspace)
+        else:
+            plan = _decode_kernels().DecodePlan(q_s, *static, float(self.geom.scale), value_sel=sel, out=(out, lse),
+                                                workspace=self._workspace)
         plan()  # this step's result (a capture runs nothing); also loads the kernels before the capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -275,6 +330,8 @@ class KernelLayerStore(AnTKVLayerStore):
         """The decode op's arguments after the query and before the scale: the store's buffers, the window's
         keys / values and its length tensor."""
         _, _, inv_k, mean_k, _, _, inv_v, mean_v = self._cb32
+        if self.pre_rope:  # the key table, pair order and frequencies take the key map's places
+            inv_k, mean_k = self.rope_keys[1], self.rope_keys[2]
         return (self.codes_k, self.codes_v, self.anchor_bits, self.n_coded_t, self.anchor_k, self.anchor_v,
                 self.anchor_pos, keys, values, self._win_len, self.cent_k, inv_k, mean_k, self.cent_v, inv_v, mean_v)
 
@@ -287,7 +344,7 @@ class KernelLayerStore(AnTKVLayerStore):
             dt, d = self.geom.dtype, self.geom.head_dim
             # one spare row at n takes the empty anchor slots' writes
             spare = self.codes_k.new_zeros(self.codes_k.shape[:2] + (1, self.codes_k.shape[3]))
-            k_hat = self.cb_k.decode(torch.cat([self.codes_k[:, :, :n], spare], dim=2)).to(dt)
+            k_hat = self._decode_keys(n + 1, dt)
             v_hat = self.cb_v.decode(torch.cat([self.codes_v[:, :, :n], spare], dim=2)).to(dt)
             if self.anchor_capacity:
                 idx = torch.where(self.anchor_pos >= 0, self.anchor_pos, n).long()[..., None].expand(-1, -1, -1, d)
@@ -298,6 +355,23 @@ class KernelLayerStore(AnTKVLayerStore):
         ks.append(self.win_k)
         vs.append(self.win_v)
         return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+
+    def _decode_keys(self, n: int, dtype: torch.dtype) -> Tensor:
+        """Post-RoPE keys [B, H, n, D] in ``dtype`` of slots 0 .. n - 1 (slots past n_coded decode code 0), decoded
+        (and, pre-RoPE, rotated by their slots) in chunks: the transient float32 buffers stay one chunk large."""
+        g = self.geom
+        out = torch.empty(g.batch, g.num_kv_heads, n, g.head_dim, dtype=dtype, device=g.device)
+        for lo in range(0, n, _DECODE_CHUNK):
+            hi = min(n, lo + _DECODE_CHUNK)
+            codes = self.codes_k[:, :, lo:min(hi, self.n_coded)]
+            if codes.shape[2] < hi - lo:  # the spare slot(s) past the coded tokens
+                codes = torch.cat([codes, codes.new_zeros(codes.shape[:2] + (hi - lo - codes.shape[2],
+                                                                            codes.shape[3]))], dim=2)
+            x = self.cb_k.decode(codes)
+            if self.pre_rope:
+                x = rotate(x, *self.rope(torch.arange(lo, hi, device=g.device)))
+            out[:, :, lo:hi] = x.to(dtype)
+        return out
 
     def _chunk(self, q: Tensor, k: Tensor, v: Tensor, coded: bool) -> tuple[Tensor, Tensor]:
         out, lse = _ops().prefill_attention(q, k, v, float(self.geom.scale))
@@ -343,7 +417,7 @@ class KernelLayerStore(AnTKVLayerStore):
             self.win_v[:, :, :n].contiguous(), self.win_out.contiguous(), self.win_lse.contiguous(),
             cent_k, tr_k, inv_k, mean_k, cent_v, tr_v, inv_v, mean_v, float(self.geom.scale), float(ratio),
             self.config.score, self.config.row_stride_for(self.win_q.shape[1] // self.geom.num_kv_heads),
-            self.config.score_band)
+            self.config.score_band, *((self.rope_inv_freq, self.rope_keys[3]) if self.pre_rope else ()))
         if self.value_sel is not None:
             from ..kernels.value_copies import select_copies
 

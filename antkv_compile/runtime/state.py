@@ -151,11 +151,11 @@ class Session:
         return want
 
     def new_store(self, geom: StoreGeometry, cbk: Codebook, cbv: Codebook, layer: int):
+        rope = self.artifact.rope_table() if self.config.key_space == "pre_rope" else None
         if self.store_kind(geom.device) == "kernels":
             from .kernel_store import KernelLayerStore
 
-            return KernelLayerStore(geom, cbk, cbv, self.config, layer_index=layer)
-        rope = self.artifact.rope_table() if self.config.key_space == "pre_rope" else None
+            return KernelLayerStore(geom, cbk, cbv, self.config, layer_index=layer, rope=rope)
         return AnTKVLayerStore(geom, cbk, cbv, self.config, layer_index=layer, rope=rope)
 
     def store_for(self, layer: int, q: Tensor, k: Tensor, v: Tensor, start: int, capacity: int,
