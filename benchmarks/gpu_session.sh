@@ -23,6 +23,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then
         >/dev/null 2>&1 || echo "gpu_session: wheel install failed"
 fi
 export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+# backend="antkv" by name: the entry point an install would register (this checkout is on PYTHONPATH, not installed)
+mkdir -p /tmp/site/antkv_compile_checkout-0.dist-info
+printf 'Metadata-Version: 2.1\nName: antkv-compile-checkout\nVersion: 0\n' >/tmp/site/antkv_compile_checkout-0.dist-info/METADATA
+printf '[torch_dynamo_backends]\nantkv = antkv_compile.backend:antkv_backend\n' \
+    >/tmp/site/antkv_compile_checkout-0.dist-info/entry_points.txt
 
 model() {
     mkdir -p "$(dirname "$GGUF")"
