@@ -81,7 +81,10 @@ def parse_options(options: dict | None):
     """Split torch.compile ``options`` into (AnTKVConfig, artifact or None, release_dense, inductor options)."""
     from .config import AnTKVConfig
 
+    from .options import check_option_keys
+
     options = dict(options or {})
+    check_option_keys(options, _OUR_KEYS)
     ours = {k: options.pop(k) for k in list(options) if k in _OUR_KEYS}
     artifact = ours.pop("artifact", None)
     release = bool(ours.pop("release_dense", True))
