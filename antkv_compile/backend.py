@@ -173,7 +173,8 @@ def antkv_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None 
         # the store is host-side state and reads positions on the host: not CUDA-graph capturable
         log.warning("antkv: CUDA graphs disabled for a rewritten graph (the store runs on the host)")
         patches["triton.cudagraphs"] = False
-    compiled = _compile_fx(result.gm, example_inputs, patches, inner)
+    with torch.no_grad():  # inference only (passes/ops.py): no joint graph, no backward through the store
+        compiled = _compile_fx(result.gm, example_inputs, patches, inner)
 
     bind = result.bind
     release_in = result.release_inputs if release else []
@@ -190,7 +191,8 @@ def antkv_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None 
             session.bind(layer, args[idx] if idx is not None else None)
         session.offer_dense({layer: (args[ki], args[vi]) for layer, ki, vi in dense_in})
         try:
-            out = compiled(*args)
+            with torch.no_grad():
+                out = compiled(*args)
         finally:
             session.offer_dense(None)
         for i in release_in:

@@ -17,6 +17,10 @@
   reordering that matters), no CSE of distinct calls (their inputs differ), the fake kernel never touches
   state, and the op is a pure function of its inputs whenever ``position`` starts at 0 (``opcheck`` is
   run that way). Out-of-sequence calls raise instead of returning wrong values.
+* Inference only: the store is not differentiable. The backend compiles and runs a rewritten graph under
+  ``torch.no_grad()`` (so the model works with grad mode on, Hugging Face's default outside ``generate``, and
+  under ``torch.inference_mode()``; its outputs carry no autograd graph), and a backward through the op
+  called directly raises :data:`NO_BACKWARD`.
 * The mask is checked at run time to be the plain causal mask over the tokens held (no padding / custom
   masks): a model run with a padding mask raises instead of silently ignoring it.
 
@@ -116,6 +120,17 @@ def _compact_window(store) -> None:
         t = getattr(store, name, None)
         if t is not None and t.untyped_storage().nbytes() > t.numel() * t.element_size():
             setattr(store, name, t.clone())
+
+
+NO_BACKWARD = ("antkv_rt.cache_attend has no backward: the compressed KV cache is for inference only; run the "
+               "model under torch.no_grad() or torch.inference_mode(), or compile with backend='inductor' to train")
+
+
+def _backward(ctx, grad):
+    raise RuntimeError(NO_BACKWARD)
+
+
+cache_attend.register_autograd(_backward, setup_context=lambda ctx, inputs, output: None)
 
 
 @cache_attend.register_fake
