@@ -132,6 +132,7 @@ def _compile_fx(gm, example_inputs, patches, inner="inductor"):
 
 def antkv_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None = None, options: dict | None = None):
     """The ``antkv`` torch.compile backend (see the module docstring)."""
+    from .cache_fit import guarded, oversized_write, position_guard, raising
     from .passes import apply_rewrite, plan_rewrite
     from .passes.cache_key import ConfigKeyPass
     from .patterns import find_attention_sites
@@ -148,9 +149,12 @@ def antkv_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None 
     log.info("%s", report.summary())
 
     if not plan.rewrites:
+        too_long = oversized_write(gm)
+        if too_long:  # Inductor's dense write would go out of bounds and abort the process (cache_fit.py)
+            return raising(too_long)
         _warn_once(f"antkv: graph compiled unchanged by {inner} (KV cache NOT compressed) -- {plan.fallback_reason}",
                    AntKVFallbackWarning)
-        return _compile_fx(gm, example_inputs, patches, inner)
+        return guarded(_compile_fx(gm, example_inputs, patches, inner), position_guard(gm))
 
     session = session_for(config, artifact)
     record["session"] = session
