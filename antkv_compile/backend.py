@@ -36,7 +36,9 @@ Options (``options=`` of torch.compile; other keys go to Inductor): ``artifact``
 ``CodebookArtifact`` or a directory), ``bits`` ("1"), ``anchor_ratio`` (0.01), ``window`` (64), and the
 other :class:`~antkv_compile.config.AnTKVConfig` fields (``flush``, ``score``, ``value_mode``,
 ``coded_path``, ``seed``, ``capacity`` -- store tokens per sequence when larger than the static cache,
-``store`` -- "auto"/"kernels"/"reference"), ``release_dense`` (True), ``inner`` ("inductor"; "eager" runs the rewritten
+``store`` -- "auto"/"kernels"/"reference"), ``allow_model_mismatch`` (False: an artifact is checked against
+the graph's model before compiling -- geometry, RoPE, family, weight fingerprint; True accepts an artifact
+of another model of the same geometry), ``release_dense`` (True), ``inner`` ("inductor"; "eager" runs the rewritten
 graph without Inductor -- for debugging and fast tests).
 """
 from __future__ import annotations
@@ -53,7 +55,7 @@ log = logging.getLogger("antkv_compile.backend")
 __all__ = ["antkv_backend", "AntKVFallbackWarning", "AntKVCalibrationWarning", "parse_options", "last_compiles"]
 
 _OUR_KEYS = {f.name for f in dataclasses.fields(__import__("antkv_compile.config", fromlist=["AnTKVConfig"]).AnTKVConfig)}
-_OUR_KEYS |= {"artifact", "release_dense", "inner"}
+_OUR_KEYS |= {"artifact", "release_dense", "inner", "allow_model_mismatch"}
 
 
 class AntKVFallbackWarning(UserWarning):
@@ -89,6 +91,7 @@ def parse_options(options: dict | None):
     artifact = ours.pop("artifact", None)
     release = bool(ours.pop("release_dense", True))
     inner = ours.pop("inner", "inductor")
+    ours_allow = ours.pop("allow_model_mismatch", False)
     if inner not in ("inductor", "eager"):
         raise ValueError(f"options['inner'] must be 'inductor' or 'eager', got {inner!r}")
     if artifact is not None and not hasattr(artifact, "keys"):
@@ -109,6 +112,7 @@ def parse_options(options: dict | None):
         raise ValueError("key_space='pre_rope' needs a calibrated artifact (it carries the model's RoPE); "
                          "antkv-compile calibrate --pre-rope ...")
     options["__inner"] = inner
+    options["__allow_model_mismatch"] = bool(ours_allow)
     return config, artifact, release, options
 
 
@@ -140,6 +144,7 @@ def antkv_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None 
 
     config, artifact, release, inductor_options = parse_options(options)
     inner = inductor_options.pop("__inner")
+    allow_mismatch = inductor_options.pop("__allow_model_mismatch")
     patches = _config_patches(mode, inductor_options)
     report = find_attention_sites(gm)
     plan = plan_rewrite(report)
@@ -156,6 +161,10 @@ def antkv_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None 
                    AntKVFallbackWarning)
         return guarded(_compile_fx(gm, example_inputs, patches, inner), position_guard(gm))
 
+    if artifact is not None:  # before compiling: an artifact of another model is refused now, not after Inductor
+        from .model_facts import facts_from_graph
+
+        artifact.check_graph(facts_from_graph(gm, example_inputs, plan.sites), allow_mismatch)
     session = session_for(config, artifact)
     record["session"] = session
     if plan.kept_exact:

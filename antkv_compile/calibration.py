@@ -102,8 +102,16 @@ def collect_statistics(model, contexts: Tensor, *, progress: bool = True, key_sp
 
 
 def model_identity(model, model_id: str) -> dict:
+    """The manifest's ``model``: name, architecture, KV geometry, RoPE frequencies and a weight fingerprint
+    (shape and norm of each parameter), which the backend compares with the graph it compiles."""
+    from .model_facts import weight_fingerprint
+
     g = kv_geometry(model.config)
+    rot = getattr(getattr(model, "model", None), "rotary_emb", None)
+    inv_freq = getattr(rot, "inv_freq", None)
     return {
+        "weights": weight_fingerprint(model.parameters()),
+        **({"rope_inv_freq": [float(x) for x in inv_freq.float().cpu()]} if inv_freq is not None else {}),
         "id": model_id,
         "architecture": type(model).__name__,
         "num_layers": g.num_layers,

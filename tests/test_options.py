@@ -18,7 +18,7 @@ def test_unknown_key_named_with_closest(key, hint):
 
 def test_inductor_keys_pass_through():
     *_, rest = parse_options({"bits": "1", "max_autotune": False, "triton.cudagraphs": False})
-    assert rest == {"max_autotune": False, "triton.cudagraphs": False, "__inner": "inductor"}
+    assert rest == {"max_autotune": False, "triton.cudagraphs": False, "__inner": "inductor", "__allow_model_mismatch": False}
 
 
 def test_unknown_key_raised_at_compile_time_not_blamed_on_inductor():
