@@ -96,7 +96,7 @@ def collect_statistics(model, contexts: Tensor, *, progress: bool = True, key_sp
         return out.to(q.dtype)
 
     with routed(model, handler):
-        for row in tqdm(contexts, desc="calibration forward", disable=not progress, unit="ctx"):
+        for row in tqdm(contexts, desc="calibration forward", disable=None if progress else True, unit="ctx"):
             chunk_logits(model, row[None], 0)
     return stats
 
@@ -141,7 +141,7 @@ def learn_artifact(
     gen = torch.Generator().manual_seed(seed)
     keys, values = [], []
     t0 = time.time()
-    for st in tqdm(stats, desc=f"k-means {preset.name}-bit", disable=not progress, unit="layer"):
+    for st in tqdm(stats, desc=f"k-means {preset.name}-bit", disable=None if progress else True, unit="layer"):
         k, v, wk, wv = st.cat()
         key_metric = st.query_covariance_centered if options.metric_center else st.query_covariance
         keys.append(learn_codebook(k, wk, preset, metric=key_metric, options=options, generator=gen))

@@ -18,7 +18,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (they are shown only on a terminal anyway)")
 
 
 def _calibration_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -174,6 +174,7 @@ def cmd_inspect(args) -> int:
     from transformers import StaticCache
 
     from .explain import explain
+    from .hf_compat import with_cache
     from .models import tiny_model
 
     if args.model.startswith("tiny-"):
@@ -183,8 +184,8 @@ def cmd_inspect(args) -> int:
     ids = torch.randint(3, model.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(args.seed))
     cache = StaticCache(config=model.config, max_cache_len=args.prompt_len + 8)
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True)  # fill the cache eagerly
-    steps = {"decode": dict(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True)}
+        model(**with_cache(model, cache, input_ids=ids, use_cache=True))  # fill the cache eagerly
+    steps = {"decode": with_cache(model, cache, input_ids=ids[:, -1:], use_cache=True)}
     ex = explain(model, steps["decode"])
     print(ex.text(code=args.code))
     if args.dot:
@@ -239,6 +240,15 @@ def cmd_bench(args) -> int:
     from .bench import run
 
     return run(args)
+
+
+def quiet_progress(quiet: bool) -> None:
+    """Progress bars only on a terminal: ours use tqdm's ``disable=None`` (off when stderr is not a TTY);
+    transformers' own (weight loading) are switched off likewise, and all of them by ``--quiet``."""
+    if quiet or not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -324,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    quiet_progress(getattr(args, "quiet", False))
     t0 = time.time()
     rc = args.func(args)
     if not getattr(args, "quiet", False):

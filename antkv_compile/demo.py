@@ -66,6 +66,7 @@ def run(bits: str = "1", new_tokens: int = 32, ppl_tokens: int = 1024, artifact:
     from transformers import StaticCache
 
     from .backend import last_compiles, parse_options
+    from .hf_compat import with_cache
     from .models import load_model
     from .runtime.state import session_for
     from .texts import evaluation_text, token_contexts
@@ -80,6 +81,9 @@ def run(bits: str = "1", new_tokens: int = 32, ppl_tokens: int = 1024, artifact:
     session = session_for(config, artifact_obj)
     cap = ppl_tokens + new_tokens
 
+    def kw(cache):  # the cache under the keyword this transformers takes (no deprecation notice)
+        return with_cache(model, cache)
+
     # 1. perplexity of a long sample through the compiled decode path (chunks of 32 = the store's flush)
     sample = token_contexts(tok, evaluation_text(), ppl_tokens, num_contexts=1)
     full_logits = model(input_ids=sample).logits.float()
@@ -87,7 +91,7 @@ def run(bits: str = "1", new_tokens: int = 32, ppl_tokens: int = 1024, artifact:
     cache = StaticCache(config=model.config, max_cache_len=cap)
     nll, count = 0.0, 0
     for s in range(0, ppl_tokens, 32):
-        logits = compiled(input_ids=sample[:, s:s + 32], past_key_values=cache, use_cache=True).logits.float()
+        logits = compiled(input_ids=sample[:, s:s + 32], **kw(cache), use_cache=True).logits.float()
         targets = sample[0, s + 1:s + 33]
         nll += F.cross_entropy(logits[0, : targets.numel()], targets, reduction="sum").item()
         count += targets.numel()
@@ -100,13 +104,13 @@ def run(bits: str = "1", new_tokens: int = 32, ppl_tokens: int = 1024, artifact:
         ids = ids["input_ids"]
     cache = StaticCache(config=model.config, max_cache_len=cap)
     t1 = time.time()
-    out = compiled(input_ids=ids, past_key_values=cache, use_cache=True)
+    out = compiled(input_ids=ids, **kw(cache), use_cache=True)
     generated: list[int] = []
     for _ in range(new_tokens):
         generated.append(int(out.logits[0, -1].argmax()))
         if generated[-1] == tok.eos_token_id:
             break
-        out = compiled(input_ids=torch.tensor([[generated[-1]]]), past_key_values=cache, use_cache=True)
+        out = compiled(input_ids=torch.tensor([[generated[-1]]]), **kw(cache), use_cache=True)
     element = next(model.parameters()).element_size()
     return {
         "prompt": PROMPT, "generated": tok.decode(generated, skip_special_tokens=True),
