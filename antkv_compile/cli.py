@@ -204,27 +204,38 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .planner import KNOWN_MODELS, ModelShape, parse_bytes, plan
+    """Longest context / largest batch from the symbolic memory model: the model's config only, no weights."""
+    from .planner import KNOWN_MODELS, ModelShape, beyond_window, parse_bytes, plan, window_note
     from .reporting import print_table, write_json
 
     if args.model in KNOWN_MODELS:
         shape = ModelShape.from_config(KNOWN_MODELS[args.model](), args.model)
     else:
-        from .models import load_model
+        from .models import load_config
 
-        model, _ = load_model(args.model)
-        shape = ModelShape.from_config(model.config, _model_id(args))
+        shape = ModelShape.from_config(load_config(args.model), _model_id(args))
     budget = parse_bytes(args.gpu_memory)
     kw = dict(anchor_ratio=args.anchor_ratio, window=args.window)
     ours = plan(shape, args.bits, budget, batches=args.batches, contexts=args.contexts, **kw)
     full = plan(shape, None, budget, batches=args.batches, contexts=args.contexts, **kw)
-    rows = [{"what": f"longest context, batch {b}", "antkv": ours["longest_context"][b], "full": full["longest_context"][b]}
-            for b in args.batches]
-    rows += [{"what": f"largest batch, context {n}", "antkv": ours["largest_batch"][n], "full": full["largest_batch"][n]}
-             for n in args.contexts]
-    print_table(rows, [("what", "method", "s"), ("antkv", f"antkv {args.bits}-bit", ","), ("full", "16-bit cache", ",")],
+
+    def mark(n: int) -> str:
+        return f"{n:,} *" if beyond_window(shape, n) else f"{n:,}"
+
+    rows = [{"what": f"longest context, batch {b}", "antkv": mark(ours["longest_context"][b]),
+             "full": mark(full["longest_context"][b])} for b in args.batches]
+    rows += [{"what": f"largest batch, context {mark(n)}", "antkv": f"{ours['largest_batch'][n]:,}",
+              "full": f"{full['largest_batch'][n]:,}"} for n in args.contexts]
+    print_table(rows, [("what", "method", "s"), ("antkv", f"antkv {args.bits}-bit", "s"), ("full", "16-bit cache", "s")],
                 f"{shape.name} in {args.gpu_memory} (memory model: antkv_compile/planner.py)")
-    print(f"total bytes = {ours['symbolic_total_bytes']}")
+    if shape.max_positions:
+        print(f"model window (max_position_embeddings): {shape.max_positions:,} positions")
+    else:
+        print("model window: unknown (the config has no max_position_embeddings)")
+    if any(beyond_window(shape, n) for n in [*ours["longest_context"].values(), *full["longest_context"].values(),
+                                              *args.contexts]):
+        print(f"* {window_note(shape)}")
+    print(f"antkv {args.bits}-bit bytes = {ours['formula']}  (B: batch, N: tokens per sequence)")
     if args.out:
         write_json(args.out, {"antkv": ours, "full_precision": full})
     return 0
