@@ -7,6 +7,8 @@
    matrix, read from the weights.
 2. :func:`learn_artifact` fits one :class:`Codebook` per layer for keys and for values with
    weighted k-means in the metric-aware coding space, and wraps them with a manifest.
+3. :func:`load_or_calibrate`: both steps on the calibration text, saved to a directory and reused from then on
+   (what the demo and the examples call).
 """
 from __future__ import annotations
 
@@ -163,3 +165,44 @@ def learn_artifact(
 
 def text_fingerprint(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_or_calibrate(model, tokenizer, directory, *, bits: str = "1", key_space: str = "pre_rope",
+                      tokens: int = 2048, context_len: int = 1024, iters: int | None = None,
+                      model_id: str | None = None, progress: bool = True, seed: int = 0) -> CodebookArtifact:
+    """The codebook artifact in ``directory``; when there is none (or it cannot be read), calibrate one on
+    ``tokens`` tokens of the calibration text (Python's pydoc topics), save it there and return it.
+
+    ``iters``: k-means iterations (None: the recipe's default). ``model_id``: the name written in the manifest
+    (default: the config's ``name_or_path`` or the model class)."""
+    from pathlib import Path
+
+    from .artifact import ArtifactError, load_artifact
+    from .config import get_preset
+    from .eval_suite import Recipe
+    from .numerics.rope import model_rope_parameters
+    from .texts import calibration_text, token_contexts
+
+    path = Path(directory)
+    try:
+        return load_artifact(path)
+    except ArtifactError:
+        pass
+    recipe = Recipe(bits, key_space=key_space)
+    key_opts, value_opts = recipe.key_options, recipe.value_options
+    if iters is not None:
+        key_opts, value_opts = (dataclasses.replace(o, iters=iters) for o in (key_opts, value_opts))
+    context_len = min(context_len, tokens, getattr(model.config, "max_position_embeddings", None) or context_len)
+    text = calibration_text()
+    ctx = token_contexts(tokenizer, text, context_len, num_contexts=max(1, tokens // context_len))
+    device = next(model.parameters()).device
+    stats = collect_statistics(model, ctx.to(device), progress=progress, key_space=key_space)
+    name = model_id or getattr(model.config, "name_or_path", "") or type(model).__name__
+    art = learn_artifact(stats, get_preset(bits), options=key_opts, value_options=value_opts,
+                         model_info=model_identity(model, name), key_space=key_space,
+                         rope=model_rope_parameters(model) if key_space == "pre_rope" else None,
+                         text_info={"text": "calibration", "sha256_16": text_fingerprint(text), "tokens": int(ctx.numel()),
+                                    "context_len": int(ctx.shape[1])},
+                         seed=seed, progress=progress)
+    art.save(path)
+    return art
