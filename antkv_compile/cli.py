@@ -86,6 +86,22 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def _quick_artifact(args, d: Path, recipe):
+    """``eval --quick`` on the default model shares the demo's codebooks (same recipe, calibration tokens and
+    k-means iterations): after ``bash scripts/main.sh`` it calibrates nothing; before it, it makes them for both."""
+    import dataclasses
+
+    from .demo import DEMO_CALIB_ITERS, demo_artifact_dir
+    from .eval_suite import Recipe
+
+    default_model = args.model == "smollm2" and args.calib_text == "calibration" and args.calib_context_len == 1024
+    if not default_model or recipe != Recipe(recipe.bits, key_space=recipe.key_space):
+        return d, recipe
+    options = [dataclasses.replace(o, iters=DEMO_CALIB_ITERS) for o in (recipe.key_options, recipe.value_options)]
+    return demo_artifact_dir(recipe.bits, recipe.key_space), dataclasses.replace(recipe, key_options=options[0],
+                                                                                 value_options=options[1])
+
+
 def cmd_eval(args) -> int:
     from .artifact import ArtifactError, load_artifact
     from .calibration import collect_statistics
@@ -96,7 +112,9 @@ def cmd_eval(args) -> int:
 
     torch.manual_seed(args.seed)
     if args.quick:
-        args.context_len, args.tokens, args.calib_tokens = 1024, 1024, 2048
+        from .demo import DEMO_CALIB_TOKENS
+
+        args.context_len, args.tokens, args.calib_tokens = 1024, 1024, DEMO_CALIB_TOKENS
         args.methods = args.methods or "quick"
         if args.artifacts == ARTIFACTS_DEFAULT:
             args.artifacts = "artifacts/smollm2-quick"
@@ -116,14 +134,15 @@ def cmd_eval(args) -> int:
     artifacts, stats = {}, {}
     art_root = Path(args.artifacts)
     for recipe_name in sorted({s.artifact for s in specs if s.artifact}):
-        d = art_root / recipe_name
+        d, recipe = art_root / recipe_name, RECIPES[recipe_name]
+        if args.quick:
+            d, recipe = _quick_artifact(args, d, recipe)
         try:
             artifacts[recipe_name] = load_artifact(d)
             log.info("using cached codebooks %s", d)
             continue
         except ArtifactError:
             pass
-        recipe = RECIPES[recipe_name]
         if recipe.key_space not in stats:
             ctext, cctx = _calibration_contexts(tok, args.calib_text, args.calib_tokens, args.calib_context_len)
             stats[recipe.key_space] = collect_statistics(model, cctx.to(args.device), progress=not args.quiet,
@@ -242,7 +261,11 @@ def cmd_plan(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from .demo import DEMO_CALIB_ITERS, DEMO_CALIB_TOKENS
     from .demo import main as demo_main
+
+    args.calib_tokens = args.calib_tokens or DEMO_CALIB_TOKENS
+    args.calib_iters = args.calib_iters or DEMO_CALIB_ITERS
 
     return demo_main(args)
 
@@ -299,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="JSON results path")
     p.add_argument("--plot", default=None, help="PNG plot path (needs --out)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 1 context of 1024 tokens, full / antkv-1 / kivi-2, codebooks from 2048 tokens")
+                   help="smoke run: 1 context of 1024 tokens, full / antkv-pre-rope-1 / kivi-2; reuses the demo's "
+                        "codebooks (artifacts/smollm2-demo), or calibrates them on 2048 tokens")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("inspect", help="show the attention/cache nodes backend='antkv' matches and rewrites")
@@ -327,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--ppl-tokens", type=int, default=1024)
     p.add_argument("--artifact", default=None, help="codebook artifact dir (default: calibrated on first run)")
-    p.add_argument("--calib-tokens", type=int, default=4096)
+    p.add_argument("--calib-tokens", type=int, default=None, help="calibration tokens on the first run (default 2048)")
+    p.add_argument("--calib-iters", type=int, default=None, help="k-means iterations on the first run (default 10)")
     p.add_argument("--post-rope", action="store_true", help="code keys after RoPE (lookup-table path) instead of before")
     p.add_argument("--out", default=None, help="JSON results path")
     p.add_argument("--quiet", action="store_true")
