@@ -2,15 +2,19 @@
 
 A directory holds ``codebooks.safetensors`` (per layer: ``layers.{i}.{key|value}.{centroids|
 transform|inverse|mean}``) and ``manifest.json`` (format version, model identity and shapes,
-preset, learning options, calibration text and token count, a checksum of the tensor file).
-:meth:`CodebookArtifact.check_model` refuses an artifact that does not fit the model it is used
-with, and :func:`load_artifact` refuses a corrupt or foreign directory, each with what to do.
+preset, learning options, calibration text and token count, a checksum of the tensor file, and -- from
+format version 2 -- a checksum of the manifest itself, so an edited manifest is refused like a corrupt one).
+:func:`load_artifact` refuses a corrupt, edited, inconsistent (manifest vs tensor shapes) or foreign
+directory; :meth:`CodebookArtifact.check_model` (a model's KV geometry) and
+:meth:`CodebookArtifact.check_graph` (what the backend sees of the model in a Dynamo graph: geometry,
+family, RoPE, a weight fingerprint) refuse an artifact calibrated for another model, each with what to do.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +26,8 @@ from .config import VQPreset, get_preset
 from .numerics.vq import Codebook
 
 FORMAT = "antkv-codebooks"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest carries its own checksum (manifest_sha256)
+READABLE_VERSIONS = (1, 2)
 TENSORS = "codebooks.safetensors"
 MANIFEST = "manifest.json"
 _FIELDS = ("centroids", "transform", "inverse", "mean")
@@ -94,6 +99,63 @@ class CodebookArtifact:
                 f"the codebooks fit another model's activations. Calibrate one for {model_id!r}."
             )
 
+    def check_graph(self, facts, allow_model_mismatch: bool = False) -> None:
+        """Raise ArtifactMismatchError unless this artifact fits the model a Dynamo graph shows (``facts``:
+        :class:`~antkv_compile.model_facts.GraphFacts`). Geometry and, for pre-RoPE keys, the RoPE frequencies
+        must agree always; the model's identity (family, other RoPE, weight fingerprint) unless
+        ``allow_model_mismatch`` (a deliberate reuse, e.g. on a fine-tune of the calibrated model)."""
+        from .model_facts import family, fingerprint_matches
+
+        want = self.manifest.get("model") or {}
+        name = want.get("id", "?")
+        fix = (f"Calibrate one for this model: antkv-compile calibrate --model <model> --bits {self.preset.name} "
+               "--out <dir>")
+        diffs = []
+        for key, have in (("num_q_heads", facts.num_q_heads), ("num_kv_heads", facts.num_kv_heads),
+                          ("head_dim", facts.head_dim)):
+            if have is not None and want.get(key) is not None and want[key] != have:
+                diffs.append(f"{key}: artifact {want[key]} vs model {have}")
+        cb = self.keys[0] if self.keys else None
+        if cb is not None and facts.head_dim is not None and cb.mean.shape[1] != facts.head_dim:
+            diffs.append(f"codebook head_dim {cb.mean.shape[1]} vs model {facts.head_dim}")
+        if cb is not None and facts.num_kv_heads is not None and cb.num_heads not in (1, facts.num_kv_heads):
+            diffs.append(f"codebooks for {cb.num_heads} KV heads vs model {facts.num_kv_heads}")
+        if facts.layers:
+            n = max(facts.layers) + 1
+            if n > self.num_layers or (facts.layers == tuple(range(n)) and n != self.num_layers):
+                diffs.append(f"num_layers: artifact {self.num_layers} vs model {n}")
+        rope_differs = (facts.inv_freq is not None and self.rope_inv_freq is not None and
+                        (facts.inv_freq.shape != self.rope_inv_freq.shape or not torch.allclose(
+                            facts.inv_freq.detach().float().cpu(), self.rope_inv_freq.float(), rtol=1e-4)))
+        if rope_differs and self.key_space == "pre_rope":
+            diffs.append("RoPE frequencies (inv_freq) differ, and pre-RoPE keys are rotated back with the "
+                         "artifact's")
+        if diffs:
+            raise ArtifactMismatchError(f"codebook artifact calibrated for {name!r} does not fit this model ("
+                                        + "; ".join(diffs) + f"). {fix}")
+        if allow_model_mismatch:
+            return
+        ident = []
+        have_family, want_family = facts.family, family(want.get("architecture"))
+        if have_family and want_family and have_family != want_family:
+            ident.append(f"architecture {want.get('architecture')} vs a {have_family} model")
+        if rope_differs:
+            ident.append("RoPE frequencies differ")
+        if want.get("rope_inv_freq") is not None and facts.inv_freq is not None and not rope_differs:
+            theirs = torch.tensor(want["rope_inv_freq"], dtype=torch.float32)
+            if theirs.shape != facts.inv_freq.shape or not torch.allclose(theirs, facts.inv_freq.detach().float().cpu(), rtol=1e-4):
+                ident.append("RoPE frequencies differ")
+        if want.get("weights") and facts.params:
+            matched, total = fingerprint_matches(want["weights"], facts.params)
+            if matched < 0.9 * total:
+                ident.append(f"only {matched} of this model's {total} weight tensors match the calibrated model's "
+                             "(shape and norm)")
+        if ident:
+            raise ArtifactMismatchError(
+                f"codebook artifact was calibrated for {name!r}, not this model (" + "; ".join(ident) + "): its "
+                f"codebooks fit another model's keys and values. {fix}; or pass options={{'allow_model_mismatch': "
+                "True} to reuse it deliberately (e.g. on a fine-tune of that model)")
+
     def check_preset(self, bits: str | VQPreset) -> None:
         want = get_preset(bits)
         if (want.sub_dim, want.code_bits, want.stages) != (self.preset.sub_dim, self.preset.code_bits, self.preset.stages):
@@ -114,11 +176,19 @@ class CodebookArtifact:
             tensors["rope.inv_freq"] = self.rope_inv_freq.detach().float().cpu().contiguous()
         save_file(tensors, str(d / TENSORS))
         manifest = dict(self.manifest)
+        manifest.pop("manifest_sha256", None)
         manifest.update(format=FORMAT, format_version=FORMAT_VERSION, tensors_sha256=_sha256(d / TENSORS),
                         num_layers=self.num_layers)
+        manifest["manifest_sha256"] = manifest_checksum(manifest)
         (d / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         self.manifest = manifest
         return d
+
+
+def manifest_checksum(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON, without its own ``manifest_sha256`` field."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _sha256(path: Path) -> str:
@@ -142,11 +212,17 @@ def load_artifact(directory: str | Path) -> CodebookArtifact:
         raise ArtifactError(f"{d / MANIFEST} is not valid JSON ({e}); re-run calibration") from e
     if manifest.get("format") != FORMAT:
         raise ArtifactError(f"{d} holds format {manifest.get('format')!r}, not {FORMAT!r}")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise ArtifactError(
             f"{d} is format version {manifest.get('format_version')}, this antkv_compile reads version "
             f"{FORMAT_VERSION}; re-run calibration with this version"
         )
+    if manifest["format_version"] >= 2 and manifest_checksum(manifest) != manifest.get("manifest_sha256"):
+        raise ArtifactError(f"{d / MANIFEST} does not match its own checksum (edited by hand or corrupt); re-run "
+                            "calibration (antkv-compile calibrate ... --out DIR) instead of editing it")
+    if manifest["format_version"] < 2:
+        warnings.warn(f"{d}: format version {manifest['format_version']} artifact, its manifest is not covered by a "
+                      "checksum (edits go unnoticed); re-run calibration to write version 2", UserWarning, stacklevel=2)
     if _sha256(d / TENSORS) != manifest.get("tensors_sha256"):
         raise ArtifactError(f"{d / TENSORS} does not match its manifest checksum (corrupt or edited); re-run calibration")
     try:
@@ -161,6 +237,32 @@ def load_artifact(directory: str | Path) -> CodebookArtifact:
     except (KeyError, ValueError) as e:
         raise ArtifactError(f"{d} is missing or has malformed tensors ({e}); re-run calibration") from e
     art = CodebookArtifact(keys, values, manifest, tensors.get("rope.inv_freq"))
-    if art.keys and art.keys[0].nominal_bits != art.preset.nominal_bits:
-        raise ArtifactError(f"{d}: tensors do not match the preset named in the manifest")
+    problem = _inconsistency(art, tensors)
+    if problem:
+        raise ArtifactError(f"{d}: the manifest and the tensors disagree ({problem}); re-run calibration")
     return art
+
+
+def _inconsistency(art: CodebookArtifact, tensors: dict) -> str | None:
+    """What in the manifest disagrees with the tensors' shapes, or None."""
+    m = art.manifest
+    stored = {int(k.split(".")[1]) for k in tensors if k.startswith("layers.")}
+    if stored != set(range(art.num_layers)):
+        return f"num_layers {m.get('num_layers')} but tensors for {len(stored)} layers"
+    model = m.get("model") or {}
+    if model.get("num_layers") is not None and model["num_layers"] != art.num_layers:
+        return f"model num_layers {model['num_layers']} but {art.num_layers} layers of codebooks"
+    p = art.preset
+    for i, cb in enumerate(art.keys + art.values):
+        layer = i % art.num_layers
+        stages, h, _, m_, sub = cb.centroids.shape
+        if (stages, m_, sub) != (p.stages, p.num_centroids, p.sub_dim):
+            return (f"layer {layer}: centroids of {stages} stage(s) x {m_} x {sub}-dim, preset {p.name!r} needs "
+                    f"{p.stages} x {p.num_centroids} x {p.sub_dim}")
+        if model.get("num_kv_heads") is not None and h not in (1, model["num_kv_heads"]):
+            return f"layer {layer}: codebooks for {h} heads, model num_kv_heads {model['num_kv_heads']}"
+        if model.get("head_dim") is not None and cb.mean.shape[1] != model["head_dim"]:
+            return f"layer {layer}: codebooks of head_dim {cb.mean.shape[1]}, model head_dim {model['head_dim']}"
+    if art.rope_inv_freq is not None and model.get("head_dim") and 2 * art.rope_inv_freq.numel() != model["head_dim"]:
+        return f"{art.rope_inv_freq.numel()} RoPE frequencies for head_dim {model['head_dim']}"
+    return None

@@ -36,7 +36,9 @@ Options (``options=`` of torch.compile; other keys go to Inductor): ``artifact``
 ``CodebookArtifact`` or a directory), ``bits`` ("1"), ``anchor_ratio`` (0.01), ``window`` (64), and the
 other :class:`~antkv_compile.config.AnTKVConfig` fields (``flush``, ``score``, ``value_mode``,
 ``coded_path``, ``seed``, ``capacity`` -- store tokens per sequence when larger than the static cache,
-``store`` -- "auto"/"kernels"/"reference"), ``release_dense`` (True), ``inner`` ("inductor"; "eager" runs the rewritten
+``store`` -- "auto"/"kernels"/"reference"), ``allow_model_mismatch`` (False: an artifact is checked against
+the graph's model before compiling -- geometry, RoPE, family, weight fingerprint; True accepts an artifact
+of another model of the same geometry), ``release_dense`` (True), ``inner`` ("inductor"; "eager" runs the rewritten
 graph without Inductor -- for debugging and fast tests).
 """
 from __future__ import annotations
@@ -53,7 +55,7 @@ log = logging.getLogger("antkv_compile.backend")
 __all__ = ["antkv_backend", "AntKVFallbackWarning", "AntKVCalibrationWarning", "parse_options", "last_compiles"]
 
 _OUR_KEYS = {f.name for f in dataclasses.fields(__import__("antkv_compile.config", fromlist=["AnTKVConfig"]).AnTKVConfig)}
-_OUR_KEYS |= {"artifact", "release_dense", "inner"}
+_OUR_KEYS |= {"artifact", "release_dense", "inner", "allow_model_mismatch"}
 
 
 class AntKVFallbackWarning(UserWarning):
@@ -106,11 +108,15 @@ def parse_options(options: dict | None):
     """Split torch.compile ``options`` into (AnTKVConfig, artifact or None, release_dense, inductor options)."""
     from .config import AnTKVConfig
 
+    from .options import check_option_keys
+
     options = dict(options or {})
+    check_option_keys(options, _OUR_KEYS)
     ours = {k: options.pop(k) for k in list(options) if k in _OUR_KEYS}
     artifact = ours.pop("artifact", None)
     release = bool(ours.pop("release_dense", True))
     inner = ours.pop("inner", "inductor")
+    ours_allow = ours.pop("allow_model_mismatch", False)
     if inner not in ("inductor", "eager"):
         raise ValueError(f"options['inner'] must be 'inductor' or 'eager', got {inner!r}")
     if artifact is not None and not hasattr(artifact, "keys"):
@@ -131,6 +137,7 @@ def parse_options(options: dict | None):
         raise ValueError("key_space='pre_rope' needs a calibrated artifact (it carries the model's RoPE); "
                          "antkv-compile calibrate --pre-rope ...")
     options["__inner"] = inner
+    options["__allow_model_mismatch"] = bool(ours_allow)
     return config, artifact, release, options
 
 
@@ -154,6 +161,7 @@ def _compile_fx(gm, example_inputs, patches, inner="inductor"):
 
 def antkv_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None = None, options: dict | None = None):
     """The ``antkv`` torch.compile backend (see the module docstring)."""
+    from .cache_fit import guarded, oversized_write, position_guard, raising
     from .passes import apply_rewrite, plan_rewrite
     from .passes.cache_key import ConfigKeyPass
     from .patterns import find_attention_sites
@@ -162,6 +170,7 @@ def antkv_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None 
     config, artifact, release, inductor_options = parse_options(options)
     _watch_recompile_limit()
     inner = inductor_options.pop("__inner")
+    allow_mismatch = inductor_options.pop("__allow_model_mismatch")
     patches = _config_patches(mode, inductor_options)
     report = find_attention_sites(gm)
     plan = plan_rewrite(report)
@@ -171,10 +180,17 @@ def antkv_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None 
     log.info("%s", report.summary())
 
     if not plan.rewrites:
+        too_long = oversized_write(gm)
+        if too_long:  # Inductor's dense write would go out of bounds and abort the process (cache_fit.py)
+            return raising(too_long)
         _warn_once(f"antkv: graph compiled unchanged by {inner} (KV cache NOT compressed) -- {plan.fallback_reason}",
                    AntKVFallbackWarning)
-        return _compile_fx(gm, example_inputs, patches, inner)
+        return guarded(_compile_fx(gm, example_inputs, patches, inner), position_guard(gm))
 
+    if artifact is not None:  # before compiling: an artifact of another model is refused now, not after Inductor
+        from .model_facts import facts_from_graph
+
+        artifact.check_graph(facts_from_graph(gm, example_inputs, plan.sites), allow_mismatch)
     session = session_for(config, artifact)
     record["session"] = session
     if plan.kept_exact:
@@ -196,7 +212,8 @@ def antkv_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None 
         # the store is host-side state and reads positions on the host: not CUDA-graph capturable
         log.warning("antkv: CUDA graphs disabled for a rewritten graph (the store runs on the host)")
         patches["triton.cudagraphs"] = False
-    compiled = _compile_fx(result.gm, example_inputs, patches, inner)
+    with torch.no_grad():  # inference only (passes/ops.py): no joint graph, no backward through the store
+        compiled = _compile_fx(result.gm, example_inputs, patches, inner)
 
     bind = result.bind
     release_in = result.release_inputs if release else []
@@ -213,7 +230,8 @@ def antkv_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None 
             session.bind(layer, args[idx] if idx is not None else None)
         session.offer_dense({layer: (args[ki], args[vi]) for layer, ki, vi in dense_in})
         try:
-            out = compiled(*args)
+            with torch.no_grad():
+                out = compiled(*args)
         finally:
             session.offer_dense(None)
         for i in release_in:

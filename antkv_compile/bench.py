@@ -102,6 +102,13 @@ _KERNEL_GROUPS = (  # (group, substrings of kernel names) for the --profile brea
 )
 
 
+def _cache_kw() -> str:
+    """``cache`` or ``past_key_values``: the KV-cache keyword of this transformers' Llama (quiet on both)."""
+    from .hf_compat import default_cache_keyword
+
+    return default_cache_keyword()
+
+
 def _profile_steps(step: Callable[[], None], n: int) -> dict:
     """GPU time per decode step by kernel (torch.profiler over ``n`` steps): the top kernels, a grouping by
     role, and how much of the steps' span the GPU was busy (the rest is host time the GPU waited for)."""
@@ -152,7 +159,7 @@ def _greedy_step(fn, cache, first_ids):
 
     def step():
         with torch.no_grad():
-            o = fn(input_ids=state["ids"], past_key_values=cache, use_cache=True)
+            o = fn(input_ids=state["ids"], **{_cache_kw(): cache}, use_cache=True)
             state["ids"] = o.logits[:, -1:].argmax(-1)
 
     return step
@@ -817,7 +824,7 @@ class Bench:
         torch._dynamo.mark_static(ids, 1)
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = pre(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = pre(input_ids=ids, **{_cache_kw(): cache}, use_cache=True, logits_to_keep=1)
         self.sync()
         rec["prompt_tokens"] = p
         rec["prompt_s"] = round(time.perf_counter() - t0, 3)  # includes the compile of the prompt graph
@@ -901,7 +908,7 @@ class Bench:
                 t = min(chunk, ctx - n)
                 ids = torch.randint(3, self.model.config.vocab_size, (b, t), device=self.device, generator=gen)
                 torch._dynamo.mark_static(ids, 1)
-                out = fn(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                out = fn(input_ids=ids, **{_cache_kw(): cache}, use_cache=True, logits_to_keep=1)
                 last = out.logits[:, -1:].argmax(-1)
                 del out
                 n += t
@@ -1123,9 +1130,9 @@ class Bench:
         t0 = time.perf_counter()
         with torch.no_grad():
             warm = new_cache(self.model, 1, max_len, self.device, self.dtype)
-            o = fn(input_ids=chunk_ids(chunk), past_key_values=warm, use_cache=True, logits_to_keep=1)
+            o = fn(input_ids=chunk_ids(chunk), **{_cache_kw(): warm}, use_cache=True, logits_to_keep=1)
             for _ in range(2):
-                o = fn(input_ids=o.logits[:, -1:].argmax(-1), past_key_values=warm, use_cache=True)
+                o = fn(input_ids=o.logits[:, -1:].argmax(-1), **{_cache_kw(): warm}, use_cache=True)
             self.sync()
             if session is not None:  # the session would keep the throw-away cache's stores for the next cache
                 _release_stores(session, self._stores_of(session, warm))
@@ -1143,7 +1150,7 @@ class Bench:
             t0 = time.perf_counter()
             for _ in range(ctx // chunk):
                 t1 = time.perf_counter()
-                out = fn(input_ids=chunk_ids(chunk), past_key_values=cache, use_cache=True, logits_to_keep=1)
+                out = fn(input_ids=chunk_ids(chunk), **{_cache_kw(): cache}, use_cache=True, logits_to_keep=1)
                 last = out.logits[:, -1:].argmax(-1)
                 del out
                 self.sync()

@@ -7,6 +7,8 @@
    matrix, read from the weights.
 2. :func:`learn_artifact` fits one :class:`Codebook` per layer for keys and for values with
    weighted k-means in the metric-aware coding space, and wraps them with a manifest.
+3. :func:`load_or_calibrate`: both steps on the calibration text, saved to a directory and reused from then on
+   (what the demo and the examples call).
 """
 from __future__ import annotations
 
@@ -96,14 +98,22 @@ def collect_statistics(model, contexts: Tensor, *, progress: bool = True, key_sp
         return out.to(q.dtype)
 
     with routed(model, handler):
-        for row in tqdm(contexts, desc="calibration forward", disable=not progress, unit="ctx"):
+        for row in tqdm(contexts, desc="calibration forward", disable=None if progress else True, unit="ctx"):
             chunk_logits(model, row[None], 0)
     return stats
 
 
 def model_identity(model, model_id: str) -> dict:
+    """The manifest's ``model``: name, architecture, KV geometry, RoPE frequencies and a weight fingerprint
+    (shape and norm of each parameter), which the backend compares with the graph it compiles."""
+    from .model_facts import weight_fingerprint
+
     g = kv_geometry(model.config)
+    rot = getattr(getattr(model, "model", None), "rotary_emb", None)
+    inv_freq = getattr(rot, "inv_freq", None)
     return {
+        "weights": weight_fingerprint(model.parameters()),
+        **({"rope_inv_freq": [float(x) for x in inv_freq.float().cpu()]} if inv_freq is not None else {}),
         "id": model_id,
         "architecture": type(model).__name__,
         "num_layers": g.num_layers,
@@ -133,7 +143,7 @@ def learn_artifact(
     gen = torch.Generator().manual_seed(seed)
     keys, values = [], []
     t0 = time.time()
-    for st in tqdm(stats, desc=f"k-means {preset.name}-bit", disable=not progress, unit="layer"):
+    for st in tqdm(stats, desc=f"k-means {preset.name}-bit", disable=None if progress else True, unit="layer"):
         k, v, wk, wv = st.cat()
         key_metric = st.query_covariance_centered if options.metric_center else st.query_covariance
         keys.append(learn_codebook(k, wk, preset, metric=key_metric, options=options, generator=gen))
@@ -155,3 +165,44 @@ def learn_artifact(
 
 def text_fingerprint(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_or_calibrate(model, tokenizer, directory, *, bits: str = "1", key_space: str = "pre_rope",
+                      tokens: int = 2048, context_len: int = 1024, iters: int | None = None,
+                      model_id: str | None = None, progress: bool = True, seed: int = 0) -> CodebookArtifact:
+    """The codebook artifact in ``directory``; when there is none (or it cannot be read), calibrate one on
+    ``tokens`` tokens of the calibration text (Python's pydoc topics), save it there and return it.
+
+    ``iters``: k-means iterations (None: the recipe's default). ``model_id``: the name written in the manifest
+    (default: the config's ``name_or_path`` or the model class)."""
+    from pathlib import Path
+
+    from .artifact import ArtifactError, load_artifact
+    from .config import get_preset
+    from .eval_suite import Recipe
+    from .numerics.rope import model_rope_parameters
+    from .texts import calibration_text, token_contexts
+
+    path = Path(directory)
+    try:
+        return load_artifact(path)
+    except ArtifactError:
+        pass
+    recipe = Recipe(bits, key_space=key_space)
+    key_opts, value_opts = recipe.key_options, recipe.value_options
+    if iters is not None:
+        key_opts, value_opts = (dataclasses.replace(o, iters=iters) for o in (key_opts, value_opts))
+    context_len = min(context_len, tokens, getattr(model.config, "max_position_embeddings", None) or context_len)
+    text = calibration_text()
+    ctx = token_contexts(tokenizer, text, context_len, num_contexts=max(1, tokens // context_len))
+    device = next(model.parameters()).device
+    stats = collect_statistics(model, ctx.to(device), progress=progress, key_space=key_space)
+    name = model_id or getattr(model.config, "name_or_path", "") or type(model).__name__
+    art = learn_artifact(stats, get_preset(bits), options=key_opts, value_options=value_opts,
+                         model_info=model_identity(model, name), key_space=key_space,
+                         rope=model_rope_parameters(model) if key_space == "pre_rope" else None,
+                         text_info={"text": "calibration", "sha256_16": text_fingerprint(text), "tokens": int(ctx.numel()),
+                                    "context_len": int(ctx.shape[1])},
+                         seed=seed, progress=progress)
+    art.save(path)
+    return art

@@ -18,7 +18,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (they are shown only on a terminal anyway)")
 
 
 def _calibration_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -86,6 +86,22 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def _quick_artifact(args, d: Path, recipe):
+    """``eval --quick`` on the default model shares the demo's codebooks (same recipe, calibration tokens and
+    k-means iterations): after ``bash scripts/main.sh`` it calibrates nothing; before it, it makes them for both."""
+    import dataclasses
+
+    from .demo import DEMO_CALIB_ITERS, demo_artifact_dir
+    from .eval_suite import Recipe
+
+    default_model = args.model == "smollm2" and args.calib_text == "calibration" and args.calib_context_len == 1024
+    if not default_model or recipe != Recipe(recipe.bits, key_space=recipe.key_space):
+        return d, recipe
+    options = [dataclasses.replace(o, iters=DEMO_CALIB_ITERS) for o in (recipe.key_options, recipe.value_options)]
+    return demo_artifact_dir(recipe.bits, recipe.key_space), dataclasses.replace(recipe, key_options=options[0],
+                                                                                 value_options=options[1])
+
+
 def cmd_eval(args) -> int:
     from .artifact import ArtifactError, load_artifact
     from .calibration import collect_statistics
@@ -96,7 +112,9 @@ def cmd_eval(args) -> int:
 
     torch.manual_seed(args.seed)
     if args.quick:
-        args.context_len, args.tokens, args.calib_tokens = 1024, 1024, 2048
+        from .demo import DEMO_CALIB_TOKENS
+
+        args.context_len, args.tokens, args.calib_tokens = 1024, 1024, DEMO_CALIB_TOKENS
         args.methods = args.methods or "quick"
         if args.artifacts == ARTIFACTS_DEFAULT:
             args.artifacts = "artifacts/smollm2-quick"
@@ -116,14 +134,15 @@ def cmd_eval(args) -> int:
     artifacts, stats = {}, {}
     art_root = Path(args.artifacts)
     for recipe_name in sorted({s.artifact for s in specs if s.artifact}):
-        d = art_root / recipe_name
+        d, recipe = art_root / recipe_name, RECIPES[recipe_name]
+        if args.quick:
+            d, recipe = _quick_artifact(args, d, recipe)
         try:
             artifacts[recipe_name] = load_artifact(d)
             log.info("using cached codebooks %s", d)
             continue
         except ArtifactError:
             pass
-        recipe = RECIPES[recipe_name]
         if recipe.key_space not in stats:
             ctext, cctx = _calibration_contexts(tok, args.calib_text, args.calib_tokens, args.calib_context_len)
             stats[recipe.key_space] = collect_statistics(model, cctx.to(args.device), progress=not args.quiet,
@@ -174,6 +193,7 @@ def cmd_inspect(args) -> int:
     from transformers import StaticCache
 
     from .explain import explain
+    from .hf_compat import with_cache
     from .models import tiny_model
 
     if args.model.startswith("tiny-"):
@@ -183,8 +203,8 @@ def cmd_inspect(args) -> int:
     ids = torch.randint(3, model.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(args.seed))
     cache = StaticCache(config=model.config, max_cache_len=args.prompt_len + 8)
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True)  # fill the cache eagerly
-    steps = {"decode": dict(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True)}
+        model(**with_cache(model, cache, input_ids=ids, use_cache=True))  # fill the cache eagerly
+    steps = {"decode": with_cache(model, cache, input_ids=ids[:, -1:], use_cache=True)}
     ex = explain(model, steps["decode"])
     print(ex.text(code=args.code))
     if args.dot:
@@ -203,34 +223,49 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .planner import KNOWN_MODELS, ModelShape, parse_bytes, plan
+    """Longest context / largest batch from the symbolic memory model: the model's config only, no weights."""
+    from .planner import KNOWN_MODELS, ModelShape, beyond_window, parse_bytes, plan, window_note
     from .reporting import print_table, write_json
 
     if args.model in KNOWN_MODELS:
         shape = ModelShape.from_config(KNOWN_MODELS[args.model](), args.model)
     else:
-        from .models import load_model
+        from .models import load_config
 
-        model, _ = load_model(args.model)
-        shape = ModelShape.from_config(model.config, _model_id(args))
+        shape = ModelShape.from_config(load_config(args.model), _model_id(args))
     budget = parse_bytes(args.gpu_memory)
     kw = dict(anchor_ratio=args.anchor_ratio, window=args.window)
     ours = plan(shape, args.bits, budget, batches=args.batches, contexts=args.contexts, **kw)
     full = plan(shape, None, budget, batches=args.batches, contexts=args.contexts, **kw)
-    rows = [{"what": f"longest context, batch {b}", "antkv": ours["longest_context"][b], "full": full["longest_context"][b]}
-            for b in args.batches]
-    rows += [{"what": f"largest batch, context {n}", "antkv": ours["largest_batch"][n], "full": full["largest_batch"][n]}
-             for n in args.contexts]
-    print_table(rows, [("what", "method", "s"), ("antkv", f"antkv {args.bits}-bit", ","), ("full", "16-bit cache", ",")],
+
+    def mark(n: int) -> str:
+        return f"{n:,} *" if beyond_window(shape, n) else f"{n:,}"
+
+    rows = [{"what": f"longest context, batch {b}", "antkv": mark(ours["longest_context"][b]),
+             "full": mark(full["longest_context"][b])} for b in args.batches]
+    rows += [{"what": f"largest batch, context {mark(n)}", "antkv": f"{ours['largest_batch'][n]:,}",
+              "full": f"{full['largest_batch'][n]:,}"} for n in args.contexts]
+    print_table(rows, [("what", "method", "s"), ("antkv", f"antkv {args.bits}-bit", "s"), ("full", "16-bit cache", "s")],
                 f"{shape.name} in {args.gpu_memory} (memory model: antkv_compile/planner.py)")
-    print(f"total bytes = {ours['symbolic_total_bytes']}")
+    if shape.max_positions:
+        print(f"model window (max_position_embeddings): {shape.max_positions:,} positions")
+    else:
+        print("model window: unknown (the config has no max_position_embeddings)")
+    if any(beyond_window(shape, n) for n in [*ours["longest_context"].values(), *full["longest_context"].values(),
+                                              *args.contexts]):
+        print(f"* {window_note(shape)}")
+    print(f"antkv {args.bits}-bit bytes = {ours['formula']}  (B: batch, N: tokens per sequence)")
     if args.out:
         write_json(args.out, {"antkv": ours, "full_precision": full})
     return 0
 
 
 def cmd_demo(args) -> int:
+    from .demo import DEMO_CALIB_ITERS, DEMO_CALIB_TOKENS
     from .demo import main as demo_main
+
+    args.calib_tokens = args.calib_tokens or DEMO_CALIB_TOKENS
+    args.calib_iters = args.calib_iters or DEMO_CALIB_ITERS
 
     return demo_main(args)
 
@@ -239,6 +274,15 @@ def cmd_bench(args) -> int:
     from .bench import run
 
     return run(args)
+
+
+def quiet_progress(quiet: bool) -> None:
+    """Progress bars only on a terminal: ours use tqdm's ``disable=None`` (off when stderr is not a TTY);
+    transformers' own (weight loading) are switched off likewise, and all of them by ``--quiet``."""
+    if quiet or not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="JSON results path")
     p.add_argument("--plot", default=None, help="PNG plot path (needs --out)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 1 context of 1024 tokens, full / antkv-1 / kivi-2, codebooks from 2048 tokens")
+                   help="smoke run: 1 context of 1024 tokens, full / antkv-pre-rope-1 / kivi-2; reuses the demo's "
+                        "codebooks (artifacts/smollm2-demo), or calibrates them on 2048 tokens")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("inspect", help="show the attention/cache nodes backend='antkv' matches and rewrites")
@@ -306,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--ppl-tokens", type=int, default=1024)
     p.add_argument("--artifact", default=None, help="codebook artifact dir (default: calibrated on first run)")
-    p.add_argument("--calib-tokens", type=int, default=4096)
+    p.add_argument("--calib-tokens", type=int, default=None, help="calibration tokens on the first run (default 2048)")
+    p.add_argument("--calib-iters", type=int, default=None, help="k-means iterations on the first run (default 10)")
     p.add_argument("--post-rope", action="store_true", help="code keys after RoPE (lookup-table path) instead of before")
     p.add_argument("--out", default=None, help="JSON results path")
     p.add_argument("--quiet", action="store_true")
@@ -324,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    quiet_progress(getattr(args, "quiet", False))
     t0 = time.time()
     rc = args.func(args)
     if not getattr(args, "quiet", False):

@@ -2,8 +2,8 @@
 
     antkv-compile demo [--bits 1] [--new-tokens 32] [--ppl-tokens 1024]
 
-1. Codebooks: a calibrated artifact (``artifacts/smollm2-demo/antkv-<bits>``, made on first run from
-   Python's pydoc topics; any ``--artifact DIR`` works too).
+1. Codebooks: a calibrated artifact (``artifacts/smollm2-demo/antkv-<bits>-pre-rope``, made on first run from
+   2048 tokens of Python's pydoc topics; any ``--artifact DIR`` works too).
 2. ``torch.compile(model, backend="antkv", options={"artifact": ..., "bits": ...})``: prefill and decode
    both run compiled through the rewritten graphs; the dense StaticCache buffers are released.
 3. Greedy generation from a chat prompt, then the KV memory held by the compressed store against the
@@ -23,29 +23,32 @@ import torch.nn.functional as F
 PROMPT = "Explain in two sentences what a key-value cache is in a transformer language model."
 
 
-def _artifact(model, tok, bits: str, directory: str | None, calib_tokens: int, key_space: str = "pre_rope"):
-    from .artifact import ArtifactError, load_artifact
-    from .calibration import collect_statistics, learn_artifact, model_identity, text_fingerprint
-    from .config import get_preset
-    from .eval_suite import Recipe
-    from .numerics.rope import model_rope_parameters
-    from .texts import calibration_text, token_contexts
+# First run: codebooks from 2048 tokens of pydoc topics, 10 k-means iterations (about a minute of calibration on
+# 2 CPU cores; 4096 tokens x 20 iterations took several, for the same demo perplexity: see the README).
+DEMO_CALIB_TOKENS = 2048
+DEMO_CALIB_ITERS = 10
 
-    path = Path(directory or f"artifacts/smollm2-demo/antkv-{bits}-{key_space.replace('_', '-')}")
+
+def demo_artifact_dir(bits: str, key_space: str = "pre_rope") -> Path:
+    """Where the demo keeps its codebooks (``eval --quick`` reuses them)."""
+    return Path(f"artifacts/smollm2-demo/antkv-{bits}-{key_space.replace('_', '-')}")
+
+
+def _artifact(model, tok, bits: str, directory: str | None, calib_tokens: int, key_space: str = "pre_rope",
+              iters: int = DEMO_CALIB_ITERS, progress: bool = True):
+    from .artifact import ArtifactError, load_artifact
+    from .calibration import load_or_calibrate
+
+    path = Path(directory) if directory else demo_artifact_dir(bits, key_space)
     try:
         return load_artifact(path), path
     except ArtifactError:
         pass
     print(f"calibrating {bits}-bit codebooks on {calib_tokens} tokens of pydoc topics -> {path}", flush=True)
-    text = calibration_text()
-    ctx = token_contexts(tok, text, 1024, num_contexts=max(1, calib_tokens // 1024))
-    stats = collect_statistics(model, ctx, key_space=key_space)
-    recipe = Recipe(bits, key_space=key_space)
-    art = learn_artifact(stats, get_preset(bits), options=recipe.key_options, value_options=recipe.value_options,
-                         model_info=model_identity(model, "SmolLM2-135M-Instruct"), key_space=key_space,
-                         rope=model_rope_parameters(model) if key_space == "pre_rope" else None,
-                         text_info={"text": "calibration", "sha256_16": text_fingerprint(text), "tokens": int(ctx.numel())})
-    art.save(path)
+    t0 = time.time()
+    art = load_or_calibrate(model, tok, path, bits=bits, key_space=key_space, tokens=calib_tokens, iters=iters,
+                            model_id="SmolLM2-135M-Instruct", progress=progress)
+    print(f"calibrated in {time.time() - t0:.0f}s", flush=True)
     return art, path
 
 
@@ -62,23 +65,28 @@ def _kv_bytes(mem: dict) -> int:
 
 @torch.no_grad()
 def run(bits: str = "1", new_tokens: int = 32, ppl_tokens: int = 1024, artifact: str | None = None,
-        calib_tokens: int = 4096, key_space: str = "pre_rope") -> dict:
+        calib_tokens: int = DEMO_CALIB_TOKENS, key_space: str = "pre_rope", calib_iters: int = DEMO_CALIB_ITERS,
+        progress: bool = True) -> dict:
     from transformers import StaticCache
 
     from .backend import last_compiles, parse_options
+    from .hf_compat import with_cache
     from .models import load_model
     from .runtime.state import session_for
     from .texts import evaluation_text, token_contexts
 
     t0 = time.time()
     model, tok = load_model()
-    art, art_path = _artifact(model, tok, bits, artifact, calib_tokens, key_space)
+    art, art_path = _artifact(model, tok, bits, artifact, calib_tokens, key_space, calib_iters, progress)
     options = {"artifact": art, "bits": bits}
     # dynamic=False: every cache shares one static length, so each step shape compiles once, statically
     compiled = torch.compile(model, backend="antkv", options=options, dynamic=False)
     config, artifact_obj, _, _ = parse_options(options)
     session = session_for(config, artifact_obj)
     cap = ppl_tokens + new_tokens
+
+    def kw(cache):  # the cache under the keyword this transformers takes (no deprecation notice)
+        return with_cache(model, cache)
 
     # 1. perplexity of a long sample through the compiled decode path (chunks of 32 = the store's flush)
     sample = token_contexts(tok, evaluation_text(), ppl_tokens, num_contexts=1)
@@ -87,7 +95,7 @@ def run(bits: str = "1", new_tokens: int = 32, ppl_tokens: int = 1024, artifact:
     cache = StaticCache(config=model.config, max_cache_len=cap)
     nll, count = 0.0, 0
     for s in range(0, ppl_tokens, 32):
-        logits = compiled(input_ids=sample[:, s:s + 32], past_key_values=cache, use_cache=True).logits.float()
+        logits = compiled(input_ids=sample[:, s:s + 32], **kw(cache), use_cache=True).logits.float()
         targets = sample[0, s + 1:s + 33]
         nll += F.cross_entropy(logits[0, : targets.numel()], targets, reduction="sum").item()
         count += targets.numel()
@@ -100,13 +108,13 @@ def run(bits: str = "1", new_tokens: int = 32, ppl_tokens: int = 1024, artifact:
         ids = ids["input_ids"]
     cache = StaticCache(config=model.config, max_cache_len=cap)
     t1 = time.time()
-    out = compiled(input_ids=ids, past_key_values=cache, use_cache=True)
+    out = compiled(input_ids=ids, **kw(cache), use_cache=True)
     generated: list[int] = []
     for _ in range(new_tokens):
         generated.append(int(out.logits[0, -1].argmax()))
         if generated[-1] == tok.eos_token_id:
             break
-        out = compiled(input_ids=torch.tensor([[generated[-1]]]), past_key_values=cache, use_cache=True)
+        out = compiled(input_ids=torch.tensor([[generated[-1]]]), **kw(cache), use_cache=True)
     element = next(model.parameters()).element_size()
     return {
         "prompt": PROMPT, "generated": tok.decode(generated, skip_special_tokens=True),
@@ -122,7 +130,7 @@ def run(bits: str = "1", new_tokens: int = 32, ppl_tokens: int = 1024, artifact:
 
 def main(args) -> int:
     r = run(args.bits, args.new_tokens, args.ppl_tokens, args.artifact, args.calib_tokens,
-            "post_rope" if args.post_rope else "pre_rope")
+            "post_rope" if args.post_rope else "pre_rope", args.calib_iters, not args.quiet)
     m = r["kv_bytes_after_ppl"]
     print(f"\nprompt:    {r['prompt']}\nantkv-{args.bits} ({r['key_space']} keys): {r['generated']!r}")
     print(f"perplexity on {r['ppl_tokens']} tokens of the evaluation text: full precision "

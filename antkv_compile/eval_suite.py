@@ -67,7 +67,7 @@ MAIN = ["full", "antkv-4", "antkv-2", "antkv-1", "antkv-0.75", "antkv-0.375", "k
         "anchors-attention-1", "anchors-random-1"]
 ABLATIONS = ["anchors-sensitivity-1", "anchors-none-1", "kmeans-unweighted-1", "key-metric-1", "no-rotate-1",
              "shared-codebooks-1", "pre-rope-keys-1"]
-QUICK = ["full", "antkv-1", "kivi-2"]
+QUICK = ["full", "antkv-pre-rope-1", "kivi-2"]  # the demo's recipe: `eval --quick` reuses its codebooks
 PRE_ROPE = ["full", *[f"antkv-pre-rope-{b}" for b in PRESETS]]
 
 

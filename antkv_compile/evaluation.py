@@ -123,7 +123,7 @@ def evaluate_method(
         raise ValueError(f"prefill must leave tokens to predict: 0 <= prefill < {length - 1} (context length {length})")
     bounds = list(range(0, length, chunk)) if not prefill else [0, *range(prefill, length, chunk)]
     steps = len(bounds) * math.ceil(n / batch_size)
-    bar = tqdm(total=steps, desc=spec.name, disable=not progress, unit="chunk", leave=False)
+    bar = tqdm(total=steps, desc=spec.name, disable=None if progress else True, unit="chunk", leave=False)
     for b0 in range(0, n, batch_size):
         ids = contexts[b0:b0 + batch_size].to(param.device)
         b = ids.shape[0]

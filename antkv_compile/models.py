@@ -44,6 +44,7 @@ __all__ = [
     "kv_geometry",
     "load_model",
     "tiny_config",
+    "load_config",
     "tiny_model",
     "tiny_tokenizer",
 ]
@@ -214,6 +215,21 @@ def _prune_stale(gguf: Path, keep: Path) -> None:
             continue
         if source.get("gguf") == str(gguf):
             shutil.rmtree(entry, ignore_errors=True)
+
+
+def load_config(name_or_path: str | os.PathLike | None = DEFAULT_MODEL):
+    """The transformers config of a model accepted by :func:`load_model`, without loading any weights: the HF
+    folder's ``config.json``, the de-quantized copy's (when the GGUF was converted before), or the GGUF
+    file's metadata."""
+    from transformers import AutoConfig
+
+    kind, folder, gguf_file = _resolve(name_or_path)
+    if kind == "hf":
+        return AutoConfig.from_pretrained(folder, local_files_only=True)
+    cached = _gguf_cache_path(folder / gguf_file)
+    if _cache_complete(cached):
+        return AutoConfig.from_pretrained(cached, local_files_only=True)
+    return AutoConfig.from_pretrained(folder, gguf_file=gguf_file, local_files_only=True)
 
 
 def load_model(

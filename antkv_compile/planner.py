@@ -40,6 +40,7 @@ class ModelShape:
     hidden_size: int
     intermediate_size: int
     vocab_size: int
+    max_positions: int | None = None  # the model's window (config.max_position_embeddings)
 
     @classmethod
     def from_config(cls, config, name: str | None = None) -> "ModelShape":
@@ -52,7 +53,8 @@ class ModelShape:
         params = sum(p.numel() for p in model.parameters())
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return cls(name or config.model_type, params, config.num_hidden_layers, config.num_attention_heads,
-                   config.num_key_value_heads, head_dim, config.hidden_size, config.intermediate_size, config.vocab_size)
+                   config.num_key_value_heads, head_dim, config.hidden_size, config.intermediate_size, config.vocab_size,
+                   getattr(config, "max_position_embeddings", None))
 
 
 def llama3_8b_config():
@@ -164,12 +166,53 @@ def parse_bytes(text: str) -> int:
     return int(float(t))
 
 
+def _n(x) -> str:
+    x = float(x)
+    return f"{round(x):,}" if x == int(x) or abs(x) >= 100 else f"{x:,.2f}"
+
+
+def _linear_b(expr) -> str:
+    """``c1 B + c0`` with thousands separators."""
+    p = sp.Poly(sp.expand(expr), B)
+    c1, c0 = (p.coeff_monomial(B), p.coeff_monomial(1))
+    return " + ".join(t for t in ((f"{_n(c1)} B" if c1 else ""), (_n(c0) if c0 else "")) if t) or "0"
+
+
+def formula(mm: MemoryModel) -> str:
+    """The total as a readable line: fixed + per sequence x B + per token x B x N (+ workspace), in bytes."""
+    terms = mm.terms()
+    ws = sp.Symbol("W")
+    total = sp.expand(sum(v.subs(terms["workspace"], ws) if k != "workspace" else ws for k, v in terms.items()))
+    poly = sp.Poly(total, B, N, ws)
+    coef = {m: c for m, c in zip(poly.monoms(), poly.coeffs())}
+    parts = [_n(coef.get((0, 0, 0), 0)), f"{_n(coef.get((1, 0, 0), 0))} B", f"{_n(coef.get((1, 1, 0), 0))} B N"]
+    ws_args = terms["workspace"].args if isinstance(terms["workspace"], sp.Max) else (terms["workspace"],)
+    ws_text = "max(" + ", ".join(_linear_b(a) for a in ws_args) + ")"
+    k = coef.get((0, 0, 1), 1)
+    parts.append(f"{_n(k)} x {ws_text}" if k != 1 else ws_text)
+    return " + ".join(parts)
+
+
+def beyond_window(shape: ModelShape, context: int) -> bool:
+    return bool(shape.max_positions) and context > shape.max_positions
+
+
+def window_note(shape: ModelShape) -> str:
+    """What a context beyond the model's window means (max_position_embeddings)."""
+    return (f"beyond {shape.name}'s window of {shape.max_positions:,} positions (max_position_embeddings): the memory "
+            f"would hold that many tokens, but the model attends to at most {shape.max_positions:,}")
+
+
 def plan(shape: ModelShape, bits: str | None, budget: int, batches=(1, 8, 32, 128), contexts=(8192, 32768, 131072, 1 << 20),
          **kw) -> dict:
     mm = MemoryModel(shape, get_preset(bits) if bits else None, **kw)
+    longest = {b: mm.longest_context(b, budget) for b in batches}
     return {
         "model": shape.name, "bits": bits or "16 (full precision)", "budget_bytes": budget,
         "symbolic_total_bytes": str(sp.simplify(mm.total())),
-        "longest_context": {b: mm.longest_context(b, budget) for b in batches},
+        "formula": formula(mm),
+        "max_position_embeddings": shape.max_positions,
+        "longest_context": longest,
+        "longest_usable_context": {b: min(n, shape.max_positions) if shape.max_positions else n for b, n in longest.items()},
         "largest_batch": {n: mm.largest_batch(n, budget) for n in contexts},
     }

@@ -29,7 +29,7 @@ def test_round_trip_is_exact(tmp_path):
     art = _artifact()
     art.save(tmp_path)
     back = load_artifact(tmp_path)
-    assert back.manifest["format_version"] == 1
+    assert back.manifest["format_version"] == 2
     for a, b in zip(art.keys + art.values, back.keys + back.values):
         for f in ("centroids", "transform", "inverse", "mean"):
             assert torch.equal(getattr(a, f), getattr(b, f))

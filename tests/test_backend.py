@@ -117,7 +117,7 @@ def test_mode_and_options_accepted():
 
     cfg, art, release, rest = parse_options({"bits": "2", "anchor_ratio": 0.05, "window": 8, "max_autotune": False})
     assert (cfg.bits, cfg.anchor_ratio, cfg.window, art, release) == ("2", 0.05, 8, None, True)
-    rest.pop("__inner")
+    rest.pop("__inner"), rest.pop("__allow_model_mismatch")
     assert _config_patches("reduce-overhead", rest) == {"triton.cudagraphs": True, "max_autotune": False}
     assert _config_patches(None, {}) == {}
     with pytest.raises(ValueError):

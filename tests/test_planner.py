@@ -78,3 +78,29 @@ def test_codebook_term_is_what_the_device_holds(llama, bits):
     assert term == llama.num_layers * 2 * per_book
     if bits == "1":
         assert term == 168_034_304  # session.memory_bytes()["codebooks"] on the H100 (e2e_memory_v9): 168.0 MB
+
+
+def test_plan_cli_reads_the_config_only_and_knows_the_window(tmp_path, capsys):
+    """A folder with a config.json and no weights is enough (nothing is loaded); contexts past the model's
+    max_position_embeddings are marked and explained; the formula is one readable line (no sympy Max/Piecewise)."""
+    from antkv_compile.cli import main
+    from antkv_compile.models import tiny_config
+
+    tiny_config("llama").save_pretrained(tmp_path)  # config.json only: loading weights would fail
+    assert main(["plan", "--model", str(tmp_path), "--gpu-memory", "1GB", "--batches", "1",
+                 "--contexts", "512", "4096", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "model window (max_position_embeddings): 1,024 positions" in out
+    assert "context 4,096 *" in out and "context 512 *" not in out
+    assert "the model attends to at most 1,024" in out
+    line = next(l for l in out.splitlines() if l.startswith("antkv 1-bit bytes = "))
+    assert "Max(" not in line and "Piecewise" not in line and " B N " in line
+
+
+def test_plan_result_caps_the_usable_context_at_the_window():
+    from antkv_compile.models import tiny_config
+
+    shape = ModelShape.from_config(tiny_config("llama"), "tiny")
+    r = plan(shape, "1", parse_bytes("1GB"), batches=(1,), contexts=(512,))
+    assert r["max_position_embeddings"] == 1024
+    assert r["longest_context"][1] > 1024 and r["longest_usable_context"][1] == 1024

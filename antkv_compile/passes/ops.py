@@ -17,6 +17,10 @@
   reordering that matters), no CSE of distinct calls (their inputs differ), the fake kernel never touches
   state, and the op is a pure function of its inputs whenever ``position`` starts at 0 (``opcheck`` is
   run that way). Out-of-sequence calls raise instead of returning wrong values.
+* Inference only: the store is not differentiable. The backend compiles and runs a rewritten graph under
+  ``torch.no_grad()`` (so the model works with grad mode on, Hugging Face's default outside ``generate``, and
+  under ``torch.inference_mode()``; its outputs carry no autograd graph), and a backward through the op
+  called directly raises :data:`NO_BACKWARD`.
 * The mask is checked at run time to be the plain causal mask over the tokens held (no padding / custom
   masks): a model run with a padding mask raises instead of silently ignoring it.
 
@@ -33,7 +37,7 @@ from torch.library import custom_op
 
 from ..numerics.store import CacheInputError
 
-__all__ = ["cache_attend", "mask_is_causal", "step_facts"]
+__all__ = ["cache_attend", "mask_is_causal", "non_finite_problem", "step_facts"]
 
 
 def mask_is_causal(mask: Tensor, start: int, t: int) -> bool:
@@ -99,10 +103,32 @@ def cache_attend(q: Tensor, k: Tensor, v: Tensor, position: Tensor, mask: Option
             f"layer {layer}: the attention mask is not the plain causal mask over positions 0..{start + t - 1} "
             "(padding or a custom mask); the antkv store supports unpadded causal attention only -- run "
             "unpadded batches, or compile with backend='inductor'")
+    check = s.config.check_finite
+    if check:
+        problem = non_finite_problem(layer, k, v)
+        if problem:
+            raise CacheInputError(problem)
     store = s.store_for(layer, q, k, v, start, capacity, scale)
-    out = store.attend(q, k, v, check_finite=s.config.check_finite).contiguous()
+    out = store.attend(q, k, v, check_finite=False).contiguous()  # checked above, with the cause
     _compact_window(store)
     return out
+
+
+def non_finite_problem(layer: int, k: Tensor, v: Tensor) -> str | None:
+    """None when the new keys and values are finite, else a message whose hint matches the cause: in float16 a
+    NaN/Inf is most often an overflow of the activations; in float32 / bfloat16 (range of float32) it came in
+    with the model's inputs (``inputs_embeds``, custom embeddings) or weights."""
+    if bool(torch.isfinite(k).all() & torch.isfinite(v).all()):
+        return None
+    kinds = " and ".join(name for name, bad in (("NaN", bool(torch.isnan(k).any() | torch.isnan(v).any())),
+                                                ("Inf", bool(torch.isinf(k).any() | torch.isinf(v).any()))) if bad)
+    head = f"layer {layer}: the new keys or values contain {kinds}"
+    if k.dtype == torch.float16:
+        return (f"{head}; in float16 this is usually an overflow of the model's activations: run the model in "
+                "bfloat16 or float32, or check the inputs for NaN/Inf")
+    return (f"{head} ({str(k.dtype).removeprefix('torch.')} does not overflow here): they came in with the model's "
+            "inputs or weights -- check input_ids / inputs_embeds (torch.isfinite(x).all()) and the weights; "
+            "the antkv store cannot code non-finite values")
 
 
 def _compact_window(store) -> None:
@@ -116,6 +142,17 @@ def _compact_window(store) -> None:
         t = getattr(store, name, None)
         if t is not None and t.untyped_storage().nbytes() > t.numel() * t.element_size():
             setattr(store, name, t.clone())
+
+
+NO_BACKWARD = ("antkv_rt.cache_attend has no backward: the compressed KV cache is for inference only; run the "
+               "model under torch.no_grad() or torch.inference_mode(), or compile with backend='inductor' to train")
+
+
+def _backward(ctx, grad):
+    raise RuntimeError(NO_BACKWARD)
+
+
+cache_attend.register_autograd(_backward, setup_context=lambda ctx, inputs, output: None)
 
 
 @cache_attend.register_fake
