@@ -36,6 +36,13 @@ class ArtifactMismatchError(ValueError):
     """The artifact was calibrated for a different model or preset."""
 
 
+DENSE_PRE_ROPE_MESSAGE = (
+    "{where} codes keys before RoPE through a dense per-head coding map (an artifact from before RoPE-pair "
+    "sub-spaces); no kernel can decode it, and pre-RoPE artifacts are now always in the RoPE-pair layout. "
+    "Recalibrate it: antkv-compile calibrate --pre-rope --bits {bits} --out <dir>"
+)
+
+
 @dataclasses.dataclass
 class CodebookArtifact:
     keys: list[Codebook]  # one per layer (None-free; layers without a store are not calibrated)
@@ -93,6 +100,13 @@ class CodebookArtifact:
                 f"codebook artifact was calibrated for {want.get('id')!r}, not {model_id!r}; shapes agree but "
                 f"the codebooks fit another model's activations. Calibrate one for {model_id!r}."
             )
+
+    def check_key_layout(self, where: str = "this codebook artifact") -> None:
+        """Raise ArtifactError for a pre-RoPE artifact whose key codebooks are not in the RoPE-pair layout."""
+        from .numerics.rope_pairs import is_pair_layout
+
+        if self.key_space == "pre_rope" and not all(is_pair_layout(cb) for cb in self.keys):
+            raise ArtifactError(DENSE_PRE_ROPE_MESSAGE.format(where=where, bits=self.preset.name))
 
     def check_preset(self, bits: str | VQPreset) -> None:
         want = get_preset(bits)
@@ -163,4 +177,5 @@ def load_artifact(directory: str | Path) -> CodebookArtifact:
     art = CodebookArtifact(keys, values, manifest, tensors.get("rope.inv_freq"))
     if art.keys and art.keys[0].nominal_bits != art.preset.nominal_bits:
         raise ArtifactError(f"{d}: tensors do not match the preset named in the manifest")
+    art.check_key_layout(str(d))
     return art
