@@ -82,7 +82,6 @@ def _stores(spec: MethodSpec, geom_kv, geometry: StoreGeometry, artifacts: dict[
         art = artifacts[spec.artifact]
         art.check_preset(spec.config.bits)
         art.check_model(geom_kv)
-        art.check_key_layout(f"artifact {spec.artifact!r}")
         if art.manifest.get("key_space", "post_rope") != spec.config.key_space:
             raise ValueError(f"artifact {spec.artifact!r} codes keys {art.manifest.get('key_space')}, the method "
                              f"asks for {spec.config.key_space}")

@@ -29,7 +29,6 @@ from ..config import AnTKVConfig
 from .anchor_score import anchor_scores
 from .attention import causal_mask, exact_attention, lut_attention, merge_partials
 from .rope import RopeTable, rotate, unrotate
-from .rope_pairs import is_pair_layout
 from .scalar_quant import ScalarQuantizer
 from .vq import Codebook
 
@@ -184,9 +183,6 @@ class AnTKVLayerStore(_LayerStoreBase):
         if config.key_space == "pre_rope" and rope is None:
             raise ValueError("key_space='pre_rope' needs the model's RoPE table (rope=RopeTable.from_model(model))")
         self.rope = rope
-        if config.key_space == "pre_rope" and not is_pair_layout(codebook_k):
-            raise CacheInputError("pre-RoPE keys need a key codebook in the RoPE-pair layout (numerics.rope_pairs); "
-                                  "this one has a dense coding map: recalibrate (antkv-compile calibrate --pre-rope)")
         g = geometry
         for name, cb in (("key", codebook_k), ("value", codebook_v)):
             if cb.head_dim != g.head_dim or cb.num_heads not in (1, g.num_kv_heads):
