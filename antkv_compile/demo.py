@@ -34,8 +34,9 @@ def _artifact(model, tok, bits: str, directory: str | None, calib_tokens: int, k
     path = Path(directory or f"artifacts/smollm2-demo/antkv-{bits}-{key_space.replace('_', '-')}")
     try:
         return load_artifact(path), path
-    except ArtifactError:
-        pass
+    except ArtifactError as e:
+        if path.exists():
+            print(f"not using {path}: {e}", flush=True)
     print(f"calibrating {bits}-bit codebooks on {calib_tokens} tokens of pydoc topics -> {path}", flush=True)
     text = calibration_text()
     ctx = token_contexts(tok, text, 1024, num_contexts=max(1, calib_tokens // 1024))

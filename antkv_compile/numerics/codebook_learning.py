@@ -133,6 +133,8 @@ def group_pairs(cov: Tensor, sub_dim: int, how: str, max_swaps: int = 200) -> Te
     cov = cov + ridge
     starts = torch.stack([group_pairs(cov, sub_dim, h) for h in PAIR_GROUPINGS[:3]]).view(3, s, p)
     groups = starts[gaussian_cost(cov, starts).argmin()].clone()
+    if s == 1:
+        return groups.flatten()
     # every swap of slot (a, i) with slot (b, j), a < b
     slots = [(a, i) for a in range(s) for i in range(p)]
     swaps = torch.tensor([(a, i, b, j) for a, i in slots for b, j in slots if a < b])
