@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -127,6 +128,7 @@ def main() -> None:
     ap.add_argument("--calib-tokens-big", type=int, default=65536, help="calibration tokens of the *-64k variants")
     ap.add_argument("--iters", type=int, default=20, help="k-means iterations (keys and values)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--stats-cache", default=None, help="file to save / reuse the calibration statistics (same args)")
     ap.add_argument("--out", default="benchmarks/results/dev_tuning.json")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -144,7 +146,12 @@ def main() -> None:
     cctx = token_contexts(tok, calib, args.calib_context_len, num_contexts=args.calib_tokens // args.calib_context_len)
     dctx = token_contexts(tok, dev, args.context_len, num_contexts=max(1, args.dev_tokens // args.context_len))
     t0 = time.time()
-    pre_stats = collect_statistics(model, cctx.to(args.device), progress=False, key_space="pre_rope")
+    if args.stats_cache and Path(args.stats_cache).is_file():
+        pre_stats = torch.load(args.stats_cache, weights_only=False)
+    else:
+        pre_stats = collect_statistics(model, cctx.to(args.device), progress=False, key_space="pre_rope")
+        if args.stats_cache:
+            torch.save(pre_stats, args.stats_cache)
     stats = post_rope_from_pre(pre_stats, RopeTable.from_model(model))
     print(f"statistics over {cctx.numel()} calibration tokens in {time.time() - t0:.0f}s", flush=True)
     big = None
