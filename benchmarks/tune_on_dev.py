@@ -185,10 +185,16 @@ def main() -> None:
         rows.append(r.row(full.perplexity) | {"variant": vname, "anchors": cfg.score, "fit_seconds": fit_s})
         print(f"{vname:28s} ppl {r.perplexity:8.3f} x{r.perplexity / full.perplexity:.3f} "
               f"eff {r.effective_bits:.3f} fit {fit_s:.0f}s eval {r.seconds:.0f}s", flush=True)
+        save(args, rows, variants, cctx, dctx)
+    table = save(args, rows, variants, cctx, dctx)
+    print(table)
+
+
+def save(args, rows, variants, cctx, dctx) -> str:
+    """Write the results so far (after every variant: a long CPU run keeps what it measured)."""
     cols = [("variant", "variant", "s"), ("anchors", "anchors", "s"), ("perplexity", "dev ppl", ".3f"),
             ("ratio_to_full", "x full", ".3f"), ("effective_bits", "eff. bits", ".3f")]
     table = markdown_table(rows, cols)
-    print(table)
     write_json(args.out, {"environment": environment(), "protocol": {
         "calibration": f"pydoc topics, first 80% of sorted names, {cctx.numel()} tokens",
         "dev": f"pydoc topics, last 20%, {dctx.shape[0]} x {dctx.shape[1]} tokens", "window": 64, "anchor_ratio": 0.01,
@@ -196,6 +202,7 @@ def main() -> None:
         "round": 6},
         "results": rows, "markdown": table,
         "variants": {k: [str(p), dataclasses.asdict(ko), dataclasses.asdict(vo), o] for k, (p, ko, vo, o) in variants.items()}})
+    return table
 
 
 if __name__ == "__main__":
