@@ -41,6 +41,13 @@ class ArtifactMismatchError(ValueError):
     """The artifact was calibrated for a different model or preset."""
 
 
+DENSE_PRE_ROPE_MESSAGE = (
+    "{where} codes keys before RoPE through a dense per-head coding map (an artifact from before RoPE-pair "
+    "sub-spaces); no kernel can decode it, and pre-RoPE artifacts are now always in the RoPE-pair layout. "
+    "Recalibrate it: antkv-compile calibrate --pre-rope --bits {bits} --out <dir>"
+)
+
+
 @dataclasses.dataclass
 class CodebookArtifact:
     keys: list[Codebook]  # one per layer (None-free; layers without a store are not calibrated)
@@ -156,6 +163,13 @@ class CodebookArtifact:
                 f"codebooks fit another model's keys and values. {fix}; or pass options={{'allow_model_mismatch': "
                 "True} to reuse it deliberately (e.g. on a fine-tune of that model)")
 
+    def check_key_layout(self, where: str = "this codebook artifact") -> None:
+        """Raise ArtifactError for a pre-RoPE artifact whose key codebooks are not in the RoPE-pair layout."""
+        from .numerics.rope_pairs import is_pair_layout
+
+        if self.key_space == "pre_rope" and not all(is_pair_layout(cb) for cb in self.keys):
+            raise ArtifactError(DENSE_PRE_ROPE_MESSAGE.format(where=where, bits=self.preset.name))
+
     def check_preset(self, bits: str | VQPreset) -> None:
         want = get_preset(bits)
         if (want.sub_dim, want.code_bits, want.stages) != (self.preset.sub_dim, self.preset.code_bits, self.preset.stages):
@@ -240,6 +254,7 @@ def load_artifact(directory: str | Path) -> CodebookArtifact:
     problem = _inconsistency(art, tensors)
     if problem:
         raise ArtifactError(f"{d}: the manifest and the tensors disagree ({problem}); re-run calibration")
+    art.check_key_layout(str(d))
     return art
 
 

@@ -124,6 +124,7 @@ def parse_options(options: dict | None):
 
         artifact = load_artifact(artifact)
     if artifact is not None and getattr(artifact, "key_space", "post_rope") == "pre_rope":
+        artifact.check_key_layout()  # refuses old dense-map pre-RoPE codebooks: recalibrate
         ours.setdefault("key_space", "pre_rope")  # the artifact decides how keys are coded
     if ours.get("key_space") == "pre_rope":
         ours.setdefault("coded_path", "dequantized")  # pre-RoPE keys are rotated back after decoding

@@ -26,7 +26,7 @@ from .hf_routing import chunk_logits, routed
 from .models import kv_geometry
 from .numerics.anchor_score import weights_for_calibration
 from .numerics.attention import causal_mask, exact_attention, group_queries
-from .numerics.codebook_learning import LearningOptions, learn_codebook
+from .numerics.codebook_learning import DEFAULT_PAIR_GROUPING, LearningOptions, learn_codebook
 from .numerics.rope import RopeTable, unrotate
 
 
@@ -140,6 +140,8 @@ def learn_artifact(
 ) -> CodebookArtifact:
     """Fit key and value codebooks for every layer."""
     value_options = value_options or options
+    if key_space == "pre_rope" and options.pairs is None:  # pre-RoPE keys are always in the RoPE-pair layout
+        options = dataclasses.replace(options, pairs=DEFAULT_PAIR_GROUPING)
     gen = torch.Generator().manual_seed(seed)
     keys, values = [], []
     t0 = time.time()

@@ -76,7 +76,7 @@ def cmd_calibrate(args) -> int:
     key_space = "pre_rope" if args.pre_rope else "post_rope"
     stats = collect_statistics(model, ctx.to(args.device), progress=not args.quiet, key_space=key_space)
     common = dict(weighted=not args.unweighted, rotate=not args.no_rotate, shared=args.shared, iters=args.iters)
-    key_options = LearningOptions(metric=args.key_metric, **common)
+    key_options = LearningOptions(metric=args.key_metric, pairs=args.pairs if args.pre_rope else None, **common)
     value_options = LearningOptions(metric=not args.no_value_metric, **common)
     for bits in args.bits:
         out = Path(args.out) if len(args.bits) == 1 else Path(args.out) / f"bits-{bits}"
@@ -286,6 +286,8 @@ def quiet_progress(quiet: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .numerics.codebook_learning import DEFAULT_PAIR_GROUPING, PAIR_GROUPINGS
+
     parser = argparse.ArgumentParser(prog="antkv-compile", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -301,8 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-rotate", action="store_true", help="no principal-axes rotation")
     p.add_argument("--shared", action="store_true", help="one codebook shared by the KV heads of a layer")
     p.add_argument("--pre-rope", action="store_true",
-                   help="code keys before RoPE (better quality: 1-bit 1.13x vs 1.31x on the eval text; "
-                        "the backend then reads them through the dequantized path)")
+                   help="code keys before RoPE, in RoPE-pair sub-spaces (kernels decode them and rotate each "
+                        "pair by position; the backend reads them through the dequantized path)")
+    p.add_argument("--pairs", default=DEFAULT_PAIR_GROUPING, choices=PAIR_GROUPINGS,
+                   help=f"with --pre-rope: which RoPE pairs share a sub-space (default {DEFAULT_PAIR_GROUPING}, "
+                        "chosen on the dev split)")
     p.add_argument("--iters", type=int, default=20)
     p.set_defaults(func=cmd_calibrate)
 

@@ -92,11 +92,12 @@ class AnTKVConfig:
     value_mode: how the VQ part of attention reads values: "histogram" (accumulate probability
         mass per centroid, then one small matmul with the codebook) or "gather".
     coded_path: "lut" attends on the codes through per-query lookup tables (what the kernels do);
-        "dequantized" keeps a decoded shadow copy of the coded tokens and attends with dense matmuls.
-        Both compute the same function (tested); the perplexity harness uses "dequantized" because
-        dense matmuls are much faster on a CPU. The shadow copy is not counted as cache memory.
+        "dequantized" decodes the codes on the fly (in chunks, keys rotated by position when pre-RoPE) and
+        attends with dense matmuls; the store keeps no decoded copy. Both compute the same function
+        (tested); the perplexity harness uses "dequantized" because dense matmuls are much faster on a CPU.
     key_space: code keys after RoPE (as the model caches them; lookup tables work) or before it
-        (unrotated by position, coded, rotated back; an ablation, dequantized path only).
+        (unrotated by position, coded in RoPE-pair sub-spaces, rotated back after decoding; dequantized
+        path only in the reference store).
     capacity: tokens per sequence the compiled model's store holds (default: the static cache's
         ``max_cache_len``). Larger than the static cache lets the dense cache be allocated small
         (it is never read after the rewrite) while the store holds a long context.

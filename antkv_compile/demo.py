@@ -42,8 +42,9 @@ def _artifact(model, tok, bits: str, directory: str | None, calib_tokens: int, k
     path = Path(directory) if directory else demo_artifact_dir(bits, key_space)
     try:
         return load_artifact(path), path
-    except ArtifactError:
-        pass
+    except ArtifactError as e:
+        if path.exists():
+            print(f"not using {path}: {e}", flush=True)
     print(f"calibrating {bits}-bit codebooks on {calib_tokens} tokens of pydoc topics -> {path}", flush=True)
     t0 = time.time()
     art = load_or_calibrate(model, tok, path, bits=bits, key_space=key_space, tokens=calib_tokens, iters=iters,

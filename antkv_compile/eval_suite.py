@@ -9,15 +9,20 @@ import dataclasses
 
 from .config import PRESETS, AnTKVConfig
 from .evaluation import MethodSpec
-from .numerics.codebook_learning import LearningOptions
+from .numerics.codebook_learning import DEFAULT_PAIR_GROUPING, LearningOptions
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     bits: str
-    key_options: LearningOptions = LearningOptions(metric=False)
+    key_options: LearningOptions | None = None  # None: the default for key_space (below)
     value_options: LearningOptions = LearningOptions()
     key_space: str = "post_rope"
+
+    def __post_init__(self) -> None:
+        if self.key_options is None:  # pre-RoPE keys: RoPE-pair sub-spaces (decodable in-kernel)
+            pairs = DEFAULT_PAIR_GROUPING if self.key_space == "pre_rope" else None
+            object.__setattr__(self, "key_options", LearningOptions(metric=False, pairs=pairs))
 
 
 # Defaults chosen on the dev split (benchmarks/results/dev_tuning_round*.json): keys weighted and

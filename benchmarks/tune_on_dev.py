@@ -15,15 +15,17 @@ import argparse
 import dataclasses
 import json
 import time
+from pathlib import Path
 
 import torch
 
 from antkv_compile.calibration import collect_statistics, learn_artifact, model_identity
-from antkv_compile.config import AnTKVConfig, VQPreset, get_preset
+from antkv_compile.artifact import CodebookArtifact
+from antkv_compile.config import PRESETS, AnTKVConfig, VQPreset, get_preset
 from antkv_compile.evaluation import MethodSpec, evaluate_method
 from antkv_compile.models import load_model
-from antkv_compile.numerics.codebook_learning import LearningOptions
-from antkv_compile.numerics.rope import model_rope_parameters
+from antkv_compile.numerics.codebook_learning import PAIR_GROUPINGS, LearningOptions, learn_codebook
+from antkv_compile.numerics.rope import RopeTable, model_rope_parameters, rotate
 from antkv_compile.reporting import environment, markdown_table, write_json
 from antkv_compile.texts import token_contexts
 
@@ -63,14 +65,55 @@ VARIANTS_ROUND4: dict[str, tuple[VQPreset | str, LearningOptions, LearningOption
 }
 # round 5: keys coded before RoPE (unrotated by position, rotated back after decoding)
 PRE = {"key_space": "pre_rope"}
-VARIANTS: dict[str, tuple[VQPreset | str, LearningOptions, LearningOptions, dict]] = {
+VARIANTS_ROUND5: dict[str, tuple[VQPreset | str, LearningOptions, LearningOptions, dict]] = {
     "1:post-rope": ("1", *VM, {}),
     "1:pre-rope": ("1", *VM, PRE),
     "4:pre-rope": ("4", *VM, PRE),
     "2:pre-rope": ("2", *VM, PRE),
     "0.375:pre-rope": ("0.375", *VM, PRE),
 }
+# round 6: pre-RoPE keys in RoPE-pair sub-spaces (decodable in-kernel), per pair grouping, against the old dense
+# principal-axes pre-RoPE map ("pre-rope-dense": keys pre-RoPE, pairs=None) and post-RoPE keys
+VARIANTS: dict[str, tuple[VQPreset | str, LearningOptions, LearningOptions, dict]] = {
+    **{f"{b}:post-rope": (b, *VM, {}) for b in PRESETS},
+    **{f"{b}:pre-rope-dense": (b, *VM, PRE) for b in PRESETS},
+    **{f"{b}:pairs-{g}": (b, LearningOptions(metric=False, pairs=g), VM[1], PRE) for b in PRESETS for g in PAIR_GROUPINGS},
+}
 KIVI: dict[str, int] = {}  # round 3 measured kivi-2 and kivi-4
+
+
+def post_rope_from_pre(pre_stats, rope: RopeTable):
+    """Post-RoPE statistics from pre-RoPE ones (keys rotated back by position; one calibration forward for both)."""
+    out = []
+    for st in pre_stats:
+        post = dataclasses.replace(st, keys=[])
+        for k in st.keys:  # [H, T, D] per calibration context, positions 0 .. T-1
+            post.keys.append(rotate(k[None], *rope(torch.arange(k.shape[1], device=k.device)))[0])
+        out.append(post)
+    return out
+
+
+def fit(stats, preset: VQPreset, kopts: LearningOptions, vopts: LearningOptions, space: str, model, info, iters: int,
+        values_cache: dict) -> CodebookArtifact:
+    """Keys per variant, values shared by every variant with the same preset and value options (same seed).
+    Pre-RoPE keys with kopts.pairs None give the old dense principal-axes map (learn_artifact no longer builds it)."""
+    kopts, vopts = dataclasses.replace(kopts, iters=iters), dataclasses.replace(vopts, iters=iters)
+    gen = torch.Generator().manual_seed(0)
+    keys = []
+    for st in stats:
+        k, _, wk, _ = st.cat()
+        keys.append(learn_codebook(k, wk, preset, metric=st.query_covariance, options=kopts, generator=gen))
+    vkey = (preset, vopts)
+    if vkey not in values_cache:
+        vgen = torch.Generator().manual_seed(1)
+        values_cache[vkey] = [learn_codebook(torch.cat(st.values, 1), torch.cat(st.w_value, 1), preset,
+                                             metric=st.value_metric, options=vopts, generator=vgen) for st in stats]
+    manifest = {"model": info, "preset": dataclasses.asdict(preset) | {"nominal_bits": preset.nominal_bits},
+                "key_options": dataclasses.asdict(kopts), "value_options": dataclasses.asdict(vopts), "key_space": space}
+    inv_freq, scaling = model_rope_parameters(model)
+    if space == "pre_rope":
+        manifest["rope"] = {"attention_scaling": scaling}
+    return CodebookArtifact(keys, values_cache[vkey], manifest, inv_freq if space == "pre_rope" else None)
 
 
 def main() -> None:
@@ -83,9 +126,14 @@ def main() -> None:
     ap.add_argument("--dev-tokens", type=int, default=16384)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--calib-tokens-big", type=int, default=65536, help="calibration tokens of the *-64k variants")
+    ap.add_argument("--iters", type=int, default=20, help="k-means iterations (keys and values)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--stats-cache", default=None, help="file to save / reuse the calibration statistics (same args)")
     ap.add_argument("--out", default="benchmarks/results/dev_tuning.json")
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     variants = {k: VARIANTS[k] for k in args.variants.split(",")}
 
     model, tok = load_model(args.model, device=args.device)
@@ -98,11 +146,14 @@ def main() -> None:
     cctx = token_contexts(tok, calib, args.calib_context_len, num_contexts=args.calib_tokens // args.calib_context_len)
     dctx = token_contexts(tok, dev, args.context_len, num_contexts=max(1, args.dev_tokens // args.context_len))
     t0 = time.time()
-    stats = collect_statistics(model, cctx.to(args.device))
-    print(f"statistics over {cctx.numel()} calibration tokens in {time.time() - t0:.0f}s", flush=True)
-    pre_stats = None
-    if any(o.get("key_space") == "pre_rope" for *_, o in variants.values()):
+    if args.stats_cache and Path(args.stats_cache).is_file():
+        pre_stats = torch.load(args.stats_cache, weights_only=False)
+    else:
         pre_stats = collect_statistics(model, cctx.to(args.device), progress=False, key_space="pre_rope")
+        if args.stats_cache:
+            torch.save(pre_stats, args.stats_cache)
+    stats = post_rope_from_pre(pre_stats, RopeTable.from_model(model))
+    print(f"statistics over {cctx.numel()} calibration tokens in {time.time() - t0:.0f}s", flush=True)
     big = None
     if any(k.endswith("-64k") for k in variants):
         bctx = token_contexts(tok, calib, args.calib_context_len,
@@ -119,32 +170,39 @@ def main() -> None:
         rows.append(r.row(full.perplexity) | {"variant": kname, "anchors": "-"})
         print(f"{kname:28s} ppl {r.perplexity:8.3f} x{r.perplexity / full.perplexity:.3f} eff {r.effective_bits:.3f}", flush=True)
     fitted: dict = {}
+    values_cache: dict = {}
     for vname, (preset, kopts, vopts, over) in variants.items():
         t1 = time.time()
         space = over.get("key_space", "post_rope")
         key = (str(preset), kopts, vopts, space)
         if key not in fitted:
             src = pre_stats if space == "pre_rope" else (big if vname.endswith("-64k") else stats)
-            fitted[key] = learn_artifact(src, get_preset(preset), options=kopts, value_options=vopts, model_info=info,
-                                         text_info={}, progress=False, key_space=space,
-                                         rope=model_rope_parameters(model) if space == "pre_rope" else None)
+            fitted[key] = fit(src, get_preset(preset), kopts, vopts, space, model, info, args.iters, values_cache)
         fit_s = time.time() - t1
         cfg = AnTKVConfig(bits=get_preset(preset), coded_path="dequantized", **over)
         r = evaluate_method(model, dctx, MethodSpec(vname, "antkv", cfg, "a"), {"a": fitted[key]},
                             batch_size=4, progress=False)
         rows.append(r.row(full.perplexity) | {"variant": vname, "anchors": cfg.score, "fit_seconds": fit_s})
         print(f"{vname:28s} ppl {r.perplexity:8.3f} x{r.perplexity / full.perplexity:.3f} "
-              f"eff {r.effective_bits:.3f}", flush=True)
+              f"eff {r.effective_bits:.3f} fit {fit_s:.0f}s eval {r.seconds:.0f}s", flush=True)
+        save(args, rows, variants, cctx, dctx)
+    table = save(args, rows, variants, cctx, dctx)
+    print(table)
+
+
+def save(args, rows, variants, cctx, dctx) -> str:
+    """Write the results so far (after every variant: a long CPU run keeps what it measured)."""
     cols = [("variant", "variant", "s"), ("anchors", "anchors", "s"), ("perplexity", "dev ppl", ".3f"),
             ("ratio_to_full", "x full", ".3f"), ("effective_bits", "eff. bits", ".3f")]
     table = markdown_table(rows, cols)
-    print(table)
     write_json(args.out, {"environment": environment(), "protocol": {
         "calibration": f"pydoc topics, first 80% of sorted names, {cctx.numel()} tokens",
         "dev": f"pydoc topics, last 20%, {dctx.shape[0]} x {dctx.shape[1]} tokens", "window": 64, "anchor_ratio": 0.01,
-        "round": 5},
+        "kmeans_iters": args.iters, "values": "one value codebook per preset, shared by every variant",
+        "round": 6},
         "results": rows, "markdown": table,
         "variants": {k: [str(p), dataclasses.asdict(ko), dataclasses.asdict(vo), o] for k, (p, ko, vo, o) in variants.items()}})
+    return table
 
 
 if __name__ == "__main__":

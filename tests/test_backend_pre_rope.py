@@ -8,7 +8,8 @@ from antkv_compile.backend import parse_options
 from antkv_compile.calibration import collect_statistics, learn_artifact, model_identity
 from antkv_compile.config import get_preset
 from antkv_compile.models import tiny_model
-from antkv_compile.numerics.codebook_learning import LearningOptions
+from antkv_compile.numerics.codebook_learning import DEFAULT_PAIR_GROUPING, LearningOptions
+from antkv_compile.numerics.rope_pairs import is_pair_layout
 from antkv_compile.numerics.rope import model_rope_parameters
 
 
@@ -25,6 +26,8 @@ def setup(tmp_path_factory):
 def test_artifact_carries_the_models_rope(setup):
     model, art = setup
     assert art.key_space == "pre_rope"
+    assert all(is_pair_layout(cb) for cb in art.keys)  # pre-RoPE keys are always in RoPE-pair sub-spaces
+    assert art.manifest["key_options"]["pairs"] == DEFAULT_PAIR_GROUPING
     cos, sin = art.rope_table()(torch.arange(5, 9))
     rcos, rsin = model.model.rotary_emb(torch.zeros(1), torch.arange(5, 9)[None])
     torch.testing.assert_close(cos, rcos[0].float())

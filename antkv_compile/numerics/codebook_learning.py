@@ -11,6 +11,12 @@ Two ingredients beyond plain k-means:
   allocation): product quantization wastes bits when one sub-space holds most of the energy.
 * **Token-aware weights.** Each token's squared error is weighted by its first-order sensitivity
   (see :func:`antkv_compile.numerics.anchor_score.weights_for_calibration`).
+
+Pre-RoPE keys use **RoPE-pair sub-spaces** instead of the dense map (``LearningOptions.pairs``): the map is
+a permutation that puts whole RoPE pairs ``(j, j + D/2)`` into each sub-space
+(:mod:`antkv_compile.numerics.rope_pairs`), so a kernel decodes by gathering centroids and rotating each
+pair by the token's position. Learning then only chooses *which pairs share a sub-space*
+(:func:`group_pairs`), and k-means codes each sub-space in the plain Euclidean metric.
 """
 from __future__ import annotations
 
@@ -21,7 +27,11 @@ from torch import Tensor
 
 from ..config import VQPreset
 from .kmeans import assign, weighted_kmeans
+from .rope_pairs import pair_transform
 from .vq import Codebook
+
+PAIR_GROUPINGS = ("adjacent", "balanced", "correlation", "search")
+DEFAULT_PAIR_GROUPING = "search"  # pre-RoPE keys' grouping (chosen on the dev split: dev_tuning_round6.json)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +45,13 @@ class LearningOptions:
     weight_power: float = 1.0  # weights ** power (< 1 flattens the sensitivity weighting)
     metric_center: bool = False  # drop the mean query from the key metric (softmax ignores shared shifts)
     regularization: float = 1e-3  # relative ridge added to the metric
+    # RoPE-pair sub-spaces (pre-RoPE keys): how pairs are grouped (one of PAIR_GROUPINGS, see group_pairs);
+    # None = the dense metric / principal-axes map above. With pairs set, metric and rotate are not used.
+    pairs: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.pairs is not None and self.pairs not in PAIR_GROUPINGS:
+            raise ValueError(f"pairs must be one of {PAIR_GROUPINGS} or None, got {self.pairs!r}")
 
 
 def _sqrt_psd(m: Tensor, ridge: float) -> Tensor:
@@ -60,6 +77,90 @@ def _balanced_permutation(variances: Tensor, sub_dim: int) -> Tensor:
         buckets[best].append(axis)
         load[best] += logv[axis]
     return torch.tensor([a for b in buckets for a in b])
+
+
+def gaussian_cost(cov: Tensor, groups: Tensor) -> Tensor:
+    """High-rate distortion of product-quantizing Gaussian data of covariance cov [D, D] with sub-spaces made
+    of the pair groups [..., S, P]: sum over sub-spaces of det(cov restricted to the sub-space) ** (1 / dims).
+    Lower when each sub-space's pairs are correlated (VQ exploits it) and when energy is balanced."""
+    half = cov.shape[-1] // 2
+    dims = torch.cat([groups, groups + half], -1)  # [..., S, 2P]
+    sub = cov[dims[..., :, None], dims[..., None, :]]  # [..., S, 2P, 2P]
+    return (torch.linalg.slogdet(sub)[1] / dims.shape[-1]).exp().sum(-1)
+
+
+def group_pairs(cov: Tensor, sub_dim: int, how: str, max_swaps: int = 200) -> Tensor:
+    """Pair order [D/2] (sub-space s holds pairs order[s*P:(s+1)*P], P = sub_dim / 2) for one head's
+    (weighted, centered) pre-RoPE key covariance cov [D, D].
+
+    adjacent:    neighbouring frequencies share a sub-space (pairs s*P .. s*P + P - 1).
+    balanced:    pairs dealt by energy, each to the sub-space with the least log-energy so far (as
+                 :func:`_balanced_permutation` deals principal axes).
+    correlation: each sub-space seeded by the most energetic free pair, then filled greedily with the free
+                 pairs most correlated with its members (sum of squared cross-correlations).
+    search:      the best of the three by :func:`gaussian_cost`, improved by pair swaps between sub-spaces
+                 while the cost falls.
+    """
+    cov = cov.double().cpu()
+    d = cov.shape[0]
+    half, p = d // 2, sub_dim // 2
+    s = half // p
+    energy = cov.diagonal()[:half] + cov.diagonal()[half:]
+    if how == "adjacent":
+        return torch.arange(half)
+    if how == "balanced":
+        return _balanced_permutation(energy, p)
+    if how == "correlation":
+        std = cov.diagonal().clamp_min(1e-20).sqrt()
+        r2 = (cov / std[:, None] / std[None, :]) ** 2
+        dep = r2[:half, :half] + r2[:half, half:] + r2[half:, :half] + r2[half:, half:]  # [half, half]
+        free = set(range(half))
+        order: list[int] = []
+        for seed in torch.argsort(energy, descending=True).tolist():
+            if seed not in free:
+                continue
+            group = [seed]
+            free.discard(seed)
+            while len(group) < p:
+                best = max(free, key=lambda j: float(dep[j, group].sum()))
+                group.append(best)
+                free.discard(best)
+            order += group
+        return torch.tensor(order)
+    if how != "search":
+        raise ValueError(f"unknown pair grouping {how!r}; one of {PAIR_GROUPINGS}")
+    ridge = 1e-6 * cov.diagonal().mean() * torch.eye(d, dtype=cov.dtype)
+    cov = cov + ridge
+    starts = torch.stack([group_pairs(cov, sub_dim, h) for h in PAIR_GROUPINGS[:3]]).view(3, s, p)
+    groups = starts[gaussian_cost(cov, starts).argmin()].clone()
+    if s == 1:
+        return groups.flatten()
+    # every swap of slot (a, i) with slot (b, j), a < b
+    slots = [(a, i) for a in range(s) for i in range(p)]
+    swaps = torch.tensor([(a, i, b, j) for a, i in slots for b, j in slots if a < b])
+    for _ in range(max_swaps):
+        cand = groups.expand(len(swaps), s, p).clone()
+        rows = torch.arange(len(swaps))
+        cand[rows, swaps[:, 0], swaps[:, 1]] = groups[swaps[:, 2], swaps[:, 3]]
+        cand[rows, swaps[:, 2], swaps[:, 3]] = groups[swaps[:, 0], swaps[:, 1]]
+        costs = gaussian_cost(cov, cand)
+        best = int(costs.argmin())
+        if costs[best] >= gaussian_cost(cov, groups) * (1 - 1e-9):
+            break
+        groups = cand[best]
+    return groups.flatten()
+
+
+def pair_coding_transform(x: Tensor, w: Tensor, sub_dim: int, how: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-head (mean [H, D], transform, inverse [H, D, D]) in the RoPE-pair layout for data x [H, N, D]."""
+    xd, wd = x.double(), w.double()
+    wn = wd / wd.sum(-1, keepdim=True)
+    mean = (wn[..., None] * xd).sum(1)
+    xc = xd - mean[:, None]
+    cov = torch.einsum("hn,hnd,hne->hde", wn, xc, xc)
+    pairs = torch.stack([group_pairs(cov[i], sub_dim, how) for i in range(x.shape[0])])
+    transform, inverse = pair_transform(pairs)
+    return mean.float(), transform.to(x.device), inverse.to(x.device)
 
 
 def coding_transform(
@@ -120,7 +221,10 @@ def learn_codebook(
         w = w.reshape(1, h * n)
         metric = None if metric is None else metric.mean(0, keepdim=True)
     metric = None if metric is None else metric.to(x.device)
-    mean, transform, inverse = coding_transform(x, w, metric, preset.sub_dim, options)
+    if options.pairs is not None:
+        mean, transform, inverse = pair_coding_transform(x, w, preset.sub_dim, options.pairs)
+    else:
+        mean, transform, inverse = coding_transform(x, w, metric, preset.sub_dim, options)
     xc = torch.einsum("hnd,hde->hne", x - mean[:, None], transform)
     s = preset.num_subspaces(d)
     hh = xc.shape[0]

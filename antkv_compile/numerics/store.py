@@ -33,6 +33,10 @@ from .scalar_quant import ScalarQuantizer
 from .vq import Codebook
 
 
+# Coded tokens decoded at a time by the dequantized read path (bounds its transient buffers at
+# 2 * B * H * _DECODE_CHUNK * D floats; the store itself keeps only codes, anchors and the window).
+_DECODE_CHUNK = 8192
+
 # Full-precision entries (anchors, window) are counted at 16 bits, the cache dtype of deployment
 # (fp16/bf16), also when a CPU harness computes in float32.
 FULL_PRECISION_BITS = 16
@@ -199,9 +203,6 @@ class AnTKVLayerStore(_LayerStoreBase):
         self.anchor_k = torch.zeros(b, h, a, d, dtype=g.dtype, device=g.device)
         self.anchor_v = torch.zeros(b, h, a, d, dtype=g.dtype, device=g.device)
         self._gen = torch.Generator().manual_seed(config.seed * 1000 + layer_index)
-        if config.coded_path == "dequantized":  # decoded shadow of the codes (not cache memory)
-            self.k_hat = torch.zeros(b, h, n, d, dtype=torch.float32, device=g.device)
-            self.v_hat = torch.zeros(b, h, n, d, dtype=torch.float32, device=g.device)
 
     @property
     def num_anchors(self) -> int:
@@ -216,14 +217,27 @@ class AnTKVLayerStore(_LayerStoreBase):
             valid = self.anchor_pos >= 0
             visible.scatter_(2, torch.where(valid, self.anchor_pos, n).long(), False)
             parts.append(exact_attention(q, self.anchor_k, self.anchor_v, g.scale, valid[:, :, None, :]))
-        if self.config.coded_path == "dequantized":
-            coded = exact_attention(q, self.k_hat[:, :, :n], self.v_hat[:, :, :n], g.scale, visible[:, :, None, :n])
+        if self.config.coded_path == "dequantized":  # decode chunk by chunk, dense attention, merge
+            chunks = []
+            for lo in range(0, n, _DECODE_CHUNK):
+                hi = min(n, lo + _DECODE_CHUNK)
+                k_hat, v_hat = self.decode_coded(lo, hi)
+                chunks.append(exact_attention(q, k_hat, v_hat, g.scale, visible[:, :, None, lo:hi]))
+            coded = chunks[0] if len(chunks) == 1 else merge_partials(chunks)
         else:
             coded = lut_attention(
                 q, self.codes_k[:, :, :n], self.codes_v[:, :, :n], self.cb_k, self.cb_v, g.scale,
                 visible[:, :, None, :n], self.config.value_mode,
             )
         return [coded, *parts]
+
+    def decode_coded(self, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+        """Keys and values [B, H, hi - lo, D] (float32) decoded from the codes of positions lo .. hi - 1, keys
+        post-RoPE (pre-RoPE codes are rotated by their positions, as the kernels do in registers)."""
+        k_hat = self.cb_k.decode(self.codes_k[:, :, lo:hi])
+        if self.config.key_space == "pre_rope":
+            k_hat = rotate(k_hat, *self.rope(torch.arange(lo, hi, device=k_hat.device)))
+        return k_hat, self.cb_v.decode(self.codes_v[:, :, lo:hi])
 
     def _flush(self, n: int) -> None:
         k, v, n0 = self.win_k[:, :, :n], self.win_v[:, :, :n], self.n_coded
@@ -236,9 +250,6 @@ class AnTKVLayerStore(_LayerStoreBase):
         codes_v, v_hat = self.cb_v.quantize(v)
         self.codes_k[:, :, n0:n0 + n] = codes_k
         self.codes_v[:, :, n0:n0 + n] = codes_v
-        if self.config.coded_path == "dequantized":
-            self.k_hat[:, :, n0:n0 + n] = k_hat.float()
-            self.v_hat[:, :, n0:n0 + n] = v_hat.float()
         self.n_coded = n0 + n
         keep = self.config.anchors_for(self.n_coded)
         if not self.anchor_capacity or keep == 0:

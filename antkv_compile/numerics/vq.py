@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import VQPreset
@@ -157,15 +158,12 @@ class Codebook:
     def decode_coding_space(self, codes: Tensor) -> Tensor:
         """codes [B, H, T, stages*S] -> x' [B, H, T, D] (float32)."""
         b, h, t, _ = codes.shape
-        s, sd = self.num_subspaces, self.sub_dim
+        st, s, m, sd = self.stages, self.num_subspaces, self.num_centroids, self.sub_dim
         cents = self._per_head(self.centroids.transpose(0, 1), h).float()  # [H, stages, S, M, sd]
-        idx = codes.reshape(b, h, t, self.stages, s).long()
-        out = torch.zeros(b, h, t, s, sd, dtype=torch.float32, device=codes.device)
-        head = torch.arange(h, device=codes.device)[None, :, None, None]
-        sub = torch.arange(s, device=codes.device)[None, None, None, :]
-        for stage in range(self.stages):
-            out += cents[head, stage, sub, idx[:, :, :, stage]]
-        return out.reshape(b, h, t, s * sd)
+        # one flat gather (embedding) of rows (head, stage, sub-space, code): ~10x faster on a CPU than indexing
+        base = torch.arange(h * st * s, device=codes.device).view(h, st, s) * m
+        rows = F.embedding(codes.reshape(b, h, t, st, s).long() + base[None, :, None], cents.reshape(-1, sd))
+        return (rows.sum(3) if st > 1 else rows[:, :, :, 0]).reshape(b, h, t, s * sd)
 
     def encode(self, x: Tensor) -> Tensor:
         """x [B, H, T, D] -> codes [B, H, T, stages*S]."""
