@@ -750,7 +750,7 @@ def apply_quick(args) -> None:
              "calib_tokens": 2048, "inner": "eager", "distractors": 1,
              "artifacts": f"artifacts/{'smollm2' if args.model == 'smollm2' else Path(args.model).name}-quick"}
     if args.model.startswith("tiny-"):  # character tokens: the prompts' fixed text alone is ~450 tokens
-        quick.update(calib_context_len=256, lengths="512,768")
+        quick.update(calib_context_len=256, calib_tokens=1024, lengths="512,768")
     for k, v in quick.items():
         if getattr(args, k) == defaults[k]:
             setattr(args, k, v)

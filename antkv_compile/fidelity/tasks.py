@@ -14,7 +14,8 @@ Three tasks (``TASKS``):
 
 An item is ``prefix + haystack[:p] + needle + haystack[p:] + question`` as token ids: the prompt ends with the
 answer prefix ("... The pass key is"), so the answer is what the model says next. ``p`` is ``depth * H`` (H =
-haystack tokens) moved to the nearest sentence start within ``snap`` tokens, else to the nearest word start.
+haystack tokens) moved to the nearest sentence start within ``snap`` tokens, else to the nearest word start
+(depth 0 and 1 exactly: right after the instructions, right before the question).
 Every item is a pure function of (tokenizer, text, seed, task, length, depth index, sample): the same items for
 every method and every run.
 """
@@ -214,7 +215,7 @@ def make_item(tok, task: str, length: int, depth: float, *, seed: int = 0, depth
     hay = _passkey_haystack(tok, h, rng) if task == "passkey" else _prose_haystack(tok, h, rng, text)
     sentence, word = _boundaries(tok, hay)
     # insertion points in haystack coordinates; the target first, then the distractors away from it
-    target = _snap(round(depth * h), sentence, word, snap)
+    target = {0.0: 0, 1.0: h}.get(depth) if depth in (0.0, 1.0) else _snap(round(depth * h), sentence, word, snap)
     points = [(target, needle_ids, True)]
     for d, ids in extra:
         p = _snap(round(d * h), sentence, word, snap)
