@@ -4,8 +4,11 @@ Retrieval (passkey, niah, multikey; :mod:`.tasks`) runs every item through one `
 
 * ``compiled`` (every AnTKV method): ``model.compile(backend="antkv", options=...)`` once per method, then
   ``model.generate(ids, cache_implementation="static", ...)``; prompt included (prefill and decode both run
-  through the rewritten graphs). After each call the harness checks that the dense StaticCache buffers were
-  released (the store held the tokens): an item that ran uncompressed is an error, never a silent FP score.
+  through the rewritten graphs). ``disable_compile=True`` keeps transformers from wrapping the decode steps in
+  its own ``torch.compile`` (it does so on CUDA for static caches); the model's antkv compile runs them. After
+  each call the harness checks that no graph fell back to plain Inductor, that no layer re-homed the prompt from
+  the dense cache (= the prompt ran through a graph that was not rewritten) and that the dense StaticCache buffers
+  were released: an item that ran uncompressed is an error (:class:`FidelityError`), never a silent FP score.
 * ``full`` (full precision): the same ``generate`` call on the uncompiled model.
 * ``harness`` (KIVI-style, which has no compiled path; or any method with ``--path harness``): the method core's
   layer stores through :func:`antkv_compile.hf_routing.routed`, with the same protocol: the prompt is one
@@ -233,10 +236,15 @@ class _RehomeCounter:
 def _generate_forced(model, ids: Tensor, gold: Tensor, max_cache_len: int) -> tuple[Tensor, object]:
     from transformers import LogitsProcessorList
 
+    from transformers import GenerationConfig
+
     a = gold.shape[1]
+    # one static cache size for every prompt (so the decode graph keeps its shape); transformers < 5.2x has no
+    # max_cache_len and sizes each cache to its call (longest prompts run first)
+    sized = {"max_cache_len": max_cache_len} if hasattr(GenerationConfig(), "max_cache_len") else {}
     out = model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=a + 1, min_new_tokens=a + 1, do_sample=False,
-        num_beams=1, cache_implementation="static", max_cache_len=max_cache_len, disable_compile=True,
+        num_beams=1, cache_implementation="static", disable_compile=True, **sized,
         logits_processor=LogitsProcessorList([_ForceAnswer(gold, ids.shape[1])]), output_logits=True,
         return_dict_in_generate=True, pad_token_id=model.generation_config.pad_token_id
         if model.generation_config.pad_token_id is not None else 0,
@@ -300,22 +308,22 @@ def _harness_forced(model, spec, artifacts, ids: Tensor, gold: Tensor, capacity:
     return torch.stack(steps, dim=1)
 
 
-def _batches(items: list[Item], batch_tokens: int, max_batch: int):
-    """Items grouped by length (longest first), in batches of equal size per length; the last batch of a length
-    is topped up with copies of its first item (``real`` counts the items to keep)."""
+def _batches(items: list[Item], batch: int):
+    """Items grouped by length (longest first) in batches of ``batch`` (one size for every length, so the compiled
+    decode graph keeps one shape); the last batch of a length is topped up with copies of its first item (``real``
+    counts the items to keep)."""
     by_len: dict[int, list[Item]] = defaultdict(list)
     for it in items:
         by_len[it.length].append(it)
     for length in sorted(by_len, reverse=True):
         group = by_len[length]
-        bs = max(1, min(max_batch, batch_tokens // length, len(group)))
-        for i in range(0, len(group), bs):
-            chunk = group[i:i + bs]
-            yield length, chunk + [chunk[0]] * (bs - len(chunk)), len(chunk)
+        for i in range(0, len(group), batch):
+            chunk = group[i:i + batch]
+            yield length, chunk + [chunk[0]] * (batch - len(chunk)), len(chunk)
 
 
-def run_retrieval(model, tok, method: FidelityMethod, items: list[Item], artifacts: dict, *, batch_tokens: int = 16384,
-                  max_batch: int = 64, compile_extra: dict | None = None, recompile_per_length: bool = False,
+def run_retrieval(model, tok, method: FidelityMethod, items: list[Item], artifacts: dict, *, batch: int = 20,
+                  compile_extra: dict | None = None, recompile_per_length: bool = False,
                   quiet: bool = False) -> tuple[list[ItemResult], dict]:
     """Every item through ``method``'s path; returns per-item results and run facts (path, seconds, graphs)."""
     from ..backend import last_compiles
@@ -339,15 +347,15 @@ def run_retrieval(model, tok, method: FidelityMethod, items: list[Item], artifac
     bar = _progress(len(items), method.name, quiet)
     current_len = None
     try:
-        for length, batch, real in _batches(items, batch_tokens, max_batch):
+        for length, rows, real in _batches(items, min(batch, len(items))):
             if method.path == "compiled" and recompile_per_length and current_len not in (None, length):
                 facts["compiled_graphs"] += len(last_compiles)
                 compile_model()
                 last_compiles.clear()
             current_len = length
-            ids = torch.tensor([list(it.input_ids) for it in batch], device=device)
-            a = max(len(it.answer_ids) for it in batch)
-            gold = torch.tensor([list(it.answer_ids) + [0] * (a - len(it.answer_ids)) for it in batch], device=device)
+            ids = torch.tensor([list(it.input_ids) for it in rows], device=device)
+            a = max(len(it.answer_ids) for it in rows)
+            gold = torch.tensor([list(it.answer_ids) + [0] * (a - len(it.answer_ids)) for it in rows], device=device)
             if method.path == "harness":
                 logits = _harness_forced(model, method.spec, artifacts, ids, gold, max_cache_len)
             else:
@@ -361,7 +369,7 @@ def run_retrieval(model, tok, method: FidelityMethod, items: list[Item], artifac
                         f"cache, dense cache released: {_released(cache)}): one compiled model does not compress "
                         "this prompt length. Re-run with --recompile-per-length (a fresh model.compile per length)")
                 del cache
-            results += _score_steps(tok, batch[:real], gold[:real], logits[:real])
+            results += _score_steps(tok, rows[:real], gold[:real], logits[:real])
             bar.update(real)
     finally:
         bar.close()
@@ -575,8 +583,7 @@ def run(args) -> dict:
     for m in methods:
         if not items:
             break
-        res, f = run_retrieval(model, tok, m, items, artifacts, batch_tokens=args.batch_tokens,
-                               max_batch=args.max_batch, compile_extra=extra,
+        res, f = run_retrieval(model, tok, m, items, artifacts, batch=args.batch, compile_extra=extra,
                                recompile_per_length=args.recompile_per_length, quiet=args.quiet)
         cells[m.name], facts[m.name] = cell_table(res), f
         items_out[m.name] = [dataclasses.asdict(r) for r in res]
@@ -719,8 +726,9 @@ def add_arguments(p) -> None:
     p.add_argument("--recompile-per-length", action="store_true",
                    help="fresh model.compile for each prompt length (workaround while one compiled model "
                         "does not compress every prompt length)")
-    p.add_argument("--batch-tokens", type=int, default=16384, help="prompt tokens per generate call")
-    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--batch", type=int, default=20,
+                   help="prompts per generate call, every length (one decode-graph shape; 20 x 8K fits an H200 "
+                        "easily; use 1-4 on a CPU)")
     p.add_argument("--kl-windows", type=int, default=2, help="evaluation-text windows for KL (0: no KL)")
     p.add_argument("--kl-len", type=int, default=8192, help="tokens per KL window")
     p.add_argument("--kl-batch", type=int, default=2)
@@ -747,7 +755,7 @@ def apply_quick(args) -> None:
     add_arguments(ref)
     defaults = vars(ref.parse_args([]))
     quick = {"lengths": "256,512", "depths": 2, "samples": 1, "methods": "quick", "kl_windows": 1, "kl_len": 256,
-             "calib_tokens": 2048, "inner": "eager", "distractors": 1,
+             "calib_tokens": 2048, "inner": "eager", "distractors": 1, "batch": 6,
              "artifacts": f"artifacts/{'smollm2' if args.model == 'smollm2' else Path(args.model).name}-quick"}
     if args.model.startswith("tiny-"):  # character tokens: the prompts' fixed text alone is ~450 tokens
         quick.update(calib_context_len=256, calib_tokens=1024, lengths="512,768")
