@@ -322,6 +322,12 @@ def _batches(items: list[Item], batch: int):
             yield length, chunk + [chunk[0]] * (batch - len(chunk)), len(chunk)
 
 
+def _count_graphs(facts: dict, records: list) -> None:
+    facts["compiled_graphs"] += len(records)
+    facts["rewritten_graphs"] += sum(1 for r in records if r.get("after") is not None)
+    facts["fallback_graphs"] += sum(1 for r in records if r.get("after") is None)
+
+
 def run_retrieval(model, tok, method: FidelityMethod, items: list[Item], artifacts: dict, *, batch: int = 20,
                   compile_extra: dict | None = None, recompile_per_length: bool = False,
                   quiet: bool = False) -> tuple[list[ItemResult], dict]:
@@ -349,7 +355,7 @@ def run_retrieval(model, tok, method: FidelityMethod, items: list[Item], artifac
     try:
         for length, rows, real in _batches(items, min(batch, len(items))):
             if method.path == "compiled" and recompile_per_length and current_len not in (None, length):
-                facts["compiled_graphs"] += len(last_compiles)
+                _count_graphs(facts, last_compiles)
                 compile_model()
                 last_compiles.clear()
             current_len = length
@@ -374,9 +380,7 @@ def run_retrieval(model, tok, method: FidelityMethod, items: list[Item], artifac
     finally:
         bar.close()
         if method.path == "compiled":
-            facts["compiled_graphs"] += len(last_compiles)
-            facts["rewritten_graphs"] = sum(1 for r in last_compiles if r.get("after") is not None)
-            facts["fallback_graphs"] = sum(1 for r in last_compiles if r.get("after") is None)
+            _count_graphs(facts, last_compiles)
             model._compiled_call_impl = None
             torch._dynamo.reset()
     facts["seconds"] = round(time.time() - t0, 1)
@@ -536,9 +540,10 @@ def plot_heatmaps(method: str, table: dict, tasks: list[str], lengths: list[int]
         ax.set_xticks(range(len(depth_list)), [f"{d:.0%}" for d in depth_list], fontsize=6, rotation=90)
         ax.set_yticks(range(len(lengths)), [str(L) for L in lengths], fontsize=7)
         ax.set_xlabel("needle depth", fontsize=7)
-        ax.set_ylabel("prompt tokens", fontsize=7)
+        if ax is axes[0][0]:
+            ax.set_ylabel("prompt tokens", fontsize=7)
         ax.set_title(task, fontsize=8)
-    fig.suptitle(f"{method}: {title}", fontsize=8)
+    fig.suptitle(f"{method}: {title}", fontsize=8, y=1.06)
     if im is not None:
         fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
     path.parent.mkdir(parents=True, exist_ok=True)
