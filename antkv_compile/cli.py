@@ -270,6 +270,14 @@ def cmd_demo(args) -> int:
     return demo_main(args)
 
 
+def cmd_fidelity(args) -> int:
+    from .fidelity.runner import apply_quick, run
+
+    apply_quick(args)
+    run(args)
+    return 0
+
+
 def cmd_bench(args) -> int:
     from .bench import run
 
@@ -362,6 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="JSON results path")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("fidelity", help="long-context fidelity: passkey / needle grids through the compiled path, "
+                                        "answer NLL, KL vs full precision (issue 16; antkv_compile/fidelity/)")
+    from .fidelity.runner import add_arguments as _fidelity_arguments
+
+    _fidelity_arguments(p)
+    p.set_defaults(func=cmd_fidelity)
 
     p = sub.add_parser("bench", help="end-to-end benchmark: decode throughput, capacity, prefill, memory vs baselines "
                                      "(Llama-3-8B shape, random weights; see antkv_compile/bench.py)")
