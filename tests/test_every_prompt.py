@@ -81,7 +81,7 @@ def test_multi_turn_chat_on_one_cache_stays_compressed(compiled):
     assert all(r["after"] is not None for r in last_compiles), [r["plan"].fallback_reason for r in last_compiles]
 
 
-def test_a_frame_sent_to_eager_by_the_recompile_limit_is_reported(monkeypatch):
+def test_a_frame_sent_to_eager_by_the_recompile_limit_is_reported():
     """Past Dynamo's recompile limit a frame runs eagerly, with the dense cache: one antkv warning says so."""
     import warnings
 
@@ -89,11 +89,10 @@ def test_a_frame_sent_to_eager_by_the_recompile_limit_is_reported(monkeypatch):
 
     torch._dynamo.reset()
     _WARNED.clear()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_shapes", False)
     model = tiny_model("llama")
     compiled = torch.compile(model, backend="antkv", options={"inner": "eager", "anchor_ratio": 1.0})
-    with warnings.catch_warnings(record=True) as caught:
+    with torch._dynamo.config.patch(recompile_limit=1, automatic_dynamic_shapes=False), \
+            warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for n in (8, 9, 10):
             cache = StaticCache(config=model.config, max_cache_len=n)
