@@ -20,7 +20,7 @@ from torch import Tensor
 __all__ = ["GraphFacts", "facts_from_graph", "family", "weight_fingerprint", "fingerprint_matches"]
 
 _LAYER = re.compile(r"layers_(?:modules_)?(\d+)_")
-_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "Model", "TextModel")
+_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "TextModel", "Model")
 
 
 @dataclasses.dataclass
