@@ -107,7 +107,6 @@ def _watch_recompile_limit() -> None:
 def parse_options(options: dict | None):
     """Split torch.compile ``options`` into (AnTKVConfig, artifact or None, release_dense, inductor options)."""
     from .config import AnTKVConfig
-
     from .options import check_option_keys
 
     options = dict(options or {})
@@ -116,7 +115,7 @@ def parse_options(options: dict | None):
     artifact = ours.pop("artifact", None)
     release = bool(ours.pop("release_dense", True))
     inner = ours.pop("inner", "inductor")
-    ours_allow = ours.pop("allow_model_mismatch", False)
+    allow_mismatch = bool(ours.pop("allow_model_mismatch", False))
     if inner not in ("inductor", "eager"):
         raise ValueError(f"options['inner'] must be 'inductor' or 'eager', got {inner!r}")
     if artifact is not None and not hasattr(artifact, "keys"):
@@ -138,7 +137,7 @@ def parse_options(options: dict | None):
         raise ValueError("key_space='pre_rope' needs a calibrated artifact (it carries the model's RoPE); "
                          "antkv-compile calibrate --pre-rope ...")
     options["__inner"] = inner
-    options["__allow_model_mismatch"] = bool(ours_allow)
+    options["__allow_model_mismatch"] = allow_mismatch
     return config, artifact, release, options
 
 
