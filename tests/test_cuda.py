@@ -454,5 +454,7 @@ def test_rope_cuda_refuses_what_it_cannot_run():
     out, _ = RD.rope_decode_triton(*args)  # auto: the Triton kernel
     ref, _ = RD.rope_decode_reference(*args)
     assert _rel(out, ref) < 8e-3
+    args = _rope_cuda_case(128, 4, "1", torch.float16, seed=1, lengths=(100,), n_cap=100, a_cap=1)
     q32 = args[0].float()
     assert "float32 queries" in unsupported_reason(q32, args[1], args[2], args[11], args[14], args[3], args[4], 16)
+    assert unsupported_reason(args[0], args[1], args[2], args[11], args[14], args[3], args[4], 16) is None
