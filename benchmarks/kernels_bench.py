@@ -1095,7 +1095,7 @@ ROPE_VARIANTS = {
     "rope": dict(),  # the default: the CUDA C++ kernel (rope_decode.cu) where it runs
     "rope_triton": dict(rope_impl="triton"),  # the Triton kernel's defaults (libdevice cos / sin per element)
     "rope_tile_b64w8": dict(rope_impl="triton", rope_trig="tile", rope_block_n=64, rope_warps=8),  # Triton's best
-    "rope_cuda_t512": dict(rope_impl="cuda", _threads=512),  # 16 warps of <= 128 registers instead of 8
+    "rope_cuda_t256": dict(rope_impl="cuda", _threads=256),  # 8 warps of <= 255 registers instead of 16 x 128
     "rope_cuda_m2": dict(rope_impl="cuda", split_mult=2),  # twice the coded splits
 }
 # (dropped after kernels_bench_rope_20261203-203134: the other Triton block / warp / stage / trig / split variants,
@@ -1108,7 +1108,7 @@ def _rope_opts(name):
     from antkv_compile.kernels import rope_decode_cuda as RC
 
     opts = dict(ROPE_VARIANTS[name])
-    RC.DEFAULT_THREADS = int(opts.pop("_threads", 256))
+    RC.DEFAULT_THREADS = int(opts.pop("_threads", 512))
     return opts
 
 
@@ -1164,7 +1164,7 @@ def decode_rope(variants=None, rep_ms=100, grid=None):
         rargs = rope_inputs(decode_inputs(bits, b, ctx, dt, seed=17 + b), seed=17 + b)
         ref_o, ref_l = rope_decode_reference(*rargs)
         for name in names:
-            if ctx == 131072 and name not in ("rope", "rope_triton", "rope_tile_b64w8", "rope_cuda_t512"):
+            if ctx == 131072 and name not in ("rope", "rope_triton", "rope_tile_b64w8", "rope_cuda_t256"):
                 continue  # the long shape checks the angle path: the trig / gather variants
             try:
                 plan, _ = _rope_fn(rargs, name)
