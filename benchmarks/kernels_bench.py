@@ -1092,21 +1092,26 @@ def main_decode_only(out_dir, variants=None, rep_ms=100, grid=None, warm=True, s
 # table with the map and mean folded in and rotate each pair by its slot in registers. Options of DecodePlan's rope
 # path; "rope" is the default. The sweep is small on purpose: one GPU run picks the best.
 ROPE_VARIANTS = {
-    "rope": dict(),
-    "rope_tile": dict(rope_trig="tile", rope_block_n=32),  # cos / sin once per (tile, pair): ~16 flops per element
-    "rope_tile_b64w8": dict(rope_trig="tile", rope_block_n=64, rope_warps=8),
-    "rope_tile_b64": dict(rope_trig="tile", rope_block_n=64),
-    "rope_tile_m2": dict(rope_trig="tile", rope_block_n=32, split_mult=2),
-    "rope_b32": dict(rope_block_n=32),
-    "rope_b128w8": dict(rope_block_n=128, rope_warps=8),
-    "rope_w8": dict(rope_warps=8),
-    "rope_s2": dict(rope_stages=2),
-    "rope_nosplit": dict(rope_split=False),
-    "rope_fast": dict(rope_trig="fast"),  # tl.cos / tl.sin: timed only if exact enough (correctness first)
-    "rope_m0.5": dict(split_mult=0.5),
-    "rope_m2": dict(split_mult=2),
-    "rope_e2": dict(exact_splits=2),
+    "rope": dict(),  # the default: the CUDA C++ kernel (rope_decode.cu) where it runs
+    "rope_triton": dict(rope_impl="triton"),  # the Triton kernel's defaults (libdevice cos / sin per element)
+    "rope_tile_b64w8": dict(rope_impl="triton", rope_trig="tile", rope_block_n=64, rope_warps=8),  # Triton's best
+    "rope_cuda_t256": dict(rope_impl="cuda", _threads=256),  # 8 warps of <= 255 registers instead of 16 x 128
+    "rope_cuda_m2": dict(rope_impl="cuda", split_mult=2),  # twice the coded splits
 }
+# (dropped after kernels_bench_rope_20261203-203134: the other Triton block / warp / stage / trig / split variants,
+# all slower than rope_tile_b64w8 at every shape)
+
+
+def _rope_opts(name):
+    """DecodePlan options of a rope variant; sets the CUDA kernel's threads per CTA (a launcher default, not a plan
+    option) for the variant's launches."""
+    from antkv_compile.kernels import rope_decode_cuda as RC
+
+    opts = dict(ROPE_VARIANTS[name])
+    RC.DEFAULT_THREADS = int(opts.pop("_threads", 512))
+    return opts
+
+
 ROPE_THETA = 500000.0  # Llama-3
 
 
@@ -1130,7 +1135,7 @@ def rope_inputs(args, seed=0):
 
 def _rope_fn(rargs, name):
     """A DecodePlan of variant ``name`` over rope inputs (one plan reused by every replay) and its splits."""
-    opts = dict(ROPE_VARIANTS[name])
+    opts = _rope_opts(name)
     q, rest = rargs[0], rargs[1:]
     plan = DA.DecodePlan(q, *rest[:11], None, None, *rest[13:17], rope_keys=(rest[11], rest[12], rest[17]), **opts)
     return plan, list(plan.splits)
@@ -1148,6 +1153,8 @@ def decode_rope(variants=None, rep_ms=100, grid=None):
     copy_bw = RESULTS.get("ceilings", {}).get("copy_GBps", float("nan")) * 1e9
     names = list(variants or ROPE_VARIANTS)
     RESULTS["rope_variants"] = {n: {k: str(v) for k, v in ROPE_VARIANTS[n].items()} for n in names}
+    if "rope" in RESULTS["rope_variants"]:
+        RESULTS["rope_variants"]["rope"]["impl"] = "auto (CUDA where it runs)"
     corr = {}
     cshapes = [("1", 2, 8192, torch.float16), ("1", 3, 5000, torch.float16), ("1", 1, 131072, torch.bfloat16),
                ("1", 1, 131072, torch.float16)]
@@ -1157,13 +1164,12 @@ def decode_rope(variants=None, rep_ms=100, grid=None):
         rargs = rope_inputs(decode_inputs(bits, b, ctx, dt, seed=17 + b), seed=17 + b)
         ref_o, ref_l = rope_decode_reference(*rargs)
         for name in names:
-            if ctx == 131072 and name not in ("rope", "rope_fast", "rope_nosplit", "rope_b128w8", "rope_tile",
-                                              "rope_tile_b64w8"):
+            if ctx == 131072 and name not in ("rope", "rope_triton", "rope_tile_b64w8", "rope_cuda_t256"):
                 continue  # the long shape checks the angle path: the trig / gather variants
             try:
                 plan, _ = _rope_fn(rargs, name)
                 o, l_ = DA.DecodePlan(rargs[0], *rargs[1:12], None, None, *rargs[14:18], poison=True,
-                                      rope_keys=(rargs[12], rargs[13], rargs[18]), **ROPE_VARIANTS[name])()
+                                      rope_keys=(rargs[12], rargs[13], rargs[18]), **_rope_opts(name))()
                 o2, _ = plan()
                 rec = {"out": rel(o, ref_o), "lse": rel(l_, ref_l), "out_splits": rel(o2, ref_o),
                        "nan": bool(o.isnan().any() or l_.isnan().any() or o2.isnan().any())}
@@ -1219,8 +1225,9 @@ def decode_rope(variants=None, rep_ms=100, grid=None):
                 plan, spl = _rope_fn(rargs, name)
                 t = bench(graph_of(plan), ms=rep_ms, warm=25)
                 k_ = DA.LAST_LAUNCH.get("rope_coded")
-                rec = {"ms": t, "splits": spl, "regs": getattr(k_, "n_regs", None),
-                       "spills": getattr(k_, "n_spills", None)}
+                rec = {"ms": t, "splits": spl, "regs": getattr(k_, "n_regs", getattr(k_, "regs", None)),
+                       "spills": getattr(k_, "n_spills", getattr(k_, "local_bytes", None)),
+                       "kernel": type(k_).__name__}
                 if not DRY:  # the coded launch alone (after the prologue's counter fill)
                     rec["coded_ms"] = bench(graph_of(lambda: (plan.prologue(), plan.rope_partials())), ms=rep_ms,
                                             warm=25)

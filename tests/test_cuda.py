@@ -274,12 +274,13 @@ def _pair_codebook(hkv, d, bits, seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("trig", ["libdevice", "tile", "fast"])
+@pytest.mark.parametrize("trig", ["cuda", "libdevice", "tile", "fast"])
 def test_rope_decode_at_128k_slots_matches_reference(dtype, trig):
     """The pre-RoPE kernel against its reference with slots up to 131K (angles up to 131K rad on pair 0: the range
     reduction of cos / sin), Llama-3 RoPE (theta 500000), G = 4, 1 bit; anchors masked. "tile" factors the angle per
     tile (exact to HF's fp32 rounding); "fast" (tl.cos / tl.sin) is a benchmark alternative: this test says whether
-    it is accurate enough."""
+    it is accurate enough. "cuda": the CUDA C++ kernel (rope_decode.cu, the default where it runs); the others force
+    the Triton kernel."""
     from antkv_compile.kernels import decode_attention as DA
     from antkv_compile.kernels import rope_decode as RD
     from antkv_compile.numerics.vq import random_codebook
@@ -300,11 +301,17 @@ def test_rope_decode_at_128k_slots_matches_reference(dtype, trig):
     args = (q, ck, cv, DA.bits_from_positions(pos, n), torch.full((b,), n, dtype=torch.int32, device=dev), ak, av,
             pos, wk, wv, torch.full((b,), 33, dtype=torch.int32, device=dev), table, pairs, freq,
             cbv.centroids.to(dev, torch.float16), cbv.inverse.to(dev), cbv.mean.to(dev), d ** -0.5, 1.0)
-    out, lse = RD.rope_decode_triton(*args, rope_trig=trig, poison=True)
+    if trig == "cuda":
+        out, lse = RD.rope_decode_triton(*args, rope_impl="cuda", poison=True)
+        assert type(DA.LAST_LAUNCH["rope_coded"]).__name__ == "RopeDecodeCuda"
+    else:
+        out, lse = RD.rope_decode_triton(*args, rope_trig=trig, rope_impl="triton", poison=True)
     ref_out, ref_lse = RD.rope_decode_reference(*args)
     err = _rel(out, ref_out)
     print(f"rope decode 128K {dtype} {trig}: relative error {err:.2e}, lse {_rel(lse, ref_lse):.2e}")
     assert err < 1e-2 and _rel(lse, ref_lse) < 2e-3
+    if trig == "cuda":  # as close as the reference as the Triton kernel (same fp16 key products)
+        assert err < 6e-3 and _rel(lse, ref_lse) < 1e-3
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -338,3 +345,116 @@ def test_pre_rope_kernel_store_matches_reference_store_on_cuda(dtype):
     assert ker.n_coded == ref.n_coded and ker.num_anchors == ref.num_anchors
     assert worst < 2e-2
     assert ker._graph is not None and ker.value_sel is None
+    from antkv_compile.kernels import decode_attention as DA
+    assert type(DA.LAST_LAUNCH.get("rope_coded")).__name__ == "RopeDecodeCuda"  # the store ran the CUDA kernel
+
+
+# ------------------------------------------------------------------------- the CUDA C++ pre-RoPE kernel (rope_decode.cu)
+def test_rope_cuda_cos_sin_is_accurate_to_hf_fp32_angles():
+    """The kernel's cos / sin (Cody-Waite reduction + polynomials, no libdevice) of fl(p * w), the fp32 angle as HF
+    computes it, against float64 cos / sin of that same fp32 angle: slots up to 2^20 (angles up to 1e6 rad), Llama-3
+    and default-theta frequencies."""
+    from antkv_compile.kernels.rope_decode_cuda import cos_sin_probe
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    g = torch.Generator().manual_seed(0)
+    pos = torch.cat([torch.arange(0, 4096), torch.randint(0, 2 ** 17, (4096,), generator=g),
+                     torch.randint(2 ** 17, 2 ** 20, (2048,), generator=g)]).float()
+    w = torch.cat([1.0 / 500000.0 ** (torch.arange(0, 128, 2).float() / 128),
+                   1.0 / 10000.0 ** (torch.arange(0, 64, 2).float() / 64), torch.rand(32, generator=g)])
+    got = cos_sin_probe(pos.to(dev), w.to(dev)).double().cpu()
+    ang = (pos[:, None] * w[None, :]).double()  # the fp32 product, then exact
+    err = (got - torch.stack([ang.cos(), ang.sin()], -1)).abs()
+    print(f"cos/sin max abs error {err.max():.2e} (slots < 2^17: {err[:8192].max():.2e})")
+    assert err[:8192].max() < 5e-7 and err.max() < 1e-6
+
+
+def _rope_cuda_case(d, g, bits, dtype, seed, tq=1, lengths=(0, 37, 3000), n_cap=3000, a_cap=30, key_dt=None,
+                    rope_scale=1.0):
+    """rope_decode inputs (tests/test_rope_decode.py's generator) with the value codebook at the key's bits and the
+    key table / value centroids in the given dtypes."""
+    from numerics_helpers import codebook_with_transform
+    from test_rope_decode import rope_inputs
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    args = list(rope_inputs(len(lengths), 2, g, tq, d, n_cap, a_cap, 16, bits, 1, False, dtype, seed,
+                            lengths=torch.tensor(lengths), rope_scale=rope_scale))
+    cbv = codebook_with_transform(bits, 2, d, seed + 7)
+    gen = torch.Generator().manual_seed(seed + 8)
+    args[2] = torch.randint(0, cbv.num_centroids, (len(lengths), 2, n_cap, cbv.codes_per_vector),
+                            generator=gen).to(torch.uint8).to(dev)
+    args[14] = cbv.centroids.to(torch.bfloat16 if dtype == torch.bfloat16 else torch.float16).to(dev)
+    args[15], args[16] = cbv.inverse.to(dev), cbv.mean.to(dev)
+    if key_dt is not None:
+        args[11] = args[11].to(key_dt)
+    return args
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("g", [3, 4])
+@pytest.mark.parametrize("bits", ["1", "0.375"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rope_cuda_decode_matches_reference(d, g, bits, dtype):
+    """The CUDA C++ pre-RoPE kernel (rope_impl="cuda") against rope_decode_reference: head_dim 64 / 128, G 3 / 4,
+    1 bit (8-dim sub-spaces) and 0.375 bit (16-dim), fp16 / bf16 queries and value centroids (fp32 key table at
+    head_dim 64), sequences of 0 / 37 / 3000 coded tokens with 1 % anchors masked, NaN-poisoned partials, then two
+    CUDA-graph replays of one plan."""
+    from antkv_compile.kernels import decode_attention as DA
+    from antkv_compile.kernels import rope_decode as RD
+
+    args = _rope_cuda_case(d, g, bits, dtype, seed=d + g, key_dt=torch.float32 if d == 64 else None)
+    ref_out, ref_lse = RD.rope_decode_reference(*args)
+    out, lse = RD.rope_decode_triton(*args, rope_impl="cuda", poison=True)
+    assert type(DA.LAST_LAUNCH["rope_coded"]).__name__ == "RopeDecodeCuda"
+    assert not out.isnan().any() and not lse.isnan().any()
+    e_out, e_lse = _rel(out, ref_out), _rel(lse, ref_lse)
+    tri_out, _ = RD.rope_decode_triton(*args, rope_impl="triton", poison=True)
+    print(f"rope cuda d={d} g={g} {bits} {dtype}: out {e_out:.2e} (triton {_rel(tri_out, ref_out):.2e}), "
+          f"lse {e_lse:.2e}")
+    assert e_out < 8e-3 and e_lse < 4e-3
+    plan = DA.DecodePlan(args[0], *args[1:12], None, None, *args[14:18], rope_keys=(args[12], args[13], args[18]),
+                         rope_impl="cuda")
+    held = {}
+    graph = torch.cuda.CUDAGraph()
+    plan()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        held["o"] = plan()[0]
+    for _ in range(2):
+        held["o"].fill_(float("nan"))
+        graph.replay()
+    torch.cuda.synchronize()
+    assert _rel(held["o"], ref_out) < 8e-3
+
+
+def test_rope_cuda_decode_eight_rows_scaled_and_split():
+    """G*Tq = 8 (G 4, Tq 2: every MMA column real), attention_scaling 0.8, explicit splits, a sequence of exactly one
+    chunk boundary, and every coded token of one sequence an anchor."""
+    from antkv_compile.kernels import decode_attention as DA
+    from antkv_compile.kernels import rope_decode as RD
+
+    args = _rope_cuda_case(128, 4, "1", torch.float16, seed=5, tq=2, lengths=(64, 2000), n_cap=2000, a_cap=64,
+                           rope_scale=0.8)
+    args[7][0] = torch.arange(64, dtype=torch.int32, device=args[7].device)  # sequence 0: all 64 coded are anchors
+    args[3] = DA.bits_from_positions(args[7], 2000)
+    ref_out, ref_lse = RD.rope_decode_reference(*args)
+    for splits in [(1, 1), (7, 2), None]:
+        out, lse = RD.rope_decode_triton(*args, rope_impl="cuda", poison=True, splits=splits)
+        assert _rel(out, ref_out) < 8e-3 and _rel(lse, ref_lse) < 4e-3, splits
+
+
+def test_rope_cuda_refuses_what_it_cannot_run():
+    from antkv_compile.kernels import rope_decode as RD
+    from antkv_compile.kernels.rope_decode_cuda import unsupported_reason
+
+    args = _rope_cuda_case(128, 3, "1", torch.float16, seed=1, tq=3, lengths=(100,), n_cap=100, a_cap=1)
+    assert "9 query rows" in unsupported_reason(args[0], args[1], args[2], args[11], args[14], args[3], args[4], 16)
+    with pytest.raises(ValueError, match="cannot run"):
+        RD.rope_decode_triton(*args, rope_impl="cuda")
+    out, _ = RD.rope_decode_triton(*args)  # auto: the Triton kernel
+    ref, _ = RD.rope_decode_reference(*args)
+    assert _rel(out, ref) < 8e-3
+    args = _rope_cuda_case(128, 4, "1", torch.float16, seed=1, lengths=(100,), n_cap=100, a_cap=1)
+    q32 = args[0].float()
+    assert "float32 queries" in unsupported_reason(q32, args[1], args[2], args[11], args[14], args[3], args[4], 16)
+    assert unsupported_reason(args[0], args[1], args[2], args[11], args[14], args[3], args[4], 16) is None

@@ -850,7 +850,7 @@ class DecodePlan:
                  coded=None, cuda_db=None, cuda_mma=None, cuda_kernel=None, cuda_copies=None, cuda_key_half=None,
                  block_a=None, exact_splits=None, value_sel=None, cuda_value_sel=None, workspace=None,
                  rope_keys=None, rope_block_n=None, rope_warps=None, rope_stages=None, rope_split=True,
-                 rope_trig=None):
+                 rope_trig=None, rope_impl=None):
         require_triton()
         # rope_keys = (pairs_k, freq_k, attention_scaling): pre-RoPE keys in RoPE-pair sub-spaces (rope_decode.py);
         # cent_k is then the key table with the mean folded in, inv_k / mean_k are unused (None)
@@ -1039,7 +1039,7 @@ class DecodePlan:
             rope_cfg = dict(dot=dt, prec=prec, block_n=rope_block_n, num_warps=int(rope_warps or 4),
                             num_stages=int(rope_stages or 1), split=bool(rope_split),
                             trig=DEFAULT_ROPE_TRIG if rope_trig is None else rope_trig,
-                            cache=gather_cache, interpret=interpreting())
+                            cache=gather_cache, interpret=interpreting(), impl=rope_impl)
 
         def _rope_partials():
             LAST_LAUNCH["rope_coded"] = launch_rope_coded(

@@ -190,15 +190,53 @@ if HAS_TRITON:
 
 
 TRIG_MODES = {"libdevice": 0, "fast": 1, "tile": 0}  # tile: libdevice cos / sin once per tile and pair
+# which coded kernel launch_rope_coded runs by default: "auto" = the CUDA C++ kernel (rope_decode.cu) where it
+# supports the call, else Triton (NOTES.md "Pre-RoPE pair-layout decode"); DecodePlan(rope_impl=...) per call
+DEFAULT_IMPL = "auto"
+_WARNED: set = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        import warnings
+
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 def launch_rope_coded(q: Tensor, codes_k: Tensor, codes_v: Tensor, anchor_bits: Tensor, n_coded: Tensor,
                       table_k: Tensor, pairs_k: Tensor, freq_k: Tensor, cent_v: Tensor, po: Tensor, pl: Tensor,
                       p_coded: int, p_slots: int, r_pad: int, qk_scale: float, rope_scale: float, *, dot, prec: str,
                       block_n: int = 64, num_warps: int = 4, num_stages: int = 1, split: bool = True,
-                      trig: str = "libdevice", cache: str = ".ca", interpret: bool = False) -> object:
+                      trig: str = "libdevice", cache: str = ".ca", interpret: bool = False,
+                      impl: str | None = None) -> object:
     """Launch the coded split programs (grid B * Hkv x p_coded) into the partial slots 0 .. p_coded - 1 of po/pl
-    ([B * Hkv, p_slots, r_pad, D] / [B * Hkv, p_slots, r_pad]). All tensors contiguous, on one device."""
+    ([B * Hkv, p_slots, r_pad, D] / [B * Hkv, p_slots, r_pad]). All tensors contiguous, on one device.
+
+    ``impl``: "auto" (default: the CUDA C++ kernel ``rope_decode.cu`` where it supports the call and NVRTC is
+    available, else this module's Triton kernel), "cuda" (raise where it cannot run) or "triton". block_n, num_warps,
+    num_stages, split, trig and cache are options of the Triton kernel (the CUDA kernel's rotation is always exact to
+    HF's fp32 angle). Returns the launched kernel object (Triton's compiled kernel or a RopeDecodeCuda)."""
+    impl = DEFAULT_IMPL if impl is None else impl
+    if impl not in ("auto", "cuda", "triton"):
+        raise ValueError(f"impl must be 'auto', 'cuda' or 'triton' (got {impl!r})")
+    if impl != "triton":
+        reason = "the Triton interpreter" if interpret else None
+        if reason is None:
+            from . import rope_decode_cuda as RC
+
+            reason = RC.unsupported_reason(q, codes_k, codes_v, table_k, cent_v, anchor_bits, n_coded, r_pad)
+        if reason is None:
+            try:
+                return RC.launch(q, codes_k, codes_v, anchor_bits, n_coded, table_k, pairs_k, freq_k, cent_v, po, pl,
+                                 p_coded, p_slots, r_pad, qk_scale, rope_scale)
+            except Exception as exc:  # noqa: BLE001 - NVRTC / driver failure: "auto" falls back to Triton
+                if impl == "cuda":
+                    raise
+                reason = f"the CUDA kernel could not be built ({type(exc).__name__}: {exc})"
+                _warn_once(reason + "; the Triton pre-RoPE kernel runs instead")
+        elif impl == "cuda":
+            raise ValueError(f"the CUDA pre-RoPE decode kernel cannot run this call: {reason}")
     b, hq, tq, d = q.shape
     hkv, n_cap = codes_k.shape[1], codes_k.shape[2]
     st_k, hcb_k, s_k, m_k, sub_k = table_k.shape
@@ -332,9 +370,10 @@ def rope_decode_triton(
     table_k: Tensor, pairs_k: Tensor, freq_k: Tensor, cent_v: Tensor, inv_v: Tensor, mean_v: Tensor, scale: float,
     rope_scale: float = 1.0, **options,
 ) -> tuple[Tensor, Tensor]:
-    """The Triton launches (this module's coded programs + the exact programs and fused merge of
-    :class:`.decode_attention.DecodePlan`). Options: those of DecodePlan (splits, split_mult, exact_splits,
-    block_a, out, workspace, poison, ...) and rope_block_n, rope_warps, rope_stages, rope_split, rope_trig."""
+    """The GPU launches (the coded programs: the CUDA C++ kernel where it runs, else this module's Triton kernel;
+    then the exact programs and fused merge of :class:`.decode_attention.DecodePlan`). Options: those of DecodePlan
+    (splits, split_mult, exact_splits, block_a, out, workspace, poison, ...) and rope_impl ("auto", "cuda",
+    "triton"), rope_block_n, rope_warps, rope_stages, rope_split, rope_trig (the Triton kernel's)."""
     from .decode_attention import DecodePlan
 
     return DecodePlan(q, codes_k, codes_v, anchor_bits, n_coded, anchor_k, anchor_v, anchor_pos, win_k, win_v,
