@@ -105,7 +105,7 @@ def _quick_artifact(args, d: Path, recipe):
 def cmd_eval(args) -> int:
     from .artifact import ArtifactError, load_artifact
     from .calibration import collect_statistics
-    from .eval_suite import ABLATIONS, MAIN, PRE_ROPE, QUICK, RECIPES, resolve
+    from .eval_suite import ABLATIONS, MAIN, QUICK, RECIPES, resolve
     from .evaluation import evaluate_method
     from .reporting import environment, markdown_table, plot_perplexity, print_table, write_json
     from .texts import load_text, token_contexts
@@ -118,7 +118,7 @@ def cmd_eval(args) -> int:
         args.methods = args.methods or "quick"
         if args.artifacts == ARTIFACTS_DEFAULT:
             args.artifacts = "artifacts/smollm2-quick"
-    groups = {"main": MAIN, "ablations": ABLATIONS, "all": MAIN + ABLATIONS, "quick": QUICK, "pre_rope": PRE_ROPE}
+    groups = {"main": MAIN, "ablations": ABLATIONS, "all": MAIN + ABLATIONS, "quick": QUICK}
     names = []
     for part in (args.methods or "all").split(","):
         names += groups.get(part, [part])
@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="JSON results path")
     p.add_argument("--plot", default=None, help="PNG plot path (needs --out)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 1 context of 1024 tokens, full / antkv-pre-rope-1 / kivi-2; reuses the demo's "
+                   help="smoke run: 1 context of 1024 tokens, full / antkv-1 / kivi-2; reuses the demo's "
                         "codebooks (artifacts/smollm2-demo), or calibrates them on 2048 tokens")
     p.set_defaults(func=cmd_eval)
 

@@ -15,7 +15,7 @@ def test_demo_defaults_are_the_quick_start_ones():
 
 def test_eval_quick_reuses_the_demo_artifact():
     quick_antkv = [n for n in QUICK if METHODS[n].artifact]
-    assert quick_antkv == ["antkv-pre-rope-1"]
+    assert quick_antkv == ["antkv-1"]
     args = build_parser().parse_args(["eval", "--quick"])
     recipe = RECIPES[METHODS[quick_antkv[0]].artifact]
     d, r = _quick_artifact(args, Path(args.artifacts) / "x", recipe)
@@ -25,5 +25,5 @@ def test_eval_quick_reuses_the_demo_artifact():
 
 def test_eval_quick_on_another_model_keeps_its_own_artifacts():
     args = build_parser().parse_args(["eval", "--quick", "--model", "/some/model"])
-    recipe = RECIPES["antkv-pre-rope-1"]
+    recipe = RECIPES["antkv-1"]
     assert _quick_artifact(args, Path("a/b"), recipe) == (Path("a/b"), recipe)
