@@ -188,7 +188,7 @@ class KernelLayerStore(AnTKVLayerStore):
         self._workspace = _workspace(g.device)  # decode scratch shared with the other stores on this device
         # the CUDA decode kernel's value-copy selection words, one per coded token (kernels/value_copies.py): a
         # speed hint written with the codes, only where that kernel keeps 2 copies of the value table (1 bit) and
-        # reads them (coded_decode_cuda.DEFAULT_VALUE_SEL)
+        # reads them (coded_decode_cuda.VALUE_SEL)
         self.value_sel: Tensor | None = None
         self._sel_mode = 0
         if g.device.type == "cuda" and not self.pre_rope:  # words only the post-RoPE CUDA kernel reads
