@@ -38,8 +38,9 @@ def test_refusals_name_the_reason():
     assert "query rows" in CDC.shape_reason(q, ck, cv, cent_k, cent_v, 16)
     q, ck, cv, cent_k, cent_v = _case("1", g=2, tq=2)  # 2 x 2 = 4 rows: fine
     assert CDC.shape_reason(q, ck, cv, cent_k, cent_v, 16) is None
-    q, ck, cv, cent_k, cent_v = _case("1", stages=2)  # two-stage value codebook
-    assert CDC.shape_reason(q, ck, cv, cent_k, cent_v, 16) is not None
+    # two-stage value codebook, 2 x 8 = 16 codes per token (at 1 bit, 32 codes would be refused first)
+    q, ck, cv, cent_k, cent_v = _case("0.375", stages=2)
+    assert "multi-stage" in CDC.shape_reason(q, ck, cv, cent_k, cent_v, 16)
     q, ck, cv, cent_k, cent_v = _case("1")
     assert CDC.unsupported_reason(q, ck, cv, cent_k, cent_v, 16) == "not a CUDA tensor"
 
