@@ -1284,7 +1284,7 @@ def main():
                      ("correct_decode", correct_decode), ("opcheck_cuda", opcheck_cuda)):
         if want("correct") or (only and name in only):
             fn()
-    base = {"block_n": 64, "num_warps": 4, "num_stages": 1, "gather_cache": ".ca", "submajor": False, "cent": "fp16"}
+    base = {"block_n": 64, "num_warps": 4, "num_stages": 1, "gather_cache": ".ca", "cent": "fp16"}
     best = {k: dict(base) for k in ("1", "0.375", "1_fp16", "0.375_fp16")}
     if want("micro"):
         micro()
