@@ -83,8 +83,11 @@ if HAS_TRITON:
     @triton.jit
     def _dequant(CODES, code_base, offs_n, nmask, C: tl.constexpr, CENT, hc, HCB,
                  S: tl.constexpr, M: tl.constexpr, SUB: tl.constexpr, STAGES: tl.constexpr,
-                 BLOCK_N: tl.constexpr, D: tl.constexpr, DOT: tl.constexpr, CACHE: tl.constexpr):
-        """Coding-space vectors [BLOCK_N, D] of the tokens offs_n: one centroid gather per sub-space."""
+                 BLOCK_N: tl.constexpr, D: tl.constexpr, DOT: tl.constexpr, CACHE: tl.constexpr,
+                 SUBMAJOR: tl.constexpr = False):
+        """Coding-space vectors [BLOCK_N, D] of the tokens offs_n: one centroid gather per sub-space. (SUBMAJOR:
+        ignored, only False exists; the sub-space-major gather was removed, the argument stays for the pre-RoPE
+        kernel's call.)"""
         s_idx = tl.arange(0, S)
         e_idx = tl.arange(0, SUB)
         if STAGES == 1:
