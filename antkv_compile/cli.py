@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fidelity)
 
     p = sub.add_parser("bench", help="end-to-end benchmark: decode throughput, capacity, prefill, memory vs baselines "
-                                     "(Llama-3-8B shape, random weights; see antkv_compile/bench.py)")
+                                     "(Llama-3-8B shape, random weights; see antkv_compile/bench/)")
     from .bench import add_arguments as _bench_arguments
 
     _bench_arguments(p)

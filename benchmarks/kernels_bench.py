@@ -242,14 +242,12 @@ def correct_prefill():
         dv = 0.3 * torch.randn(1, HKV, t, D, device=DEV)
         ro, rl, rs = PA.prefill_attention_ans_reference(q, k, v, dk, dv, D**-0.5)
         o, l, s = PA.prefill_attention_ans_triton(q, k, v, dk, dv, D**-0.5)
-        fo, fl, fs = PA.prefill_attention_ans_triton(q, k, v, dk, dv, D**-0.5, fused=True)
         r, band = HQ // HKV, (16 if DRY else 256)  # row-sampled scores (AnTKVConfig.score_row_stride default)
         ss = PA.anchor_scores_triton(q, k, v, dk, dv, o, l, D**-0.5, row_stride=r, band=band)
         rss = PA.anchor_scores_reference(q, k, v, dk, dv, ro, rl, D**-0.5, r, band)
         out[str(dtype)] = {"out": rel(o, ro), "lse": rel(l, rl), "scores_two_pass": rel(s, rs),
-                           "scores_fused": rel(fs, rs), "out_fused": rel(fo, ro),
                            f"scores_sampled_R{r}_band{band}": rel(ss, rss),
-                           "nan": bool(o.isnan().any() or s.isnan().any() or fs.isnan().any() or ss.isnan().any())}
+                           "nan": bool(o.isnan().any() or s.isnan().any() or ss.isnan().any())}
     RESULTS["correct_prefill"] = out
     log("correct_prefill", out)
 
@@ -270,10 +268,8 @@ def correct_decode():
             args[11], args[14] = args[11].to(torch.float8_e4m3fn), args[14].to(torch.float8_e4m3fn)
         o_ref, l_ref = DA.decode_attention_reference(*args)
         o, l = DA.decode_attention_triton(*args, poison=True)
-        o2, _ = DA.decode_attention_triton(*args, poison=True, submajor=True, num_warps=8)
         out[f"{bits}bit_B{b}_{ctx}_{str(dtype)[6:]}{'_fp8cb' if fp8 else ''}"] = {
-            "out": rel(o, o_ref), "lse": rel(l, l_ref), "out_submajor": rel(o2, o_ref),
-                                                          "nan": bool(o.isnan().any() or l.isnan().any())}
+            "out": rel(o, o_ref), "lse": rel(l, l_ref), "nan": bool(o.isnan().any() or l.isnan().any())}
         del args, o_ref, l_ref
         empty_cache()
     RESULTS["correct_decode"] = out
@@ -398,7 +394,7 @@ def micro():
 
 @section("breakdown")
 def breakdown(best):
-    """Each of the three launches alone (CUDA-graph replays), and the PyTorch prologue / merge instead."""
+    """Each of the three launches alone (CUDA-graph replays)."""
     rows = []
     shapes = [("1", 1, 8192), ("1", 1, 131072), ("1", 32, 131072)]
     if DRY:
@@ -415,10 +411,6 @@ def breakdown(best):
         rec["splits"] = list(plan.splits)
         for name, fn in (("prologue", plan.prologue), ("partials", plan.partials), ("merge", plan.merge), ("all", plan)):
             rec[name + "_us"] = 1e3 * bench(graph_of(fn))
-        for opt in ({"prologue": "torch"}, {"merge": "torch"}):
-            p2 = DA.DecodePlan(*args, **{**cfg, **opt})
-            p2()
-            rec["all_" + "_".join(f"{k_}={v_}" for k_, v_ in opt.items()) + "_us"] = 1e3 * bench(graph_of(p2))
         args0 = list(args)
         args0[4] = torch.zeros_like(args[4])  # nothing coded: the exact programs, prologue and merge alone
         p0 = DA.DecodePlan(*args0, **cfg)
@@ -437,12 +429,10 @@ def breakdown(best):
 def decode_sweep(quick):
     """Kernel configurations at two shapes; the best is used for the table."""
     base = dict(block_n=64, num_warps=4, num_stages=2, gather_cache=".ca")
-    variants = [dict(base, submajor=False), dict(base, submajor=True), dict(base, submajor=True, num_warps=8),
-                dict(base, submajor=True, block_n=32), dict(base, submajor=True, num_warps=8, split_mult=0.5),
-                dict(base, submajor=True, num_warps=8, split_mult=2), dict(base, submajor=False, split_mult=0.5),
-                dict(base, submajor=False, num_stages=1), dict(base, submajor=True, num_warps=8, num_stages=1),
-                dict(base, submajor=True, num_warps=8, cent="fp8"), dict(base, submajor=True, num_warps=8,
-                                                                           cent="fp8", split_mult=0.5)]
+    variants = [dict(base), dict(base, num_warps=8), dict(base, block_n=32), dict(base, num_warps=8, split_mult=0.5),
+                dict(base, num_warps=8, split_mult=2), dict(base, split_mult=0.5), dict(base, num_stages=1),
+                dict(base, num_warps=8, num_stages=1), dict(base, num_warps=8, cent="fp8"),
+                dict(base, num_warps=8, cent="fp8", split_mult=0.5)]
     if quick:
         variants = variants[:3]
     shapes = [("1", 1, 131072), ("1", 8, 32768), ("0.375", 1, 131072)]
@@ -452,10 +442,10 @@ def decode_sweep(quick):
     sms = RESULTS['env']['sms']
     for bits, b, ctx in shapes:
         args = decode_inputs(bits, b, ctx, torch.float16, seed=2)
-        o_ref, _ = DA.decode_attention_triton(*args, submajor=False)
+        o_ref, _ = DA.decode_attention_triton(*args)
         args8 = list(args)
         args8[11], args8[14] = args[11].to(torch.float8_e4m3fn), args[14].to(torch.float8_e4m3fn)
-        o_ref8, _ = DA.decode_attention_triton(*args8, submajor=False)
+        o_ref8, _ = DA.decode_attention_triton(*args8)
         for var in variants:
             var = dict(var)
             mult = var.pop("split_mult", 1)
@@ -486,7 +476,7 @@ def decode_sweep(quick):
             continue
         # rank variants by the sum of their normalized times over the shapes of this preset
         keyf = lambda r: tuple((k, r.get(k, False)) for k in ("block_n", "num_warps", "num_stages", "gather_cache",  # noqa: E731
-                                                            "split_mult", "submajor", "cent"))
+                                                            "split_mult", "cent"))
         score: dict = {}
         for r in recs:
             base = min(x["ms"] for x in recs if (x["batch"], x["ctx"]) == (r["batch"], r["ctx"]))
@@ -539,8 +529,6 @@ def decode_table(best, quick):
                 args8 = list(args)
                 args8[11], args8[14] = args[11].to(torch.float8_e4m3fn), args[14].to(torch.float8_e4m3fn)
                 cands = [best.get(bits + "_fp16"), best.get(bits + "_second"), best.get(bits), best.get(bits + "_fp8")]
-                if best.get(bits + "_fp16"):
-                    cands += [dict(best[bits + "_fp16"], merge="torch"), dict(best[bits + "_fp16"], prologue="torch")]
                 timed = {}
                 for cfg in cands:
                     if not cfg:
@@ -579,10 +567,9 @@ def prefill(quick):
     fwd_cfgs = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
     # score kernel: (BLOCK_M, BLOCK_N, warps, stages); the first four also run the row-sampled scores
     ans_cfgs = [(64, 128, 8, 2), (64, 64, 4, 2), (64, 128, 8, 3), (128, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 3)]
-    fused_cfgs = [(64, 64, 8, 2), (128, 32, 8, 2)]
     ts = [8192] if quick else [8192, 32768]
     if DRY:
-        ts, fwd_cfgs, ans_cfgs, fused_cfgs = [100], [(32, 32, 4, 1)], [(32, 32, 4, 1)], [(32, 32, 4, 1)]
+        ts, fwd_cfgs, ans_cfgs = [100], [(32, 32, 4, 1)], [(32, 32, 4, 1)]
     for t in ts:
         dtype = torch.float16
         q = torch.randn(1, HQ, t, D, device=DEV, dtype=dtype)
@@ -633,13 +620,6 @@ def prefill(quick):
                                      "ratio_vs_sdpa": (fwd[best_fwd] + x) / t_sdpa}
         rec["sampled"] = sampled_best
         rec["sampled_ms"] = {f"R{r}_band{band} {cfg}": x for (r, band, cfg), x in sampled.items()}
-        fused = {}
-        for cfg in fused_cfgs:
-            try:
-                fused[cfg] = bench(lambda: PA.prefill_attention_triton(q, k, v, scale, dk=dk, dv=dv, fused_ans=True,
-                                                                       blocks=cfg), ms=ms)
-            except Exception as exc:  # noqa: BLE001
-                log("fused cfg failed", cfg, exc)
         enc = {}
         for bits in ("1", "0.375"):
             cbk, cbv = make_codebooks(bits, cent_dtype=torch.float32)
@@ -654,11 +634,9 @@ def prefill(quick):
         n0 = torch.zeros(1, dtype=torch.int32, device=DEV)
         t_sel = bench(lambda: AN.select_anchors_(*sel_bufs, sc, k, v, n0, 0.01), ms=ms)
         t_ans = min(ans.values())
-        t_fused = min(fused.values()) if fused else float("nan")
-        rec.update({"fwd_ms": fwd, "ans_ms": ans, "fused_ms": fused, "encode_ms": enc, "select_ms": t_sel,
+        rec.update({"fwd_ms": fwd, "ans_ms": ans, "encode_ms": enc, "select_ms": t_sel,
                     "best_fwd": best_fwd, "best_ans": best_ans, "fwd_TFLOPs": flops / (fwd[best_fwd] * 1e-3) / 1e12,
-                    "attn_plus_scores_ms": min(fwd[best_fwd] + t_ans, t_fused),
-                    "schedule": "two-pass" if fwd[best_fwd] + t_ans <= t_fused else "fused"})
+                    "attn_plus_scores_ms": fwd[best_fwd] + t_ans})
         rec["ratio_vs_sdpa"] = rec["attn_plus_scores_ms"] / t_sdpa
         for bits in ("1", "0.375"):
             rec[f"pipeline_ms_{bits}"] = rec["attn_plus_scores_ms"] + enc[bits] + t_sel
@@ -749,13 +727,12 @@ def table() -> str:
         lines.append(f"{r['bits']:>5} {r['ctx']:>7} {r['batch']:>3} {r['sdpa_ms']:8.3f} {r['ms']:8.3f} {r['speedup']:6.2f} "
                      f"{r['GBps']:7.0f} {100 * r['bw_frac']:6.1f} {r['byte_ratio']:7.1f} {f8:8.3f} {r['sdpa_ms'] / f8:7.2f}")
     lines.append("PREFILL (ms; B=1, fp16)")
-    lines.append(f"{'T':>6} {'sdpa':>8} {'fwd':>8} {'scores':>8} {'fused':>8} {'attn+AnS':>9} {'ratio':>6} {'enc1':>7} "
+    lines.append(f"{'T':>6} {'sdpa':>8} {'fwd':>8} {'scores':>8} {'attn+AnS':>9} {'ratio':>6} {'enc1':>7} "
                  f"{'enc.375':>7} {'sel':>6} {'pipe1 x':>7}")
     for r in RESULTS.get("prefill") or []:
         fwd = min(r["fwd_ms"].values())
         ans = min(r["ans_ms"].values())
-        fu = min(r["fused_ms"].values()) if r["fused_ms"] else float("nan")
-        lines.append(f"{r['T']:>6} {r['sdpa_ms']:8.2f} {fwd:8.2f} {ans:8.2f} {fu:8.2f} {r['attn_plus_scores_ms']:9.2f} "
+        lines.append(f"{r['T']:>6} {r['sdpa_ms']:8.2f} {fwd:8.2f} {ans:8.2f} {r['attn_plus_scores_ms']:9.2f} "
                      f"{r['ratio_vs_sdpa']:6.2f} {r['encode_ms']['1']:7.2f} {r['encode_ms']['0.375']:7.2f} "
                      f"{r['select_ms']:6.2f} {r['pipeline_ratio_1']:7.2f}")
         for key, x in (r.get("sampled") or {}).items():
@@ -785,47 +762,20 @@ V3_VARIANTS = {  # name -> decode_attention_triton options (split_mult handled s
 }
 
 
-# v4 (NOTES.md "v4"): latency hiding and fewer instructions in the coded loop, and L1 locality. "v3" is the
-# current default. "probe" is a timing probe only (every head reads one key LUT and one value codebook, so
-# the gathers of all programs hit a single 2 x 64 KB working set): not exact, never a candidate.
-LVB = dict(lean=True, values_b=True, prefetch=2, merge_pb=2, maxnreg=128)
+# The Triton coded loop (key LUT, the default where NVRTC is missing) and the CUDA warp kernel (coded_decode.cu, the
+# default on a GPU; NOTES.md "v6"-"v9"): split counts, the exact programs (anchors + window, Triton: anchors per
+# step, pipelining, programs per KV head) and the value-copy selection words (kernels/value_copies.py). Variants
+# of earlier designs (v4 loop options, the v5 block kernel, copy counts, the fp32 key table, selection mode 1)
+# were measured and removed; see NOTES.md and git history.
 V4_VARIANTS = {
-    "v3": dict(merge="fused", key_lut=True),
-    "pf1": dict(prefetch=1),
-    "pf2": dict(prefetch=2),
-    "s2": dict(streams=2, prefetch=1),
-    "lean": dict(lean=True, prefetch=2, merge_pb=2, maxnreg=128),
-    "lvb": LVB,
-    "lvb_m2": dict(LVB, split_mult=2),
-    "lvb_b128w8": dict(LVB, block_n=128, num_warps=8, maxnreg=None),
-    "lvb_s2": dict(lean=True, values_b=True, prefetch=1, streams=2, merge_pb=2),
-    "aff": dict(LVB, affine=True, split_mult=2),
-    "probe": dict(LVB, probe_tables=True),
+    "lean": dict(key_lut=True),
 }
-V4_DEFAULT = list(V4_VARIANTS)
-# v5 (NOTES.md "v5"): the coded split programs as the CUDA C++ kernel (coded_decode.cu, both tables in shared
-# memory); split_mult scales its default of ~4 waves of CTAs. "lean" is the Triton default it replaces.
-V5_VARIANTS = {  # the CTA-block kernel of coded_decode.cu (antkv_coded_partials)
-    "cuda_v5": dict(coded="cuda", cuda_kernel="block"),
-    "cuda_m0.25": dict(coded="cuda", cuda_kernel="block", split_mult=0.25),
-    "cuda_m2": dict(coded="cuda", cuda_kernel="block", split_mult=2),
-    "cuda_db": dict(coded="cuda", cuda_kernel="block", cuda_db=1),
-    "cuda_db_m0.25": dict(coded="cuda", cuda_kernel="block", cuda_db=1, split_mult=0.25),
-    "cuda_fma": dict(coded="cuda", cuda_kernel="block", cuda_mma=0),  # values on CUDA cores
-    "cuda_mma": dict(coded="cuda", cuda_kernel="block", cuda_mma=1),  # values on tensor cores (16-bit centroids)
+V6_VARIANTS = {  # the per-warp kernel (antkv_coded_warp), NOTES.md "v6"
+    "cuda": dict(coded="cuda"),
+    "cuda_w1": dict(coded="cuda", split_mult=0.5),  # 1 wave of CTAs (default: 2)
+    "cuda_w4": dict(coded="cuda", split_mult=2),  # 4 waves
 }
-V6_VARIANTS = {  # the per-warp kernel (antkv_coded_warp), NOTES.md "v6"; copies of the value table
-    "cuda": dict(coded="cuda", cuda_kernel="warp"),
-    "cuda_c1": dict(coded="cuda", cuda_kernel="warp", cuda_copies=1),
-    "cuda_c2": dict(coded="cuda", cuda_kernel="warp", cuda_copies=2),
-    "cuda_c4": dict(coded="cuda", cuda_kernel="warp", cuda_copies=4),
-    "cuda_w1": dict(coded="cuda", cuda_kernel="warp", split_mult=0.5),  # 1 wave of CTAs (default: 2)
-    "cuda_w4": dict(coded="cuda", cuda_kernel="warp", split_mult=2),  # 4 waves
-}
-V7_VARIANTS = {  # v7 (NOTES.md): the key table in fp16 ("cuda" is the default: fp16 unless ANTKV_CUDA_KEY_HALF=0);
-    # the exact programs (anchors + window, Triton): anchors per step, pipelining, programs per KV head
-    "cuda_k32": dict(coded="cuda", cuda_kernel="warp", cuda_key_half=0),  # the fp32 key table (v6)
-    "cuda_k16": dict(coded="cuda", cuda_kernel="warp", cuda_key_half=1),
+V7_VARIANTS = {  # v7 (NOTES.md): the exact programs (anchors + window, Triton)
     "cuda_a64": dict(coded="cuda", block_a=64),
     "cuda_ns2": dict(coded="cuda", num_stages=2),
     "cuda_a64ns2": dict(coded="cuda", block_a=64, num_stages=2),
@@ -834,32 +784,27 @@ V7_VARIANTS = {  # v7 (NOTES.md): the key table in fp16 ("cuda" is the default: 
     "cuda_w8": dict(coded="cuda", num_warps=8),
 }
 V8_VARIANTS = {  # v8 (NOTES.md): value-copy selection words, written with the codes (kernels/value_copies.py)
-    "cuda_sel0": dict(coded="cuda", cuda_value_sel=0),  # the v7 kernel (row i reads copy i % 2)
-    "cuda_sel1": dict(coded="cuda", cuda_value_sel=1, value_sel="select"),  # copies hashed by other code bits
-    "cuda_sel2": dict(coded="cuda", cuda_value_sel=2, value_sel="select"),  # copy 1 = copy 0 + 4 bank groups
-    "cuda_sel2_nowords": dict(coded="cuda", cuda_value_sel=2),  # mode 2's code, fixed choice (its overhead)
+    "cuda_sel2": dict(coded="cuda", value_sel="select"),  # copy 1 = copy 0 + 4 bank groups
 }
-V9_VARIANTS = {  # session 7: the exact programs (anchors, window, merge) split over more programs per KV head
-    f"cuda_sel2_e{n}": dict(coded="cuda", cuda_value_sel=2, value_sel="select", exact_splits=n) for n in (1, 2, 4, 8)
+V9_VARIANTS = {  # the exact programs (anchors, window, merge) split over more programs per KV head
+    f"cuda_sel2_e{n}": dict(coded="cuda", value_sel="select", exact_splits=n) for n in (1, 2, 4, 8)
 }
-V5_DEFAULT = ["lean", "cuda_v5", "cuda_fma", *V6_VARIANTS]
-ALL_VARIANTS = {**V3_VARIANTS, **V4_VARIANTS, **V5_VARIANTS, **V6_VARIANTS, **V7_VARIANTS, **V8_VARIANTS,
-                **V9_VARIANTS}
-NOT_EXACT = {"probe"}
-_SELECTION: dict = {}  # (id of a codes_v tensor, mode) -> (weak reference to it, its selection words)
+V5_DEFAULT = ["lean", *V6_VARIANTS]
+ALL_VARIANTS = {**V3_VARIANTS, **V4_VARIANTS, **V6_VARIANTS, **V7_VARIANTS, **V8_VARIANTS, **V9_VARIANTS}
+NOT_EXACT: set = set()
+_SELECTION: dict = {}  # id of a codes_v tensor -> (weak reference to it, its selection words)
 
 
 def _selected(opts, args):
-    """value_sel="select": the selection words of these inputs' value codes for the variant's mode (once)."""
+    """value_sel="select": the selection words of these inputs' value codes (once)."""
     if opts.get("value_sel") != "select":
         return opts
-    from antkv_compile.kernels.coded_decode_cuda import DEFAULT_VALUE_SEL
     from antkv_compile.kernels.value_copies import selection_words
 
-    cv, mode = args[2], opts.get("cuda_value_sel") or DEFAULT_VALUE_SEL
-    held = _SELECTION.get((id(cv), mode))
+    cv = args[2]
+    held = _SELECTION.get(id(cv))
     if held is None or held[0]() is not cv:
-        held = _SELECTION[(id(cv), mode)] = (weakref.ref(cv), selection_words(cv, mode))
+        held = _SELECTION[id(cv)] = (weakref.ref(cv), selection_words(cv))
     return {**opts, "value_sel": held[1]}
 
 
@@ -910,7 +855,7 @@ def warm_all(names, jobs=12):
             shapes = [(bits, 1, 8192, "float16"), (bits, 32, 8192, "float16")]
             if bits == "1":
                 shapes.append((bits, 3, 5000, "float16"))
-                if n in ("v3", "lvb", "aff"):
+                if n in ("v3", "lean"):
                     shapes.append((bits, 1, 8192, "bfloat16"))
             tasks.append((n, shapes))
     t0 = time.time()
@@ -949,7 +894,7 @@ def decode_only(variants=None, rep_ms=100, grid=None, split_times=False):
         ref_o, ref_l = DA.decode_attention_reference(*args)
         for name in names:
             if name in NOT_EXACT or (dt == torch.bfloat16
-                                     and name not in (base_name, "lvb", "aff", "cuda", "cuda_sel1", "cuda_sel2")):
+                                     and name not in (base_name, "lean", "cuda", "cuda_sel2")):
                 continue  # bf16: one more compile per variant; checked for the main candidates only
             try:
                 fn, _ = _run_variant(args, b, ctx, name, sms)
@@ -1346,7 +1291,7 @@ def main():
                      ("correct_decode", correct_decode), ("opcheck_cuda", opcheck_cuda)):
         if want("correct") or (only and name in only):
             fn()
-    base = {"block_n": 64, "num_warps": 4, "num_stages": 1, "gather_cache": ".ca", "submajor": False, "cent": "fp16"}
+    base = {"block_n": 64, "num_warps": 4, "num_stages": 1, "gather_cache": ".ca", "cent": "fp16"}
     best = {k: dict(base) for k in ("1", "0.375", "1_fp16", "0.375_fp16")}
     if want("micro"):
         micro()

@@ -1,7 +1,7 @@
 """Target program for Nsight Compute: the CUDA coded-decode kernel (and the Triton lean loop it replaced) at one
 benchmark shape, a few launches each. Run on the GPU machine, e.g.
 
-    ncu -k regex:antkv_coded_partials -c 1 --set full python benchmarks/ncu_coded_decode.py --bits 1 --ctx 131072 --batch 32
+    ncu -k regex:antkv_coded_warp -c 1 --set full python benchmarks/ncu_coded_decode.py --bits 1 --ctx 131072 --batch 32
 
 (kernels/NOTES.md "v5" quotes what it reported). ``--coded triton`` profiles the Triton loop instead.
 """
@@ -28,16 +28,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--coded", default="cuda", choices=["cuda", "triton"])
     ap.add_argument("--launches", type=int, default=3)
-    ap.add_argument("--value-sel", type=int, default=None, help="value-copy selection mode (v8; 0: none)")
+    ap.add_argument("--select", action="store_true", help="pass the value-copy selection words (v8)")
     a = ap.parse_args()
     args = decode_inputs(a.bits, a.batch, a.ctx, torch.float16, seed=4)
     opts = {}
-    if a.value_sel is not None:
-        opts["cuda_value_sel"] = a.value_sel
-    if a.value_sel:
+    if a.select:
         from antkv_compile.kernels.value_copies import selection_words
 
-        opts["value_sel"] = selection_words(args[2], a.value_sel)
+        opts["value_sel"] = selection_words(args[2])
     plan = DA.DecodePlan(*args, coded=a.coded, **opts)
     for _ in range(a.launches):
         plan()

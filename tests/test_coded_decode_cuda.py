@@ -28,10 +28,9 @@ def test_presets_are_supported_and_fit_shared_memory(bits, cent_dtype):
     q, ck, cv, cent_k, cent_v = _case(bits, cent_dtype=cent_dtype)
     assert CDC.shape_reason(q, ck, cv, cent_k, cent_v, 16) is None
     p = get_preset(bits)
-    for mma in (0, 1):
-        lay = CDC.layout(ck.shape[3], p.num_centroids, cv.shape[3], p.num_centroids, p.sub_dim, cent_dtype, 0, mma)
-        assert lay["_smem"] <= CDC.SMEM_LIMIT and lay["_reduce"] <= lay["_reduce_room"]
-        assert lay["MMA"] == int(bool(mma) and cent_dtype != torch.float32)  # fp32 centroids: CUDA-core path
+    s = ck.shape[3]
+    lay = CDC.warp_layout(s, p.num_centroids, s, p.num_centroids, p.sub_dim, cent_dtype, (s, p.sub_dim, cent_dtype))
+    assert lay["_smem"] <= CDC.SMEM_LIMIT and lay["_reduce"] <= lay["_reduce_room"]
 
 
 def test_refusals_name_the_reason():
@@ -39,8 +38,9 @@ def test_refusals_name_the_reason():
     assert "query rows" in CDC.shape_reason(q, ck, cv, cent_k, cent_v, 16)
     q, ck, cv, cent_k, cent_v = _case("1", g=2, tq=2)  # 2 x 2 = 4 rows: fine
     assert CDC.shape_reason(q, ck, cv, cent_k, cent_v, 16) is None
-    q, ck, cv, cent_k, cent_v = _case("1", stages=2)  # two-stage value codebook
-    assert CDC.shape_reason(q, ck, cv, cent_k, cent_v, 16) is not None
+    # two-stage value codebook, 2 x 8 = 16 codes per token (at 1 bit, 32 codes would be refused first)
+    q, ck, cv, cent_k, cent_v = _case("0.375", stages=2)
+    assert "multi-stage" in CDC.shape_reason(q, ck, cv, cent_k, cent_v, 16)
     q, ck, cv, cent_k, cent_v = _case("1")
     assert CDC.unsupported_reason(q, ck, cv, cent_k, cent_v, 16) == "not a CUDA tensor"
 
@@ -82,7 +82,7 @@ def test_split_policy_bounds(pairs, capacity, sms, ctas, waves):
 
 def test_source_ships_with_the_package():
     src = CDC._source()
-    assert 'extern "C" __global__' in src and "antkv_coded_partials" in src
+    assert 'extern "C" __global__' in src and "antkv_coded_warp" in src and "antkv_coded_partials" not in src
 
 
 def _nvrtc_or_skip():
@@ -102,30 +102,14 @@ def _entry(ptx: str, name: str) -> str:
 
 
 @pytest.mark.parametrize("bits", ["1", "0.375"])
-@pytest.mark.parametrize("mma", [0, 1])
-def test_kernel_compiles_to_ptx(bits, mma):
-    cuda_rtc = _nvrtc_or_skip()
-    p = get_preset(bits)
-    s = 128 // p.sub_dim
-    lay = {k: v for k, v in CDC.layout(s, p.num_centroids, s, p.num_centroids, p.sub_dim, torch.float16, 0, mma).items()
-           if not k.startswith("_")}
-    head = "".join(f"#define {k} {v}\n" for k, v in lay.items())
-    ptx = cuda_rtc.compile_ptx(head + CDC._source(), "antkv_coded_partials", "compute_90a").decode()
-    assert ("mma.sync.aligned.m16n8k16" in _entry(ptx, "antkv_coded_partials")) == bool(lay["MMA"])
-
-
-@pytest.mark.parametrize("bits", ["1", "0.375"])
 @pytest.mark.parametrize("cent_dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("key_half", [0, 1])
-def test_warp_kernel_compiles_to_ptx(bits, cent_dtype, key_half):
-    """v6: ldmatrix + tensor cores for every centroid dtype, as many table copies as fit (2 at 1 bit, 8 at
-    0.375 bit), within the opt-in shared memory of one block; the key table read as 8-byte fp16 entries
-    (v7, ``key_half``) or 16-byte fp32 ones."""
+def test_warp_kernel_compiles_to_ptx(bits, cent_dtype):
+    """ldmatrix + tensor cores for every centroid dtype, as many table copies as fit (2 at 1 bit, 8 at
+    0.375 bit), within the opt-in shared memory of one block; the key table read as 8-byte fp16 entries."""
     cuda_rtc = _nvrtc_or_skip()
     p = get_preset(bits)
     s = 128 // p.sub_dim
-    lay = CDC.warp_layout(s, p.num_centroids, s, p.num_centroids, p.sub_dim, cent_dtype, None,
-                          (s, p.sub_dim, cent_dtype), key_half)
+    lay = CDC.warp_layout(s, p.num_centroids, s, p.num_centroids, p.sub_dim, cent_dtype, (s, p.sub_dim, cent_dtype))
     assert lay["NCOPY"] == {"1": 2, "0.375": 8}[bits] and lay["_smem"] <= CDC.SMEM_LIMIT
     assert lay["_reduce"] <= lay["_reduce_room"]
     head = "".join(f"#define {k} {v}\n" for k, v in lay.items() if not k.startswith("_"))
@@ -133,37 +117,36 @@ def test_warp_kernel_compiles_to_ptx(bits, cent_dtype, key_half):
                   "antkv_coded_warp")
     assert "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in body
     assert "mma.sync.aligned.m16n8k16.row.col.f32." + ("bf16" if cent_dtype == torch.bfloat16 else "f16") in body
-    assert ("cvt.rn.f16x2.f32" in body) == bool(key_half)  # the fp16 table is packed in the kernel
-    if key_half:
-        assert body.count("ld.shared.v2.u32") >= s  # and read as 8-byte entries, one per key sub-space
+    assert "cvt.rn.f16x2.f32" in body  # the fp16 table is packed in the kernel
+    assert body.count("ld.shared.v2.u32") >= s  # and read as 8-byte entries, one per key sub-space
 
 
 def test_fp16_key_table_halves_its_shared_memory():
-    """v7: a code's fp16 row is 128 bytes (16 entries of 4 rows: 16 / CK copies of its CK sub-spaces)."""
+    """v7: a code's fp16 row is 128 bytes (16 entries of 4 rows: 16 / CK copies of its CK sub-spaces); the fp32
+    size is what shape_reason checks."""
     for bits in ("1", "0.375"):
         p = get_preset(bits)
         s = 128 // p.sub_dim
-        args = (s, p.num_centroids, s, p.num_centroids, p.sub_dim, torch.float16, None, (s, p.sub_dim, torch.float16))
-        full, half = CDC.warp_layout(*args, 0), CDC.warp_layout(*args, 1)
+        args = (s, p.num_centroids, s, p.num_centroids, p.sub_dim, torch.float16, (s, p.sub_dim, torch.float16))
+        full, half = CDC.warp_layout(*args, key_half=0), CDC.warp_layout(*args)
         assert full["_smem"] - half["_smem"] == s * p.num_centroids * 16 - p.num_centroids * 128
-        assert half["KH"] == 1 and full["KH"] == 0
 
 
-@pytest.mark.parametrize("value_sel", [0, 1, 2])
-def test_value_selection_modes_compile_and_apply_at_two_copies_only(value_sel):
-    """v8: the selection mode is a compile-time constant used where 2 copies of the value table fit (1 bit);
-    mode 0 compiles the v7 loop (no word is loaded), modes 1 and 2 load one 2-byte word per token."""
-    cuda_rtc = _nvrtc_or_skip()
-    for bits in ("1", "0.375"):
+def test_value_selection_applies_at_two_copies_only():
+    """v8: the selection mode (2) is a compile-time constant used where exactly 2 copies of the value table fit
+    (1 bit): there the kernel loads one 2-byte word per token; elsewhere (0.375 bit: 8 copies) it loads none."""
+    lays = {}
+    for bits, copies in (("1", 2), ("0.375", 8)):
         p = get_preset(bits)
         s = 128 // p.sub_dim
-        lay = CDC.warp_layout(s, p.num_centroids, s, p.num_centroids, p.sub_dim, torch.float16, None,
-                              (s, p.sub_dim, torch.float16), 1, value_sel)
-        assert lay["SEL"] == (value_sel if lay["NCOPY"] == 2 else 0)
+        lay = lays[copies] = CDC.warp_layout(s, p.num_centroids, s, p.num_centroids, p.sub_dim, torch.float16,
+                                             (s, p.sub_dim, torch.float16))
+        assert lay["NCOPY"] == copies and lay["SEL"] == (2 if copies == 2 else 0)
         cent = torch.empty(1, 1, s, p.num_centroids, p.sub_dim, dtype=torch.float16, device="meta")
-        assert CDC.selection_mode(cent, cent, s, s, 1, value_sel) == lay["SEL"]
-    lay = CDC.warp_layout(16, 256, 16, 256, 8, torch.float16, None, (16, 8, torch.float16), 1, value_sel)
-    head = "".join(f"#define {k} {v}\n" for k, v in lay.items() if not k.startswith("_"))
-    body = _entry(cuda_rtc.compile_ptx(head + CDC._source(), "antkv_coded_warp", "compute_90a").decode(),
-                  "antkv_coded_warp")
-    assert ("ld.global.nc.u16" in body or "ld.global.u16" in body) == bool(value_sel)  # the words are read
+        assert CDC.selection_mode(cent, cent, s, s) == lay["SEL"]
+    cuda_rtc = _nvrtc_or_skip()
+    for copies, lay in lays.items():
+        head = "".join(f"#define {k} {v}\n" for k, v in lay.items() if not k.startswith("_"))
+        body = _entry(cuda_rtc.compile_ptx(head + CDC._source(), "antkv_coded_warp", "compute_90a").decode(),
+                      "antkv_coded_warp")
+        assert ("ld.global.nc.u16" in body or "ld.global.u16" in body) == (copies == 2)  # the words are read

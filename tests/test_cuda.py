@@ -160,32 +160,26 @@ def test_cuda_coded_decode_refuses_what_it_cannot_run():
     assert DA.DecodePlan(*args, coded="auto").cuda_coded is None  # auto falls back to the Triton loop
 
 
-def test_cuda_coded_decode_variants_agree():
-    """The two kernels of coded_decode.cu and their options compute the same partials: the per-warp kernel
-    (v6) with 1, 2 and (0.375 bit) 8 copies of the value table and with the fp32 or fp16 (v7) key table, and the
-    CTA-block kernel (v5) with its double-buffered and CUDA-core variants."""
+def test_cuda_coded_decode_matches_reference_and_the_triton_loop():
+    """The warp kernel of coded_decode.cu at both presets (2 copies of the value table at 1 bit, 8 at 0.375 bit),
+    against the reference and the Triton coded loop; its fp16 key table rounds the logits (~2^-12 per entry)."""
     from antkv_compile.kernels import decode_attention as DA
 
     dev = torch.device("cuda", torch.cuda.current_device())
-    for bits, copies in (("1", (1, 2)), ("0.375", (1, 8))):
+    for bits, copies in (("1", 2), ("0.375", 8)):
         args = _decode_case(bits, 4, torch.float16, [9000, 700], dev, seed=3)
         ref, _ = DA.decode_attention_reference(*args)
-        outs = [DA.DecodePlan(*args, coded="cuda", cuda_kernel="warp", cuda_copies=c, cuda_key_half=0)()[0]
-                for c in copies]
-        half, _ = DA.DecodePlan(*args, coded="cuda", cuda_kernel="warp", cuda_key_half=1)()  # v7 fp16 key table
-        one, _ = DA.DecodePlan(*args, coded="cuda", cuda_kernel="block", cuda_db=0)()
-        two, _ = DA.DecodePlan(*args, coded="cuda", cuda_kernel="block", cuda_db=1)()
-        fma, _ = DA.DecodePlan(*args, coded="cuda", cuda_kernel="block", cuda_mma=0)()  # CUDA cores, fp32 p
-        assert _rel(outs[1], outs[0]) < 1e-5  # the copies only move data: same bits
-        for o in (*outs, one, fma, half):
-            assert _rel(o, ref) < 3e-3
-        assert _rel(two, one) < 1e-5
-        assert 0 < _rel(half, outs[0]) < 2e-3  # the fp16 table rounds the logits (~2^-12 per entry), a little
+        plan = DA.DecodePlan(*args, coded="cuda")
+        assert plan.cuda_coded.copies == copies
+        out, _ = plan()
+        tri, _ = DA.DecodePlan(*args, coded="triton")()
+        assert _rel(out, ref) < 3e-3 and _rel(tri, ref) < 3e-3
+        assert 0 < _rel(out, tri) < 2e-3
 
 
 def test_cuda_value_copy_selection_changes_no_bits():
-    """v8: the selection words only choose which copy of the value table a row is read from, so in every mode any
-    words (the selected ones, random ones, none) give the bits of the v7 kernel; malformed words are refused."""
+    """v8: the selection words only choose which copy of the value table a row is read from, so any words (the
+    selected ones, random ones, none) give the same bits; malformed words are refused."""
     from antkv_compile.kernels import decode_attention as DA
     from antkv_compile.kernels.value_copies import selection_words
 
@@ -193,17 +187,16 @@ def test_cuda_value_copy_selection_changes_no_bits():
     args = _decode_case("1", 4, torch.float16, [9000, 0, 37, 1500], dev, seed=5)
     codes_v = args[2]
     ref, _ = DA.decode_attention_reference(*args)
-    base, _ = DA.DecodePlan(*args, coded="cuda", cuda_value_sel=0)()
+    base, _ = DA.DecodePlan(*args, coded="cuda")()
     assert _rel(base, ref) < 3e-3
     rnd = torch.randint(-2**15, 2**15, tuple(codes_v.shape[:3]), dtype=torch.int16, device=dev)
-    for mode in (1, 2):
-        sel = selection_words(codes_v, mode)
-        for words in (sel, rnd, None):
-            plan = DA.DecodePlan(*args, coded="cuda", cuda_value_sel=mode, value_sel=words)
-            assert plan.cuda_coded.value_sel == mode
-            assert torch.equal(plan()[0], base)
-        with pytest.raises(ValueError, match="value_sel"):
-            DA.DecodePlan(*args, coded="cuda", cuda_value_sel=mode, value_sel=sel[:, :, 1:])
+    sel = selection_words(codes_v)
+    for words in (sel, rnd):
+        plan = DA.DecodePlan(*args, coded="cuda", value_sel=words)
+        assert plan.cuda_coded.value_sel == 2
+        assert torch.equal(plan()[0], base)
+    with pytest.raises(ValueError, match="value_sel"):
+        DA.DecodePlan(*args, coded="cuda", value_sel=sel[:, :, 1:])
 
 
 def test_kernel_store_decode_graph_replays_the_direct_launches(monkeypatch):

@@ -11,16 +11,34 @@ def llama():
     return ModelShape.from_config(llama3_8b_config(), "llama3-8b")
 
 
-def test_llama3_8b_shape_and_per_token_bytes(llama):
+def test_llama3_8b_shape_and_full_precision_bytes(llama):
     assert 8.0e9 < llama.params < 8.1e9
     full = MemoryModel(llama, None).bytes_at(1, 1000)
     assert full["kv_full_precision"] == 1000 * 128 * 1024  # 128 KiB per token in bf16
-    one = MemoryModel(llama, get_preset("1")).bytes_at(1, 1000)
-    # 1 bit per element: 8 KiB per token, plus the CUDA kernel's value-copy selection words (2 bytes per token,
-    # layer and KV head: 0.5 KiB per token); 0.375 bit keeps 8 copies of its value table and needs none
-    assert one["codes"] == 1000 * (8 * 1024 + 32 * 8 * 2)
-    tiny = MemoryModel(llama, get_preset("0.375")).bytes_at(1, 1000)
-    assert tiny["codes"] == 1000 * 32 * 8 * 2 * 8  # 8 + 8 six-bit codes per token and head, one byte each
+
+
+@pytest.mark.parametrize("bits", ["1", "0.375", "2"])
+def test_codes_term_is_what_a_kernel_store_holds(llama, bits):
+    """The planner's codes term against the buffers a KernelLayerStore of Llama-3-8B's head shape allocates: its
+    code bytes per (token, KV head), plus the value-copy selection words (int16) where the CUDA kernel reads them,
+    decided by the store's own call on its fp16 centroids (runtime/kernel_store.py: only the 1-bit preset keeps 2
+    copies of its value table). Not the planner's formula: the store's tensors and the store's decision."""
+    import torch
+
+    from antkv_compile.config import AnTKVConfig
+    from antkv_compile.numerics.store import StoreGeometry
+    from antkv_compile.runtime.kernel_store import KernelLayerStore, _selection_mode
+    from numerics_helpers import codebook_with_transform
+
+    h, d, cap = llama.num_kv_heads, llama.head_dim, 64
+    geom = StoreGeometry(1, h, d, cap, torch.bfloat16, torch.device("cpu"), scale=d ** -0.5)
+    cb = codebook_with_transform(bits, h, d, 0)
+    store = KernelLayerStore(geom, cb, cb, AnTKVConfig(bits=bits), centroid_dtype=torch.float16)
+    per_token_head = (store.codes_k.nbytes + store.codes_v.nbytes) // (cap * h)
+    sel = 2 if _selection_mode(store.cent_k, store.cent_v, store.codes_k, store.codes_v) else 0
+    assert sel == (2 if bits == "1" else 0)
+    mm = MemoryModel(llama, get_preset(bits)).bytes_at(1, 1000)
+    assert mm["codes"] == 1000 * llama.num_layers * h * (per_token_head + sel)
 
 
 @settings(max_examples=15, deadline=None)

@@ -1,41 +1,22 @@
 // Coded part of AnTKV decode attention, CUDA C++ (compiled at run time by NVRTC, see coded_decode_cuda.py).
 //
 // Why not Triton: the split loop needs two random 16-byte table reads per (token, sub-space) -- the key
-// lookup-table row LUT[c][code] (4 query rows, fp32) and the value centroid -- and Triton 3.6 can only
+// lookup-table row LUT[c][code] (4 query rows) and the value centroid -- and Triton 3.6 can only
 // gather through global memory (L1), which measured ~37 SM-clocks per token at 1 bit (NOTES.md v1-v4).
-// Here both tables of one (sequence, KV head) sit in shared memory and every gather is an LDS.128.
+// Here both tables of one (sequence, KV head) sit in shared memory.
 //
 // One CTA = one coded chunk of one (sequence, KV head) pair, tokens [start, end) of that sequence's coded
-// tokens. Each block of NT tokens runs in two phases:
-//   A (one token per thread): logits of the 4 query rows = bias + sum over the CK key codes of LUT rows;
-//     anchor / out-of-range tokens -> -inf; CTA max per row; p = exp2(logit - running max) to shared.
-//   B (CV lanes per token, one lane per value sub-space): acc[r][e] += p[r] * centroid[s][code][e], the
-//     accumulator of a lane covering its sub-space's SUBV dimensions for the 4 rows (registers).
-// At the end the lanes' accumulators are summed (shuffles + shared memory) and the partial is stored in
-// the layout of the Triton kernel (normalized output, log2-sum-exp), then the pair's arrival counter is
-// bumped so that the Triton exact/merge kernel launched after this one merges all P partials.
+// tokens; each warp runs its own flash-decoding loop over 32-token tiles (antkv_coded_warp below). At the end
+// the warps' partials are merged and stored in the layout of the Triton kernel (normalized output,
+// log2-sum-exp), then the pair's arrival counter is bumped so that the Triton exact/merge kernel launched after
+// this one merges all P partials. (A CTA-wide block kernel with DB / MMA / FMA modes and an fp32 key table were
+// measured and removed; NOTES.md "v5"-"v7", git history.)
 //
 // Compile-time constants (defined by the launcher): CK, MK (key codes per token, centroids per key
-// sub-space), CV, MV, SUBV (value codes per token, centroids, sub-space dimension), NT (threads = tokens
-// per block), MINB (CTAs per SM for __launch_bounds__), CT (centroid storage: 0 fp16, 1 bf16, 2 fp32),
-// RPAD (rows per partial slot), DB (1: the per-block tiles are double-buffered, one barrier per block instead of
-// two, so warps done with block i's values start block i+1's keys while others finish).
-#ifndef DB
-#define DB 0
-#endif
-#define NBUF (DB ? 2 : 1)
-// MMA (1: phase B on tensor cores, fp16/bf16 centroids, SUBV 8 or 16): per 16 tokens and 16 value dimensions one
-// mma.m16n8k16 with A = the gathered centroids [dims x tokens] (one 4-byte gather of two adjacent dimensions
-// per token; A's rows are the dimensions 2g / 2g + 1 of the tile, a free permutation), B = p [tokens x rows]
-// (4 real rows of 8), fp32 accumulators. 0: the CUDA-core loop (fp32 FMAs, 512 per token).
-#ifndef MMA
-#define MMA 0
-#endif
-
+// sub-space), CV, MV, SUBV (value codes per token, centroids, sub-space dimension), NT (threads), MINB (CTAs per
+// SM for __launch_bounds__), CT (centroid storage: 0 fp16, 1 bf16, 2 fp32), RPAD (rows per partial slot).
 #define DD (CV * SUBV)
-#define NCH (SUBV * (CT == 2 ? 4 : 2) / 16)  // 16-byte chunks per value centroid
 #define NWARP (NT / 32)
-#define TPW (32 / CV)
 #define NEG_INF (__int_as_float(0xff800000))
 
 typedef unsigned char u8;
@@ -65,7 +46,7 @@ __device__ __forceinline__ float ct_to_f32(ct_t x) { return stored_to_f32<CT>(x)
 #define CVT_HALF "cvt.rn.bf16.f32 %0, %1;"  // the MMA operand type follows the centroids: bf16
 #define MMA_TYPES "bf16.bf16"
 #else
-#define CVT_HALF "cvt.rn.f16.f32 %0, %1;"  // fp16 (fp32 centroids never take the MMA path)
+#define CVT_HALF "cvt.rn.f16.f32 %0, %1;"  // fp16 (fp32 centroids are stored as fp16)
 #define MMA_TYPES "f16.f16"
 #endif
 typedef unsigned short half_t;  // 16-bit MMA operand bits
@@ -94,19 +75,6 @@ __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
-}
-
-// Shared-memory layouts, chosen so that the table reads of a quarter-warp (the 8 lanes one 16-byte access phase
-// serves) fall in 8 different 16-byte bank groups, i.e. one wavefront per phase, whatever the codes are:
-// - key table: row (sub-space c, centroid code) at code * CK + c, and the 8 lanes of a quarter-warp (8 tokens)
-//   walk the sub-spaces in 8 different rotations (c = i + lane % 8), so at every step they read 8 different c.
-//   (The global table is [CK][MK]: with that layout the group was code % 8, random, ~2.5 wavefronts per phase.)
-// - value centroids: centroid (sub-space sv, code k) in slot k * CV + (sv ^ (k % 8)), its 16-byte chunks
-//   XOR-swizzled by the slot; the FMA path's quarter-warp reads 8 sub-spaces of one token: 8 different groups.
-//   (The XOR with the code keeps the MMA path's gathers, 4 tokens of one sub-space, spread as before.)
-__device__ __forceinline__ int cent_chunk(int sv, unsigned k, int ch) {
-    const int sl = sv ^ (int)(k & 7u);
-    return ((int)k * CV + sl) * NCH + (ch ^ (((sl * NCH) >> 3) & (NCH - 1)));
 }
 
 // CK / CV code bytes of one token as 16- or 8-byte words (the launcher only builds CK, CV in {8, 16}).
@@ -148,7 +116,6 @@ template <> struct CodeWords<8> {
     }
 };
 
-// Shared by both kernels ---------------------------------------------------------------------------------------------
 // Tokens [start, end) of coded chunk cidx of p_coded over a sequence's n coded tokens (chunks of whole 64-token
 // groups, so 32-token tiles never straddle an anchor-bitmask word).
 __device__ __forceinline__ void chunk_range(int n, int p_coded, int cidx, int& start, int& end) {
@@ -157,22 +124,10 @@ __device__ __forceinline__ void chunk_range(int n, int p_coded, int cidx, int& s
     end = min(start + chunk, n);
 }
 
-// Logits (4 rows, log2 units) of one token: bias + the CK key-table rows of its codes, read in the lane's rotation
-// (see cent_chunk: the 8 lanes of a quarter-warp read 8 different sub-spaces at every step).
-template <typename KW>
-__device__ __forceinline__ float4 token_logits(const float4* s_lut, const typename KW::T& kc, int rot, float4 bias) {
-    const typename KW::T kr = KW::rotate(kc, rot);  // byte i: the code of sub-space (i + rot) % CK
-#pragma unroll
-    for (int i = 0; i < CK; ++i) {
-        const float4 v = s_lut[KW::get(kr, i) * CK + ((i + rot) & (CK - 1))];
-        bias.x += v.x; bias.y += v.y; bias.z += v.z; bias.w += v.w;
-    }
-    return bias;
-}
-
-// The same logits from the fp16 key table of the v6 kernel (KH = 1): an entry is 8 bytes (4 rows), a code's row
-// KROW = 16 entries = 128 bytes (all 32 banks) holding 16 / CK copies of its CK entries; the 16 lanes of a half-warp
-// (one 8-byte access phase) read rotation rot = lane % CK of copy kofs / CK, i.e. 16 different bank pairs.
+// Logits (4 rows, log2 units) of one token: bias + the CK key-table rows of its codes, from the fp16 key table:
+// an entry is 8 bytes (4 rows), a code's row KROW = 16 entries = 128 bytes (all 32 banks) holding 16 / CK copies
+// of its CK entries; the 16 lanes of a half-warp (one 8-byte access phase) read rotation rot = lane % CK of copy
+// kofs / CK, i.e. 16 different bank pairs.
 #define KROW 16
 __device__ __forceinline__ float2 h2_to_f2(unsigned x) {
     float2 r;
@@ -247,294 +202,47 @@ __device__ __forceinline__ void store_partial(const float* s_acc, const float4* 
     }
 }
 
-extern "C" __global__ void __launch_bounds__(NT, MINB)
-antkv_coded_partials(const float* __restrict__ lut,      // [pairs, CK, MK, 4] fp32 (scale * log2 e inside)
-                     const float* __restrict__ qc,       // [pairs, RPAD * (DD + 1)]: bias at RPAD * DD + r
-                     const u8* __restrict__ codes_k,     // [pairs, n_cap, CK]
-                     const u8* __restrict__ codes_v,     // [pairs, n_cap, CV]
-                     const int* __restrict__ bits,       // [pairs, nw] anchor bitmask
-                     const int* __restrict__ ncoded,     // [B]
-                     const ct_t* __restrict__ cent_v,    // [H_cb, CV, MV, SUBV]
-                     float* __restrict__ po,             // [pairs, ps, RPAD, DD]
-                     float* __restrict__ pl,             // [pairs, ps, RPAD]
-                     int* __restrict__ cnt,              // [pairs] arrival counters
-                     int hkv, int n_cap, int nw, int p_coded, int ps, int cbv_per_head, int rv)
-{
-    typedef CodeWords<CK> KW;
-    typedef CodeWords<CV> VW;
-    extern __shared__ __align__(16) unsigned char smem[];
-    float4* s_lut = reinterpret_cast<float4*>(smem);                                   // CK * MK
-    ct_t* s_cent = reinterpret_cast<ct_t*>(smem + CK * MK * 16);                       // CV * MV * SUBV
-    float4* s_p0 = reinterpret_cast<float4*>(smem + CK * MK * 16 + CV * MV * SUBV * sizeof(ct_t));  // NBUF * NT
-    u8* s_vc0 = reinterpret_cast<u8*>(s_p0 + NBUF * NT);                               // NBUF * NT * CV
-    float4* s_red0 = reinterpret_cast<float4*>(s_vc0 + NBUF * NT * CV);                // NBUF * NWARP
-
-    const int pair = blockIdx.x, cidx = blockIdx.y;
-    const int b = pair / hkv, h = pair % hkv;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    int start, end;
-    chunk_range(ncoded[b], p_coded, cidx, start, end);
-
-    // both tables of this pair into shared memory
-    {
-        const float4* g_lut = reinterpret_cast<const float4*>(lut) + (size_t)pair * CK * MK;
-        for (int i = tid; i < CK * MK; i += NT) s_lut[(i % MK) * CK + i / MK] = g_lut[i];
-        const uint4* g_cent = reinterpret_cast<const uint4*>(cent_v + (size_t)(h * cbv_per_head) * CV * MV * SUBV);
-        uint4* s_cent4 = reinterpret_cast<uint4*>(s_cent);
-        for (int i = tid; i < CV * MV * NCH; i += NT)
-            s_cent4[cent_chunk(i / (MV * NCH), (unsigned)((i / NCH) % MV), i % NCH)] = g_cent[i];
-    }
-    const float* bias_p = qc + (size_t)pair * RPAD * (DD + 1) + RPAD * DD;
-    const float4 bias = make_float4(bias_p[0], bias_p[1], bias_p[2], bias_p[3]);
-
-    const u8* ck_base = codes_k + (size_t)pair * n_cap * CK;
-    const u8* cv_base = codes_v + (size_t)pair * n_cap * CV;
-    const int* bits_base = bits + (size_t)pair * nw;
-
-    // phase-B lane role: value sub-space s, token slot sub (TPW tokens per warp step)
-    const int s = lane % CV, sub = lane / CV;
-    const int rot = lane & 7;  // phase-A rotation of the key sub-spaces (see cent_chunk)
-
-    float m0 = NEG_INF, m1 = NEG_INF, m2 = NEG_INF, m3 = NEG_INF;  // running max per row (CTA-uniform)
-    float l0 = 0.f, l1 = 0.f, l2 = 0.f, l3 = 0.f;                  // this thread's share of the sums
-#if MMA
-    float acc[DD / 16][4];  // D fragments: tile mt, rows (2 tq, 2 tq + 1) x dims (mt*16 + 2g, + 1)
-#pragma unroll
-    for (int mt = 0; mt < DD / 16; ++mt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[mt][i] = 0.f;
-    const int gq = lane >> 2, tq = lane & 3;
-#else
-    float acc[4][SUBV];
-#pragma unroll
-    for (int r = 0; r < 4; ++r)
-#pragma unroll
-        for (int e = 0; e < SUBV; ++e) acc[r][e] = 0.f;
-#endif
-
-    // codes of this thread's token in the first block (prefetched one block ahead from then on)
-    typename KW::T kc = KW::zero();
-    typename VW::T vcw = VW::zero();
-    int word = 0;
-    load_token<KW, VW>(start + tid, end, ck_base, cv_base, bits_base, kc, vcw, word);
-    __syncthreads();  // tables ready
-
-    int buf = 0;
-    for (int n0 = start; n0 < end; n0 += NT) {
-        const int t = n0 + tid;
-        float4* s_p = s_p0 + buf * NT;
-        u8* s_vc = s_vc0 + buf * NT * CV;
-        float4* s_red = s_red0 + buf * NWARP;
-#if DB
-        buf ^= 1;
-#endif
-        // ---------------------------------------------------------------- phase A: logits, softmax
-        float4 lg = make_float4(NEG_INF, NEG_INF, NEG_INF, NEG_INF);
-        if (t < end && !((word >> (t & 31)) & 1)) lg = token_logits<KW>(s_lut, kc, rot, bias);
-        *reinterpret_cast<typename VW::T*>(s_vc + tid * CV) = vcw;
-        // prefetch the next block's codes (their HBM latency overlaps this block)
-        load_token<KW, VW>(t + NT, end, ck_base, cv_base, bits_base, kc, vcw, word);
-        {
-            const float4 wm = make_float4(warp_max(lg.x), warp_max(lg.y), warp_max(lg.z), warp_max(lg.w));
-            if (lane == 0) s_red[warp] = wm;
-        }
-        __syncthreads();
-        float b0 = NEG_INF, b1 = NEG_INF, b2 = NEG_INF, b3 = NEG_INF;
-#pragma unroll
-        for (int w = 0; w < NWARP; ++w) {
-            const float4 v = s_red[w];
-            b0 = fmaxf(b0, v.x); b1 = fmaxf(b1, v.y); b2 = fmaxf(b2, v.z); b3 = fmaxf(b3, v.w);
-        }
-        const float n0m = fmaxf(m0, b0), n1m = fmaxf(m1, b1), n2m = fmaxf(m2, b2), n3m = fmaxf(m3, b3);
-        const float u0 = n0m == NEG_INF ? 0.f : n0m, u1 = n1m == NEG_INF ? 0.f : n1m;
-        const float u2 = n2m == NEG_INF ? 0.f : n2m, u3 = n3m == NEG_INF ? 0.f : n3m;
-        const float a0 = exp2f(m0 - u0), a1 = exp2f(m1 - u1), a2 = exp2f(m2 - u2), a3 = exp2f(m3 - u3);
-        m0 = n0m; m1 = n1m; m2 = n2m; m3 = n3m;
-        const float4 p = make_float4(exp2f(lg.x - u0), exp2f(lg.y - u1), exp2f(lg.z - u2), exp2f(lg.w - u3));
-        l0 = l0 * a0 + p.x; l1 = l1 * a1 + p.y; l2 = l2 * a2 + p.z; l3 = l3 * a3 + p.w;
-#if MMA
-        {
-            half_t* s_ph = reinterpret_cast<half_t*>(s_p);  // [4][NT] p in the MMA operand type
-            s_ph[tid] = to_half(p.x); s_ph[NT + tid] = to_half(p.y);
-            s_ph[2 * NT + tid] = to_half(p.z); s_ph[3 * NT + tid] = to_half(p.w);
-            const float alo = tq == 0 ? a0 : tq == 1 ? a2 : 1.f;  // row 2 tq
-            const float ahi = tq == 0 ? a1 : tq == 1 ? a3 : 1.f;  // row 2 tq + 1
-#pragma unroll
-            for (int mt = 0; mt < DD / 16; ++mt) {
-                acc[mt][0] *= alo; acc[mt][1] *= ahi; acc[mt][2] *= alo; acc[mt][3] *= ahi;
-            }
-        }
-#else
-        s_p[tid] = p;
-#pragma unroll
-        for (int e = 0; e < SUBV; ++e) {
-            acc[0][e] *= a0; acc[1][e] *= a1; acc[2][e] *= a2; acc[3][e] *= a3;
-        }
-#endif
-        __syncthreads();
-        // ---------------------------------------------------------------- phase B: values
-        const int nblk = min(NT, end - n0);
-#if MMA
-        {
-            const half_t* s_ph = reinterpret_cast<const half_t*>(s_p);
-            const int nks = (nblk + 15) >> 4;
-            for (int ks = warp; ks < nks; ks += NWARP) {  // 16 tokens per step, all DD/16 tiles
-                const int kb = ks * 16 + 2 * tq;
-                unsigned b0 = 0u, b1 = 0u;
-                if (gq < 4) {
-                    b0 = *reinterpret_cast<const unsigned*>(s_ph + gq * NT + kb);
-                    b1 = *reinterpret_cast<const unsigned*>(s_ph + gq * NT + kb + 8);
-                }
-                const typename VW::T c0 = *reinterpret_cast<const typename VW::T*>(s_vc + kb * CV);
-                const typename VW::T c1 = *reinterpret_cast<const typename VW::T*>(s_vc + (kb + 1) * CV);
-                const typename VW::T c2 = *reinterpret_cast<const typename VW::T*>(s_vc + (kb + 8) * CV);
-                const typename VW::T c3 = *reinterpret_cast<const typename VW::T*>(s_vc + (kb + 9) * CV);
-#pragma unroll
-                for (int mt = 0; mt < DD / 16; ++mt) {
-                    // dims mt*16 + 2 gq, +1: sub-space sv, offset ev (SUBV 8: two sub-spaces per tile)
-                    const int sv = SUBV == 8 ? 2 * mt + (gq >> 2) : mt;
-                    const int ev = SUBV == 8 ? 2 * (gq & 3) : 2 * gq;
-                    const unsigned sh = SUBV == 8 ? 8u * (gq >> 2) : 0u;
-                    const int cbyte = SUBV == 8 ? 2 * mt : mt;  // code byte before the per-thread shift
-                    const unsigned k0 = (VW::word(c0, cbyte >> 2) >> (8u * (cbyte & 3) + sh)) & 255u;
-                    const unsigned k1 = (VW::word(c1, cbyte >> 2) >> (8u * (cbyte & 3) + sh)) & 255u;
-                    const unsigned k2 = (VW::word(c2, cbyte >> 2) >> (8u * (cbyte & 3) + sh)) & 255u;
-                    const unsigned k3 = (VW::word(c3, cbyte >> 2) >> (8u * (cbyte & 3) + sh)) & 255u;
-                    // dims ev, ev + 1 of centroid (sv, k): chunk ev / 8 of its slot, 4-byte word (ev / 2) % 4
-                    const unsigned* s_cw = reinterpret_cast<const unsigned*>(s_cent) + (ev >> 1 & 3);
-                    const unsigned x0 = s_cw[4 * cent_chunk(sv, k0, ev >> 3)];
-                    const unsigned x1 = s_cw[4 * cent_chunk(sv, k1, ev >> 3)];
-                    const unsigned x2 = s_cw[4 * cent_chunk(sv, k2, ev >> 3)];
-                    const unsigned x3 = s_cw[4 * cent_chunk(sv, k3, ev >> 3)];
-                    mma16816(acc[mt], __byte_perm(x0, x1, 0x5410), __byte_perm(x0, x1, 0x7632),
-                             __byte_perm(x2, x3, 0x5410), __byte_perm(x2, x3, 0x7632), b0, b1);
-                }
-            }
-        }
-#else
-#pragma unroll 4
-        for (int j = warp * TPW + sub; j < nblk; j += NWARP * TPW) {
-            const unsigned code = s_vc[j * CV + s];
-            const float4 pp = s_p[j];
-            const uint4* s_cent4 = reinterpret_cast<const uint4*>(s_cent);
-#pragma unroll
-            for (int e0 = 0; e0 < SUBV; e0 += 16 / (int)sizeof(ct_t)) {
-                const uint4 raw = s_cent4[cent_chunk(s, code, e0 * (int)sizeof(ct_t) / 16)];
-                const ct_t* x = reinterpret_cast<const ct_t*>(&raw);
-#pragma unroll
-                for (int e = 0; e < 16 / (int)sizeof(ct_t); ++e) {
-                    const float f = ct_to_f32(x[e]);
-                    acc[0][e0 + e] += pp.x * f;
-                    acc[1][e0 + e] += pp.y * f;
-                    acc[2][e0 + e] += pp.z * f;
-                    acc[3][e0 + e] += pp.w * f;
-                }
-            }
-        }
-#endif
-#if !DB
-        __syncthreads();  // s_p / s_vc / s_red are rewritten by the next block
-#endif
-    }
-
-    // ---------------------------------------------------------------- reduce and store the partial
-    float4* s_red = s_red0;
-#if DB
-    __syncthreads();  // the last block's phase B may still read the tiles the reduction overwrites
-#endif
-    l0 = warp_sum(l0); l1 = warp_sum(l1); l2 = warp_sum(l2); l3 = warp_sum(l3);
-    if (lane == 0) s_red[warp] = make_float4(l0, l1, l2, l3);
-    float* s_acc = reinterpret_cast<float*>(smem);  // [NWARP][4][DD], over the LUT (no longer read)
-#if MMA
-    __syncthreads();
-    if (tq < 2) {  // rows 2 tq, 2 tq + 1 are real (< 4)
-#pragma unroll
-        for (int mt = 0; mt < DD / 16; ++mt) {
-            const int dcol = mt * 16 + 2 * gq;
-            s_acc[(warp * 4 + 2 * tq) * DD + dcol] = acc[mt][0];
-            s_acc[(warp * 4 + 2 * tq + 1) * DD + dcol] = acc[mt][1];
-            s_acc[(warp * 4 + 2 * tq) * DD + dcol + 1] = acc[mt][2];
-            s_acc[(warp * 4 + 2 * tq + 1) * DD + dcol + 1] = acc[mt][3];
-        }
-    }
-#else
-#pragma unroll
-    for (int o = CV; o < 32; o <<= 1)
-#pragma unroll
-        for (int r = 0; r < 4; ++r)
-#pragma unroll
-            for (int e = 0; e < SUBV; ++e) acc[r][e] += __shfl_xor_sync(0xffffffffu, acc[r][e], o);
-    __syncthreads();
-    if (sub == 0) {
-#pragma unroll
-        for (int r = 0; r < 4; ++r)
-#pragma unroll
-            for (int e = 0; e < SUBV; ++e) s_acc[(warp * 4 + r) * DD + s * SUBV + e] = acc[r][e];
-    }
-#endif
-    __syncthreads();
-    const float mr[4] = {m0, m1, m2, m3};
-    store_partial(s_acc, s_red, mr, po, pl, cnt, pair, cidx, ps, rv, tid);
-}
-
 // =====================================================================================================================
-// v6: antkv_coded_warp -- the same partials, each warp an independent flash-decoding loop over its own 32-token
-// tiles (NOTES.md "v6"). Versus antkv_coded_partials above:
+// antkv_coded_warp: each warp an independent flash-decoding loop over its own 32-token tiles (NOTES.md "v6"):
 // - no CTA-wide max and no __syncthreads in the loop: each warp keeps its own running max, raised lazily (only
 //   when a logit exceeds it by more than LAZY, log2 units, so p <= 2^LAZY), and the warps' partials are merged in
-//   the epilogue with their own maxima (the per-block CTA reduction was 7.5 of 37 warp-instructions per token);
-// - values always on tensor cores, the A operand loaded by ldmatrix.trans: a lane gives the address of one
-//   (token, sub-space) centroid row of 8 dimensions, so a 16-token x 16-dimension tile is one LDSM + one HMMA
-//   (the v5 FMA loop spent 24 warp-instructions per token);
+//   the epilogue with their own maxima;
+// - values on tensor cores, the A operand loaded by ldmatrix.trans: a lane gives the address of one
+//   (token, sub-space) centroid row of 8 dimensions, so a 16-token x 16-dimension tile is one LDSM + one HMMA;
 // - the value table is kept in NCOPY copies (defined by the launcher as large as shared memory allows): row i of an
 //   ldmatrix phase reads copy i % NCOPY, and copy c lives in its own 8 / NCOPY bank groups, so rows can only
 //   conflict with rows of their own copy (NCOPY 8: never). fp32 centroids are stored as fp16 here.
-// - v8 (SEL 1 or 2, NCOPY 2 only): which copy a row reads is chosen per (token, value sub-space) by a selection
-//   word written when the codes are (vsel [pairs, n_cap], bit sv; value_copies.py), the writer picking for every
-//   aligned group of 8 tokens (one ldmatrix phase) the assignment with the fewest wavefronts. SEL 1: the copies hash
-//   a code to a bank group by different code bits (k % 4, k / 4 % 4): 1.74 expected wavefronts per phase instead of
-//   2.39 for the fixed i % 2, but a code-dependent shift per row address; SEL 2: both copies hash by k % 4 (copy 1
-//   is copy 0 shifted by 4 groups), 2.07 expected, one bit more per address (NOTES.md "v8"). vsel may be null: then
-//   row i reads copy i % 2. SEL 0: the v7 kernel (row i reads copy i % NCOPY, vsel ignored).
-// Extra constants: NCOPY (1, 2, 4 or 8), KH (the key table in fp16, below). MMA, DB, SUBV in {8, 16} as above (MMA
-// is implied).
+// - SEL 2 (NCOPY 2 only, NOTES.md "v8"): which copy a row reads is chosen per (token, value sub-space) by a
+//   selection word written when the codes are (vsel [pairs, n_cap], bit sv; value_copies.py), the writer picking
+//   for every aligned group of 8 tokens (one ldmatrix phase) the assignment with the fewest wavefronts; both copies
+//   hash a code by k % 4 (copy 1 is copy 0 shifted by 4 groups): 2.07 expected wavefronts per phase instead of 2.39
+//   for the fixed i % 2. vsel may be null: then row i reads copy i % 2. SEL 0: row i reads copy i % NCOPY.
+// Extra constants: NCOPY (1, 2, 4 or 8), SEL (0 or 2), SK / SUBK / CTK (the key centroids, below); SUBV in {8, 16}.
 #ifndef NCOPY
 #define NCOPY 1
 #endif
 #define GPC (8 / NCOPY)  // bank groups (16 bytes each) per copy
-#define LGPC (GPC == 8 ? 3 : GPC == 4 ? 2 : GPC == 2 ? 1 : 0)
 #ifndef SEL
 #define SEL 0
 #endif
-#define KSHIFT (SEL == 1 ? LGPC : 0)  // copy c hashes code k by k >> (c KSHIFT)
 #define LAZY 8.0f
 #define NCH16 (SUBV / 8)  // 16-byte chunks per centroid, 16-bit storage
 
 // Byte offset in shared memory of chunk ch of centroid (sub-space sv, code k), copy c: the 8 * CV * NCH16 / GPC
 // chunks of code k hold its CV * NCH16 chunks in each copy, chunk j of the row in bank group c * GPC +
-// ((j ^ (k >> c KSHIFT)) % GPC), so the rows of one ldmatrix phase (same sv and ch, random k) spread over their
-// copy's GPC groups; with SEL 1 copy c hashes by its own bits of k (copy 0 k % 4, copy 1 k / 4 % 4 at NCOPY 2), else
-// by the same (value_copies.bins models both).
+// ((j ^ k) % GPC), so the rows of one ldmatrix phase (same sv and ch, random k) spread over their copy's GPC groups
+// (value_copies.bins models it).
 __device__ __forceinline__ unsigned vchunk_off(int sv, unsigned k, int ch, int c) {
     const unsigned j = sv * NCH16 + ch;
-    return 16u * (k * (8 * CV * NCH16 / GPC) + ((j / GPC) << 3) + c * GPC + ((j ^ (k >> (c * KSHIFT))) & (GPC - 1)));
+    return 16u * (k * (8 * CV * NCH16 / GPC) + ((j / GPC) << 3) + c * GPC + ((j ^ k) & (GPC - 1)));
 }
 
-// Key centroids (the v6 kernel builds the key lookup table itself): CTK 0 fp16, 1 bf16, 2 fp32; SK sub-spaces of
-// SUBK dimensions per stage (CK = stages * SK codes per token), DK = SK * SUBK.
+// Key centroids (the kernel builds the key lookup table itself, in fp16: see token_logits_h): CTK 0 fp16, 1 bf16,
+// 2 fp32; SK sub-spaces of SUBK dimensions per stage (CK = stages * SK codes per token), DK = SK * SUBK.
 #ifndef CTK
 #define CTK 0
 #endif
-// KH (1: the key table in fp16, see token_logits_h: half the shared-memory wavefronts of the fp32 table, which is
-// [code][c] float4 rows, 4 lanes per bank-group phase; 0: fp32)
-#ifndef KH
-#define KH 0
-#endif
-#define LUT_BYTES (KH ? MK * KROW * 8 : CK * MK * 16)
-#ifndef SK  // (only the v6 kernel reads them; defaults so that the v5 configuration compiles the whole file)
-#define SK CK
-#define SUBK (DD / CK)
-#endif
+#define LUT_BYTES (MK * KROW * 8)
 #define DK (SK * SUBK)
 #if CTK == 2
 typedef float ck_t;
@@ -560,8 +268,7 @@ antkv_coded_warp(const ck_t* __restrict__ cent_k, const float* __restrict__ qc, 
     typedef CodeWords<CK> KW;
     typedef CodeWords<CV> VW;
     extern __shared__ __align__(16) unsigned char smem[];
-    float4* s_lut = reinterpret_cast<float4*>(smem);                                  // [MK][CK] (KH 0)
-    uint2* s_luth = reinterpret_cast<uint2*>(smem);                                    // [MK][KROW] (KH 1)
+    uint2* s_luth = reinterpret_cast<uint2*>(smem);                                    // [MK][KROW]
     unsigned char* s_cent = smem + LUT_BYTES;                                          // NCOPY * CV * MV * SUBV * 2
     half_t* s_p0 = reinterpret_cast<half_t*>(s_cent + NCOPY * CV * MV * SUBV * 2);    // [NWARP][4][32]
     u8* s_vc0 = reinterpret_cast<u8*>(s_p0 + NWARP * 4 * 32);                        // [NWARP][32][CV]
@@ -596,13 +303,9 @@ antkv_coded_warp(const ck_t* __restrict__ cent_k, const float* __restrict__ qc, 
                     a.x += qv.x * f; a.y += qv.y * f; a.z += qv.z * f; a.w += qv.w * f;
                 }
             }
-#if KH
             const uint2 hv = make_uint2(f2_to_h2(a.x, a.y), f2_to_h2(a.z, a.w));
 #pragma unroll
             for (int kc = 0; kc < KROW / CK; ++kc) s_luth[code * KROW + kc * CK + c] = hv;
-#else
-            s_lut[code * CK + c] = a;
-#endif
         }
         const ct_t* g_cent = cent_v + (size_t)(h * cbv_per_head) * CV * MV * SUBV;
         uint4* s_c4 = reinterpret_cast<uint4*>(s_cent);
@@ -631,8 +334,8 @@ antkv_coded_warp(const ck_t* __restrict__ cent_k, const float* __restrict__ qc, 
 #endif
     half_t* s_p = s_p0 + warp * 4 * 32;
     u8* s_vc = s_vc0 + warp * 32 * CV;
-    const int rot = KH ? lane & (CK - 1) : lane & 7;
-    const int kofs = KH ? ((lane >> 3) & (KROW / CK - 1)) * CK : 0;  // fp16 table: which copy of the code's entries
+    const int rot = lane & (CK - 1);
+    const int kofs = ((lane >> 3) & (KROW / CK - 1)) * CK;  // which copy of the code's entries
     const int gq = lane >> 2, tq = lane & 3;
     // ldmatrix role: row (lane & 7) of matrix (lane >> 3): tokens (lane & 7) + 8 (lane >> 4), half hf of the tile
     const int ltok = (lane & 7) + ((lane >> 4) << 3), hf = (lane >> 3) & 1;
@@ -664,7 +367,7 @@ antkv_coded_warp(const ck_t* __restrict__ cent_k, const float* __restrict__ qc, 
         // ------------------------------------------------------------ logits of this lane's token
         float4 lg = make_float4(NEG_INF, NEG_INF, NEG_INF, NEG_INF);
         if (t < end && !((word >> lane) & 1))
-            lg = KH ? token_logits_h<KW>(s_luth, kc, rot, kofs, bias) : token_logits<KW>(s_lut, kc, rot, bias);
+            lg = token_logits_h<KW>(s_luth, kc, rot, kofs, bias);
         *reinterpret_cast<typename VW::T*>(s_vc + lane * CV) = vcw;
 #if SEL
         const unsigned tile_sel = selw;
@@ -713,9 +416,7 @@ antkv_coded_warp(const ck_t* __restrict__ cent_k, const float* __restrict__ qc, 
                 const int sv = SUBV == 8 ? 2 * mt + hf : mt;
                 const int ch = SUBV == 8 ? 0 : hf;
                 const unsigned k = (VW::word(cw, sv >> 2) >> (8 * (sv & 3))) & 255u;
-#if SEL == 1
-                const unsigned off = vchunk_off(sv, k, ch, (int)((rsel >> (SUBV == 8 ? 2 * mt : mt)) & 1u));
-#elif SEL == 2  // copy 1 = copy 0 + GPC groups
+#if SEL  // copy 1 = copy 0 + GPC groups
                 const unsigned off = vchunk_off(sv, k, ch, 0) + ((rsel >> (SUBV == 8 ? 2 * mt : mt)) & 1u) * (16 * GPC);
 #else
                 const unsigned off = vchunk_off(sv, k, ch, copy);

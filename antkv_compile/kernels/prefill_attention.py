@@ -86,17 +86,11 @@ if HAS_TRITON:
                 v2, dv2, vdv)
 
     @triton.jit
-    def _ans_tile(q, o, o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv, qk_scale, causal_ok, PREC: tl.constexpr):
-        """Column sums over the rows of one (query block, key block) tile of A_ij * ||...||."""
-        return tl.sum(_ans_terms(q, o, o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv, qk_scale, causal_ok, PREC),
-                      axis=0)
-
-    @triton.jit
     def _prefill_fwd_kernel(
-        Q, K, V, O, LSE, DK, DV, SC,
-        s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_lb, s_lh, s_sb, s_sh,
-        T, HQ, G, qk_scale, scale,
-        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FUSED_ANS: tl.constexpr,
+        Q, K, V, O, LSE,
+        s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_lb, s_lh,
+        T, HQ, G, qk_scale,
+        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT: tl.constexpr, PREC: tl.constexpr,
     ):
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first
@@ -125,24 +119,6 @@ if HAS_TRITON:
         tl.store(O + b * s_qb + hq * s_qh + offs_m[:, None] * s_qt + offs_d[None, :],
                  out.to(O.dtype.element_ty), mask=mmask[:, None])
         tl.store(LSE + b * s_lb + hq * s_lh + offs_m, lse2 * 0.6931471805599453, mask=mmask)
-        if FUSED_ANS:
-            o = out.to(DOT)
-            o2 = tl.sum(out * out, axis=1)
-            lse2 = tl.where(mmask, lse2, float("inf"))
-            dk_base = DK + b * s_kb + hk * s_kh
-            dv_base = DV + b * s_kb + hk * s_kh
-            sc_base = SC + b * s_sb + hk * s_sh
-            for start_n in range(0, hi, BLOCK_N):
-                offs_n = start_n + tl.arange(0, BLOCK_N)
-                nmask = offs_n < T
-                k_t = tl.load(k_base + offs_n[None, :] * s_kt + offs_d[:, None], mask=nmask[None, :], other=0.0)
-                dk_t = tl.load(dk_base + offs_n[None, :] * s_kt + offs_d[:, None], mask=nmask[None, :], other=0.0)
-                v_t = tl.load(v_base + offs_n[None, :] * s_kt + offs_d[:, None], mask=nmask[None, :], other=0.0)
-                dv_t = tl.load(dv_base + offs_n[None, :] * s_kt + offs_d[:, None], mask=nmask[None, :], other=0.0)
-                k_t, dk_t, v_t, dv_t, v2, dv2, vdv = _key_block(k_t, dk_t, v_t, dv_t, scale, DOT)
-                ok = (offs_n[None, :] <= offs_m[:, None]) & mmask[:, None]
-                col = _ans_tile(q, o, o2, lse2, k_t, dk_t, v_t, dv_t, v2, dv2, vdv, qk_scale, ok, PREC)
-                tl.atomic_add(sc_base + offs_n, col, mask=nmask)
 
     @triton.jit
     def _stats(l_base, o2_base, offs_m, T, lse_shift):
@@ -286,11 +262,8 @@ def _score_blocks(tk: int, d: int, dtype: torch.dtype) -> tuple[int, int, int, i
 
 
 def prefill_attention_triton(q: Tensor, k: Tensor, v: Tensor, scale: float, *, blocks=None,
-                             dk: Tensor | None = None, dv: Tensor | None = None, fused_ans: bool = False,
-                             out: tuple[Tensor, Tensor] | None = None,
-                             ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
-    """Causal GQA attention of T queries over the same T keys -> (out q.dtype, lse fp32 [B, Hq, T]);
-    with ``fused_ans`` also the Anchor Scores [B, Hkv, T] (needs dk, dv)."""
+                             out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Causal GQA attention of T queries over the same T keys -> (out q.dtype, lse fp32 [B, Hq, T])."""
     require_triton()
     b, hq, hkv, t, d = _check(q, k)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -300,27 +273,18 @@ def prefill_attention_triton(q: Tensor, k: Tensor, v: Tensor, scale: float, *, b
         out_, lse = out
     out = out_
     bm, bn, nw, ns = blocks or _default_blocks(d, q.dtype)
-    if fused_ans:
-        if dk is None or dv is None:
-            raise ValueError("fused Anchor Scores need dk and dv")
-        dk, dv = dk.to(k.dtype).contiguous(), dv.to(k.dtype).contiguous()
-        scores = torch.zeros(b, hkv, t, dtype=torch.float32, device=q.device)
-        bm, bn = min(bm, 64), min(bn, 64)
-    else:
-        dk = dv = k
-        scores = lse
     if b * hq * t == 0:
-        return (out, lse, scores) if fused_ans else (out, lse)
+        return out, lse
     grid = (cdiv(t, bm), b * hq)
     _prefill_fwd_kernel[grid](
-        q, k, v, out, lse, dk, dv, scores,
+        q, k, v, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        lse.stride(0), lse.stride(1), scores.stride(0), scores.stride(1),
-        t, hq, hq // hkv, float(scale) * LOG2E, float(scale),
-        D=d, BLOCK_M=bm, BLOCK_N=bn, FUSED_ANS=fused_ans, DOT=dot_dtype(q.dtype), PREC=dot_precision(q.dtype),
+        lse.stride(0), lse.stride(1),
+        t, hq, hq // hkv, float(scale) * LOG2E,
+        D=d, BLOCK_M=bm, BLOCK_N=bn, DOT=dot_dtype(q.dtype), PREC=dot_precision(q.dtype),
         num_warps=nw, num_stages=ns,
     )
-    return (out, lse, scores) if fused_ans else (out, lse)
+    return out, lse
 
 
 def anchor_scores_triton(q: Tensor, k: Tensor, v: Tensor, dk: Tensor, dv: Tensor, out: Tensor, lse: Tensor,
@@ -366,15 +330,10 @@ def anchor_scores_triton(q: Tensor, k: Tensor, v: Tensor, dk: Tensor, dv: Tensor
 
 
 def prefill_attention_ans_triton(q: Tensor, k: Tensor, v: Tensor, dk: Tensor, dv: Tensor, scale: float,
-                                 *, fused: bool = False, row_stride: int = 1, band: int = 256
-                                 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(out, lse, Anchor Scores): fused one-kernel schedule (exact scores only) or forward + key-stationary
-    score pass (rows sampled beyond ``band`` with ``row_stride`` > 1)."""
-    if fused:
-        if row_stride != 1:
-            raise ValueError("the fused schedule computes exact scores only (row_stride 1)")
-        return prefill_attention_triton(q, k, v, scale, dk=dk, dv=dv, fused_ans=True)  # type: ignore[return-value]
-    out, lse = prefill_attention_triton(q, k, v, scale)  # type: ignore[misc]
+                                 *, row_stride: int = 1, band: int = 256) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, lse, Anchor Scores): forward + key-stationary score pass (rows sampled beyond ``band`` with
+    ``row_stride`` > 1). (A fused one-kernel schedule measured 2x slower and was removed; NOTES.md.)"""
+    out, lse = prefill_attention_triton(q, k, v, scale)
     return out, lse, anchor_scores_triton(q, k, v, dk, dv, out, lse, scale, row_stride=row_stride, band=band)
 
 

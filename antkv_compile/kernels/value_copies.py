@@ -3,10 +3,11 @@
 The CUDA decode kernel (``coded_decode.cu``, ``antkv_coded_warp``) gathers value centroids with ``ldmatrix``:
 one phase reads the rows of 8 consecutive coded tokens (an aligned group ``8g .. 8g + 7``) for one value
 sub-space. At 1 bit the table fits twice in shared memory; copy 0 puts code ``k``'s row in bank group
-``k % 4`` and copy 1 in group ``4 + k / 4 % 4`` (mode 1) or ``4 + k % 4`` (mode 2), up to a permutation shared by
-all rows of a phase. A phase costs as many wavefronts as the most rows that fall in one group, so which copy each
-row reads matters: the fixed choice ``row % 2`` costs 2.39 wavefronts per phase on average for random codes, the
-best choice 1.74 (mode 1) or 2.07 (mode 2, whose addresses cost the kernel fewer instructions).
+``k % 4`` and copy 1 in group ``4 + k % 4`` (selection mode 2), up to a permutation shared by all rows of a phase.
+A phase costs as many wavefronts as the most rows that fall in one group, so which copy each row reads matters:
+the fixed choice ``row % 2`` costs 2.39 wavefronts per phase on average for random codes, the best choice 2.07.
+(Mode 1, copy 1 hashed by ``k / 4 % 4``: 1.74 expected, but slower addresses in the kernel; measured and removed,
+NOTES.md "v8".)
 
 The best choice depends only on the codes, which are written once and read by every decode step, so it is
 made when codes are written: one int16 *selection word* per coded token, bit ``sv`` = the copy of sub-space
@@ -28,16 +29,16 @@ GROUP = 8  # tokens per ldmatrix phase
 FIXED = 0b10101010  # the fixed choice: row r reads copy r % 2
 
 
-MODES = (1, 2)
+MODES = (2,)
 
 
 def bins(codes: Tensor, mode: int = 2) -> tuple[Tensor, Tensor]:
     """Bank group (0-7) of a code's row in copy 0 and copy 1, up to a permutation shared by the rows of a phase (the
-    kernel's vchunk_off at 2 copies): mode 1 hashes copy 1 by other code bits, mode 2 shifts copy 0 by 4 groups."""
+    kernel's vchunk_off at 2 copies): copy 1 is copy 0 shifted by 4 groups."""
     if mode not in MODES:
         raise ValueError(f"selection mode must be one of {MODES} (got {mode})")
     k = codes.to(torch.int64)
-    return k & 3, 4 + ((k >> 2) & 3 if mode == 1 else k & 3)
+    return k & 3, 4 + (k & 3)
 
 
 def phase_cost(codes: Tensor, masks: Tensor, mode: int = 2) -> Tensor:
@@ -86,7 +87,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _select_kernel(CODES, SEL, g0, n_hi, N_CAP, CV: tl.constexpr, CVP: tl.constexpr, MODE: tl.constexpr):
+    def _select_kernel(CODES, SEL, g0, n_hi, N_CAP, CV: tl.constexpr, CVP: tl.constexpr):
         t0 = (g0 + tl.program_id(0)) * 8
         pair = tl.program_id(1)
         sv = tl.arange(0, CVP)
@@ -98,8 +99,7 @@ if HAS_TRITON:
             k = tl.load(CODES + (pair * N_CAP + t0 + r) * CV + sv, mask=ok, other=0).to(tl.int32)
             one = ((m >> r) & 1)[None, :] == 1
             p0 += tl.where(one, 0, (1 << (4 * (k & 3)))[:, None])
-            k1 = (k >> 2) & 3 if MODE == 1 else k & 3
-            p1 += tl.where(one, (1 << (4 * k1))[:, None], 0)
+            p1 += tl.where(one, (1 << (4 * (k & 3)))[:, None], 0)
         cost = tl.zeros((CVP, 256), dtype=tl.int32)
         for j in tl.static_range(4):
             cost = tl.maximum(cost, tl.maximum((p0 >> (4 * j)) & 15, (p1 >> (4 * j)) & 15))
@@ -128,8 +128,7 @@ def select_copies(codes_v: Tensor, value_sel: Tensor, lo: int, hi: int, mode: in
         return
     g0 = lo // GROUP
     groups = cdiv(hi, GROUP) - g0
-    _select_kernel[(groups, b * h)](codes_v, value_sel, g0, hi, n_cap, CV=cv, CVP=next_pow2(cv), MODE=mode,
-                                        num_warps=4)
+    _select_kernel[(groups, b * h)](codes_v, value_sel, g0, hi, n_cap, CV=cv, CVP=next_pow2(cv), num_warps=4)
 
 
 def selection_words(codes_v: Tensor, mode: int = 2) -> Tensor:

@@ -21,7 +21,7 @@ this class):
   coded kernel, exact programs + merge) are captured once into a CUDA graph over the store's own buffers (a static
   query buffer, the window's length in a device tensor) and replayed every step: the launches cost ~0.5 ms of host
   time per layer and step, which left the GPU idle in a host-bound Llama-3-8B step (NOTES.md "v8"). A change of any
-  buffer (a window reallocated by a long chunk) captures again; ``ANTKV_DECODE_GRAPHS=0`` launches directly.
+  buffer (a window reallocated by a long chunk) captures again (``_GRAPHS = False`` launches directly: tests).
 * **the window** lives in preallocated buffers of ``window`` tokens (``win_*`` are views of their first
   ``n_window`` tokens): a decode step writes its one token in place instead of concatenating the whole
   window (6 copies of it per layer and step, 3.45 ms of a 70 ms Llama-3-8B step at batch 172: NOTES.md "v7").
@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import weakref
 
 import torch
@@ -65,7 +64,7 @@ log = logging.getLogger(__name__)
 _DECODE_ROWS = 64  # G * T query rows per KV head up to which the decode kernel is used
 _DECODE_CHUNK = 8192  # coded tokens decoded at a time for a long chunk's prefix (bounds the float32 transients)
 _WINDOW = ("win_k", "win_v", "win_q", "win_out", "win_lse")  # the window's tensors, token axis 2
-_GRAPHS = os.environ.get("ANTKV_DECODE_GRAPHS", "1") != "0"  # decode launches replayed from a CUDA graph
+_GRAPHS = True  # decode launches replayed from a CUDA graph (NOTES.md "v8")
 
 
 class _Workspace(dict):
@@ -188,7 +187,7 @@ class KernelLayerStore(AnTKVLayerStore):
         self._workspace = _workspace(g.device)  # decode scratch shared with the other stores on this device
         # the CUDA decode kernel's value-copy selection words, one per coded token (kernels/value_copies.py): a
         # speed hint written with the codes, only where that kernel keeps 2 copies of the value table (1 bit) and
-        # reads them (coded_decode_cuda.DEFAULT_VALUE_SEL)
+        # reads them (coded_decode_cuda.VALUE_SEL)
         self.value_sel: Tensor | None = None
         self._sel_mode = 0
         if g.device.type == "cuda" and not self.pre_rope:  # words only the post-RoPE CUDA kernel reads
