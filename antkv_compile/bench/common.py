@@ -11,6 +11,15 @@ import torch
 WEIGHTS_NOTE = "random bf16 weights: speed and memory do not depend on the weight values"
 CODEBOOK_NOTE = ("antkv: no codebook artifact, codebooks learned from the first prefill's own keys/values "
                  "(speed and memory do not depend on the codebook values)")
+ARTIFACT_NOTE = ("antkv: codebooks from the artifact given in --antkv-options (speed and memory do not depend on the "
+                 "codebook values)")
+
+
+def codebook_note(antkv_options: str | None) -> str:
+    """The note on where the benchmark's codebooks come from."""
+    import json
+
+    return ARTIFACT_NOTE if "artifact" in json.loads(antkv_options or "{}") else CODEBOOK_NOTE
 RUNS = ("throughput", "capacity", "prefill128k", "memory")
 DEFAULT_RUNS = "throughput,capacity,prefill128k,memory"
 TARGET_SPEEDUP = 5.0

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from .common import (
-    _config_has, _json_default, _round_up, _set_recompile_limit, _split, _store_class, CODEBOOK_NOTE, CONFIGS,
+    _config_has, _json_default, _round_up, _set_recompile_limit, _split, _store_class, CONFIGS, codebook_note,
     ConfigSpec, parse_size, Progress, SCHEMA, WEIGHTS_NOTE,
 )
 from .model import build_model, copy_bandwidth
@@ -41,7 +41,7 @@ class BenchCore:
         self.configs = [CONFIGS[c] for c in _split(args.configs)]
         self.results: dict[str, Any] = {
             "benchmark": "antkv_compile e2e", "schema": SCHEMA, "complete": False,
-            "notes": [WEIGHTS_NOTE, CODEBOOK_NOTE],
+            "notes": [WEIGHTS_NOTE, codebook_note(args.antkv_options)],
             "settings": {k: v for k, v in vars(args).items() if k not in ("func",)},
             "throughput": [], "capacity": [], "prefill": [], "memory_points": [],
             "sections": {}, "errors": {},

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .common import (
-    _check_errors, _emit_table, _gib, CODEBOOK_NOTE, CONFIGS, TARGET_CAPACITY, TARGET_SPEEDUP, WEIGHTS_NOTE,
+    _check_errors, _emit_table, _gib, CONFIGS, TARGET_CAPACITY, TARGET_SPEEDUP, WEIGHTS_NOTE,
 )
 
 
@@ -127,7 +127,7 @@ class ReportMixin:
                 ("peak", "peak", "s"), ("unacc", "unaccounted", "s"), ("plan", "planner total", "s"),
                 ("ratio", "peak / planner", ".3f")]
         _emit_table(rows, cols, f"Memory accounting, {unit} ({title_note})", f"Memory accounting ({unit})", md)
-        lines = [f"notes: {WEIGHTS_NOTE}; {CODEBOOK_NOTE}"]
+        lines = ["notes: " + "; ".join(self.results["notes"])]
         fills = sorted({f"{r['purpose']}: {r['fill']}" for r in self._all_points() if r.get("kind") == "antkv" and r.get("fill")})
         lines += [f"antkv context filled by {f}" for f in fills]
         for k, v in s["targets"].items():
