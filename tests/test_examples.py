@@ -34,3 +34,23 @@ def test_example_runs(name, artifact_dir):
         assert "rewrite 2 site(s)" in r.stdout
     assert "deprecated" not in r.stderr and "Traceback" not in r.stderr
     assert (artifact_dir / "manifest.json").is_file()
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    """The README's Python block runs as written, with the default model swapped for the tiny one (CPU, seconds):
+    it loads, calibrates once, compiles, generates, and every graph it compiled was compressed."""
+    import re
+
+    import antkv_compile.models as models
+    from antkv_compile.backend import last_compiles
+
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    assert blocks, "the README has no Python example"
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: (models.tiny_model("llama"), models.tiny_tokenizer()))
+    monkeypatch.chdir(tmp_path)
+    last_compiles.clear()
+    for code in blocks:
+        code = code.replace('options={"artifact": artifact}', 'options={"artifact": artifact, "inner": "eager"}')
+        exec(compile(code, "README.md", "exec"), {})
+    assert (tmp_path / "artifacts" / "smollm2-demo" / "antkv-1-pre-rope" / "manifest.json").is_file()
+    assert last_compiles and all(r["after"] is not None for r in last_compiles)
