@@ -102,9 +102,36 @@ def _quick_artifact(args, d: Path, recipe):
                                                                                  value_options=options[1])
 
 
-def cmd_eval(args) -> int:
+def recipe_artifacts(model, tok, args, recipe_names, locate=None) -> dict:
+    """The codebook artifact of each recipe: loaded from its folder (``locate(name) -> (folder, recipe)``; default
+    ``args.artifacts/<name>``) or calibrated on ``args.calib_tokens`` tokens of the calibration text and saved there.
+    One calibration forward per key space serves every recipe that needs it."""
     from .artifact import ArtifactError, load_artifact
     from .calibration import collect_statistics
+    from .eval_suite import RECIPES
+
+    locate = locate or (lambda name: (Path(args.artifacts) / name, RECIPES[name]))
+    artifacts, stats = {}, {}
+    for recipe_name in recipe_names:
+        d, recipe = locate(recipe_name)
+        try:
+            artifacts[recipe_name] = load_artifact(d)
+            log.info("using cached codebooks %s", d)
+            continue
+        except ArtifactError:
+            pass
+        print(f"calibrating {recipe_name} on {args.calib_tokens} tokens of {args.calib_text} -> {d}", flush=True)
+        if recipe.key_space not in stats:
+            ctext, cctx = _calibration_contexts(tok, args.calib_text, args.calib_tokens, args.calib_context_len)
+            stats[recipe.key_space] = (ctext, cctx, collect_statistics(
+                model, cctx.to(args.device), progress=not args.quiet, key_space=recipe.key_space))
+        ctext, cctx, st = stats[recipe.key_space]
+        artifacts[recipe_name] = _learn(st, recipe, model, args, args.calib_text, ctext, cctx)
+        artifacts[recipe_name].save(d)
+    return artifacts
+
+
+def cmd_eval(args) -> int:
     from .eval_suite import ABLATIONS, MAIN, QUICK, RECIPES, resolve
     from .evaluation import evaluate_method
     from .reporting import environment, markdown_table, plot_perplexity, print_table, write_json
@@ -131,24 +158,11 @@ def cmd_eval(args) -> int:
     n_ctx = max(1, args.tokens // args.context_len)
     contexts = token_contexts(tok, text, args.context_len, num_contexts=n_ctx)
 
-    artifacts, stats = {}, {}
-    art_root = Path(args.artifacts)
-    for recipe_name in sorted({s.artifact for s in specs if s.artifact}):
-        d, recipe = art_root / recipe_name, RECIPES[recipe_name]
-        if args.quick:
-            d, recipe = _quick_artifact(args, d, recipe)
-        try:
-            artifacts[recipe_name] = load_artifact(d)
-            log.info("using cached codebooks %s", d)
-            continue
-        except ArtifactError:
-            pass
-        if recipe.key_space not in stats:
-            ctext, cctx = _calibration_contexts(tok, args.calib_text, args.calib_tokens, args.calib_context_len)
-            stats[recipe.key_space] = collect_statistics(model, cctx.to(args.device), progress=not args.quiet,
-                                                         key_space=recipe.key_space)
-        artifacts[recipe_name] = _learn(stats[recipe.key_space], recipe, model, args, args.calib_text, ctext, cctx)
-        artifacts[recipe_name].save(d)
+    def locate(recipe_name):
+        d, recipe = Path(args.artifacts) / recipe_name, RECIPES[recipe_name]
+        return _quick_artifact(args, d, recipe) if args.quick else (d, recipe)
+
+    artifacts = recipe_artifacts(model, tok, args, sorted({s.artifact for s in specs if s.artifact}), locate)
 
     results, full = [], None
     for spec in specs:

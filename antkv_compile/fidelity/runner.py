@@ -115,31 +115,9 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype, device: str):
 def ensure_artifacts(model, tok, methods: list[FidelityMethod], args) -> dict:
     """The codebooks each AnTKV method needs: loaded from ``args.artifacts/<recipe>`` (the folders ``antkv-compile
     eval`` writes) or calibrated there on the calibration text, as ``eval`` does."""
-    from ..artifact import ArtifactError, load_artifact
-    from ..calibration import collect_statistics
-    from ..cli import _calibration_contexts, _learn
-    from ..eval_suite import RECIPES
+    from ..cli import recipe_artifacts
 
-    artifacts, stats = {}, {}
-    root = Path(args.artifacts)
-    for recipe_name in sorted({m.spec.artifact for m in methods if m.spec.artifact}):
-        d = root / recipe_name
-        try:
-            artifacts[recipe_name] = load_artifact(d)
-            log.info("using cached codebooks %s", d)
-            continue
-        except ArtifactError:
-            pass
-        recipe = RECIPES[recipe_name]
-        print(f"calibrating {recipe_name} on {args.calib_tokens} tokens of {args.calib_text} -> {d}", flush=True)
-        if recipe.key_space not in stats:
-            ctext, cctx = _calibration_contexts(tok, args.calib_text, args.calib_tokens, args.calib_context_len)
-            stats[recipe.key_space] = (ctext, cctx, collect_statistics(
-                model, cctx.to(args.device), progress=not args.quiet, key_space=recipe.key_space))
-        ctext, cctx, st = stats[recipe.key_space]
-        artifacts[recipe_name] = _learn(st, recipe, model, args, args.calib_text, ctext, cctx)
-        artifacts[recipe_name].save(d)
-    return artifacts
+    return recipe_artifacts(model, tok, args, sorted({m.spec.artifact for m in methods if m.spec.artifact}))
 
 
 # ------------------------------------------------------------------------------------------------- retrieval ---
