@@ -1,4 +1,7 @@
 """Error hints match the cause: NaN/Inf in the inputs of a float32 model is not blamed on float16 overflow."""
+import warnings
+from contextlib import contextmanager
+
 import pytest
 import torch
 from transformers import StaticCache
@@ -14,7 +17,7 @@ def test_nan_inputs_embeds_of_float32_model_names_the_inputs():
     compiled = torch.compile(model, backend="antkv", options={"inner": "eager"})
     emb = model.get_input_embeddings()(torch.tensor([[5, 6, 7, 8]])).detach()
     emb[0, 2, 3] = float("nan")
-    with torch.no_grad(), pytest.warns(UserWarning), pytest.raises(CacheInputError) as e:
+    with torch.no_grad(), _codebook_warning_ignored(), pytest.raises(CacheInputError) as e:
         compiled(inputs_embeds=emb, past_key_values=StaticCache(config=model.config, max_cache_len=8))
     msg = str(e.value)
     assert "contain NaN" in msg and "came in with the model's inputs" in msg and "inputs_embeds" in msg
@@ -29,3 +32,11 @@ def test_hint_by_dtype(dtype, expect):
     k[0, 0, 1, 1] = float("inf")
     msg = non_finite_problem(3, k, torch.zeros_like(k))
     assert msg.startswith("layer 3: the new keys or values contain Inf") and expect in msg
+
+
+@contextmanager
+def _codebook_warning_ignored():
+    """The backend's no-artifact warning is emitted once per process (another test may have had it first)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        yield
