@@ -108,6 +108,23 @@ def graph_of(fn):
     return g.replay
 
 
+
+def _correctness(o, lse, o_split, ref_o, ref_l, replay=None) -> dict:
+    """Relative errors of a decode variant against the reference; with ``replay`` (the variant as a callable) also
+    the output of the second replay of its CUDA graph (counters must be reset by every call)."""
+    rec = {"out": rel(o, ref_o), "lse": rel(lse, ref_l), "out_splits": rel(o_split, ref_o),
+           "nan": bool(o.isnan().any() or lse.isnan().any() or o_split.isnan().any())}
+    if replay is not None:
+        held = {}
+        rp = graph_of(lambda: held.__setitem__("o", replay()[0]))
+        held["o"].fill_(float("nan"))
+        rp()
+        rp()
+        torch.cuda.synchronize()
+        rec["graph"] = rel(held["o"], ref_o)
+        rec["nan"] = rec["nan"] or bool(held["o"].isnan().any())
+    return rec
+
 def rel(a, b):
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
@@ -900,17 +917,7 @@ def decode_only(variants=None, rep_ms=100, grid=None, split_times=False):
                 fn, _ = _run_variant(args, b, ctx, name, sms)
                 o, l_ = _decode(args, name, poison=True)
                 o2, l2 = fn()
-                rec = {"out": rel(o, ref_o), "lse": rel(l_, ref_l), "out_splits": rel(o2, ref_o),
-                       "nan": bool(o.isnan().any() or l_.isnan().any() or o2.isnan().any())}
-                if not small:  # the output of the second replay (counters must be reset by every call)
-                    held = {}
-                    rp = graph_of(lambda: held.__setitem__("o", fn()[0]))
-                    held["o"].fill_(float("nan"))
-                    rp()
-                    rp()
-                    torch.cuda.synchronize()
-                    rec["graph"] = rel(held["o"], ref_o)
-                    rec["nan"] = rec["nan"] or bool(held["o"].isnan().any())
+                rec = _correctness(o, l_, o2, ref_o, ref_l, None if small else fn)
             except Exception as exc:  # noqa: BLE001 - report and go on
                 rec = {"error": repr(exc)[:500], "nan": True, "out": float("inf"), "out_splits": float("inf")}
             rec["variant"] = name
@@ -1116,17 +1123,7 @@ def decode_rope(variants=None, rep_ms=100, grid=None):
                 o, l_ = DA.DecodePlan(rargs[0], *rargs[1:12], None, None, *rargs[14:18], poison=True,
                                       rope_keys=(rargs[12], rargs[13], rargs[18]), **_rope_opts(name))()
                 o2, _ = plan()
-                rec = {"out": rel(o, ref_o), "lse": rel(l_, ref_l), "out_splits": rel(o2, ref_o),
-                       "nan": bool(o.isnan().any() or l_.isnan().any() or o2.isnan().any())}
-                if not DRY:
-                    held = {}
-                    rp = graph_of(lambda: held.__setitem__("o", plan()[0]))
-                    held["o"].fill_(float("nan"))
-                    rp()
-                    rp()
-                    torch.cuda.synchronize()
-                    rec["graph"] = rel(held["o"], ref_o)
-                    rec["nan"] = rec["nan"] or bool(held["o"].isnan().any())
+                rec = _correctness(o, l_, o2, ref_o, ref_l, None if DRY else plan)
             except Exception as exc:  # noqa: BLE001 - report and go on
                 rec = {"error": repr(exc)[:500], "nan": True, "out": float("inf"), "out_splits": float("inf")}
             rec["variant"] = name
