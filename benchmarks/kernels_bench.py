@@ -109,6 +109,21 @@ def graph_of(fn):
 
 
 
+
+def _sdpa_decode_ms(b, ctx, rep_ms, flash=True) -> float:
+    """FP16 SDPA decode (one query token, GQA) over ``ctx`` random keys at batch ``b``: ms per CUDA-graph replay;
+    FlashAttention unless ``flash`` is False (the interpreter dry run)."""
+    q = torch.randn(b, HQ, 1, D, device=DEV, dtype=torch.float16)
+    k = torch.randn(b, HKV, ctx, D, device=DEV, dtype=torch.float16)
+    v = torch.randn(b, HKV, ctx, D, device=DEV, dtype=torch.float16)
+
+    def sdpa():
+        if not flash:
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    return bench(graph_of(sdpa), ms=rep_ms, warm=25)
+
 def _correctness(o, lse, o_split, ref_o, ref_l, replay=None) -> dict:
     """Relative errors of a decode variant against the reference; with ``replay`` (the variant as a callable) also
     the output of the second replay of its CUDA graph (counters must be reset by every call)."""
@@ -937,17 +952,7 @@ def decode_only(variants=None, rep_ms=100, grid=None, split_times=False):
     rows, sdpa_t = [], {}
     for bits, ctx, b in shapes:
         if (ctx, b) not in sdpa_t:
-            q = torch.randn(b, HQ, 1, D, device=DEV, dtype=torch.float16)
-            k = torch.randn(b, HKV, ctx, D, device=DEV, dtype=torch.float16)
-            v = torch.randn(b, HKV, ctx, D, device=DEV, dtype=torch.float16)
-
-            def sdpa():
-                if small:
-                    return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                    return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-            sdpa_t[(ctx, b)] = bench(graph_of(sdpa), ms=rep_ms, warm=25)
-            del q, k, v
+            sdpa_t[(ctx, b)] = _sdpa_decode_ms(b, ctx, rep_ms, flash=not small)
             empty_cache()
         args = decode_inputs(bits, b, ctx, torch.float16, seed=4)
         timed = {}
@@ -1141,17 +1146,7 @@ def decode_rope(variants=None, rep_ms=100, grid=None):
         shapes = [("1", 200, 1), ("1", 300, 2)]
     rows = []
     for bits, ctx, b in shapes:
-        q = torch.randn(b, HQ, 1, D, device=DEV, dtype=torch.float16)
-        k = torch.randn(b, HKV, ctx, D, device=DEV, dtype=torch.float16)
-        v = torch.randn(b, HKV, ctx, D, device=DEV, dtype=torch.float16)
-
-        def sdpa():
-            if DRY:
-                return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-        sdpa_ms = bench(graph_of(sdpa), ms=rep_ms, warm=25)
-        del q, k, v
+        sdpa_ms = _sdpa_decode_ms(b, ctx, rep_ms, flash=not DRY)
         empty_cache()
         args = decode_inputs(bits, b, ctx, torch.float16, seed=4)
         timed = {}

@@ -51,6 +51,14 @@ def test_kernel_store_equals_reference_store(prefill, n, batch, group, ratio, sc
     assert torch.equal(ker.anchor_pos.sort(dim=2).values, ref.anchor_pos.sort(dim=2).values)
 
 
+def _chunks_then_steps(store, q, k, v):
+    """Three long chunks (0-40, 40-90, 90-110) over a growing coded prefix, then one token at a time to the end."""
+    n = q.shape[2]
+    o = [store.attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b]) for a, b in ((0, 40), (40, 90), (90, 110))]
+    o += [store.attend(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1]) for t in range(110, n)]
+    return torch.cat(o, dim=2)
+
+
 @pytest.mark.parametrize("ratio", [0.0, 0.1])
 def test_chunked_prefill_over_a_coded_prefix_equals_reference(ratio):
     """Long chunks after the store holds codes and anchors (the prefix path: codes decoded, anchors
@@ -59,11 +67,7 @@ def test_chunked_prefill_over_a_coded_prefix_equals_reference(ratio):
     n = 120
     q = randn(1, 16, n, D, seed=7)
     k, v = randn(1, 2, n, D, seed=8), randn(1, 2, n, D, seed=9)
-    outs = {}
-    for name, s in (("ref", ref), ("ker", ker)):
-        o = [s.attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b]) for a, b in ((0, 40), (40, 90), (90, 110))]
-        o += [s.attend(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1]) for t in range(110, n)]
-        outs[name] = torch.cat(o, dim=2)
+    outs = {name: _chunks_then_steps(s, q, k, v) for name, s in (("ref", ref), ("ker", ker))}
     torch.testing.assert_close(outs["ker"], outs["ref"], atol=2e-5, rtol=2e-5)
     assert ker.num_anchors == ref.num_anchors
 
@@ -232,11 +236,7 @@ def test_pre_rope_chunks_over_a_coded_prefix_and_fill_then_exact_decode():
     n = 120
     q = randn(1, 8, n, D, seed=7)
     k, v = randn(1, 2, n, D, seed=8), randn(1, 2, n, D, seed=9)
-    outs = {}
-    for name, s in (("ref", ref), ("ker", ker)):
-        o = [s.attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b]) for a, b in ((0, 40), (40, 90), (90, 110))]
-        o += [s.attend(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1]) for t in range(110, n)]
-        outs[name] = torch.cat(o, dim=2)
+    outs = {name: _chunks_then_steps(s, q, k, v) for name, s in (("ref", ref), ("ker", ker))}
     torch.testing.assert_close(outs["ker"], outs["ref"], atol=2e-5, rtol=2e-5)
     assert ker.num_anchors == ref.num_anchors
     _, full = _rope_pair(1, 2, 300, anchor_ratio=1.0, window=16, seed=4)
