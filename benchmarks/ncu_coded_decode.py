@@ -3,7 +3,8 @@ benchmark shape, a few launches each. Run on the GPU machine, e.g.
 
     ncu -k regex:antkv_coded_warp -c 1 --set full python benchmarks/ncu_coded_decode.py --bits 1 --ctx 131072 --batch 32
 
-(kernels/NOTES.md "v5" quotes what it reported). ``--coded triton`` profiles the Triton loop instead.
+(kernels/NOTES.md "v5" quotes what it reported). ``--coded triton`` profiles the Triton loop instead; ``--rope``
+the pre-RoPE pair-layout kernel (``ncu -k regex:antkv_rope_coded ...``) on the same codes.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kernels_bench import decode_inputs  # noqa: E402
+from kernels_bench import _rope_fn, decode_inputs, rope_inputs  # noqa: E402
 
 from antkv_compile.kernels import decode_attention as DA  # noqa: E402
 
@@ -29,8 +30,16 @@ def main() -> None:
     ap.add_argument("--coded", default="cuda", choices=["cuda", "triton"])
     ap.add_argument("--launches", type=int, default=3)
     ap.add_argument("--select", action="store_true", help="pass the value-copy selection words (v8)")
+    ap.add_argument("--rope", default="", help="a kernels_bench ROPE_VARIANTS name: profile that pre-RoPE variant")
     a = ap.parse_args()
     args = decode_inputs(a.bits, a.batch, a.ctx, torch.float16, seed=4)
+    if a.rope:
+        plan, splits = _rope_fn(rope_inputs(args, seed=4), a.rope)
+        for _ in range(a.launches):
+            plan()
+        torch.cuda.synchronize()
+        print("rope variant", a.rope, "splits", splits)
+        return
     opts = {}
     if a.select:
         from antkv_compile.kernels.value_copies import selection_words

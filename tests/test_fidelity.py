@@ -211,3 +211,14 @@ def test_quick_smoke_through_the_cli(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.rstrip().splitlines()[-1].startswith("└")  # the table comes last
     assert "gates [all]" in printed
+
+    # --resume: the finished methods come from the JSON (nothing re-run), other protocols are refused
+    args = ["fidelity", "--quick", "--model", "tiny-llama", "--quiet", "--artifacts", str(tmp_path / "art")]
+    assert main(args + ["--resume", str(out), "--out", str(tmp_path / "again.json")]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())
+    printed = capsys.readouterr().out
+    assert "antkv-1          resumed from" in printed, printed
+    assert {n: again["methods"][n]["cells"] for n in again["methods"]} == {n: d["methods"][n]["cells"] for n in d["methods"]}
+    assert again["kl"]["antkv-1"] == d["kl"]["antkv-1"] and not again["partial"]
+    with pytest.raises(SystemExit, match="another protocol"):
+        main(args + ["--samples", "2", "--resume", str(out)])

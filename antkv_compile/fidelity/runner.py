@@ -539,7 +539,7 @@ def _key(k) -> str:
 def run(args) -> dict:
     """The whole fidelity run of ``args`` (see :func:`add_arguments`); prints progress, gates and the table last,
     writes the JSON and the heatmaps; returns the JSON payload."""
-    from ..reporting import environment, markdown_table, print_table, write_json
+    from ..reporting import print_table, write_json
 
     torch.manual_seed(args.seed)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -562,10 +562,19 @@ def run(args) -> dict:
     print(f"fidelity: {len(items)} items ({','.join(tasks)} x lengths {lengths} x {len(depth_list)} depths x "
           f"{args.samples} samples) x {len(methods)} methods on {args.device}", flush=True)
 
-    cells, facts, items_out = {}, {}, {}
+    cells, facts, items_out, kl = resumed(args.resume, methods, args) if args.resume else ({}, {}, {}, {})
+
+    def checkpoint():  # the JSON after every method: a run stopped by a time limit keeps what it finished
+        if args.out:
+            write_json(args.out, payload(args, methods, tasks, lengths, depth_list, cells, facts, kl, items_out,
+                                         [], extra, t_start, partial=True))
+
     for m in methods:
         if not items:
             break
+        if m.name in cells:
+            print(f"{m.name:16s} resumed from {args.resume}", flush=True)
+            continue
         res, f = run_retrieval(model, tok, m, items, artifacts, batch=args.batch, compile_extra=extra,
                                recompile_per_length=args.recompile_per_length, quiet=args.quiet)
         cells[m.name], facts[m.name] = cell_table(res), f
@@ -573,21 +582,81 @@ def run(args) -> dict:
         acc = sum(r.correct for r in res) / len(res)
         print(f"{m.name:16s} [{m.path:8s}] accuracy {acc:6.1%}  mean answer NLL "
               f"{sum(r.nll for r in res) / len(res):7.3f}  {f['seconds']:7.1f}s", flush=True)
+        checkpoint()
 
-    kl = {}
-    if args.kl_windows > 0:
-        kl = run_kl(model, tok, methods, artifacts, windows=args.kl_windows, window_len=args.kl_len,
-                    text=args.haystack, batch_size=args.kl_batch, quiet=args.quiet)
-        print(f"KL: {args.kl_windows} x {args.kl_len} tokens in {kl.get('_seconds', 0)}s", flush=True)
+    missing_kl = [m for m in methods if m.name != "full" and m.name not in kl]
+    if args.kl_windows > 0 and missing_kl:
+        new = run_kl(model, tok, missing_kl, artifacts, windows=args.kl_windows, window_len=args.kl_len,
+                     text=args.haystack, batch_size=args.kl_batch, quiet=args.quiet)
+        print(f"KL: {args.kl_windows} x {args.kl_len} tokens in {new.get('_seconds', 0)}s", flush=True)
+        new["_seconds"] = round(kl.get("_seconds", 0) + new.get("_seconds", 0), 1)
+        kl.update(new)
 
-    g = gates(cells) if cells else {}
     plots = []
     if args.plots and cells:
         title = f"accuracy, {args.samples} samples/cell, {_model_label(args)}, {args.device}"
         for name, table in cells.items():
             plots.append(str(plot_heatmaps(name, table, tasks, lengths, depth_list,
                                            Path(args.plots) / f"fidelity_{name}.png", title)))
+    out = payload(args, methods, tasks, lengths, depth_list, cells, facts, kl, items_out, plots, extra, t_start)
+    if args.out:
+        write_json(args.out, out)
+        print(f"wrote {args.out}")
+    for p in plots:
+        print(f"wrote {p}")
+    _print_gates(out["gates"], [m.name for m in methods], len(depth_list), cells)
+    print_table(out["table"], table_columns(tasks), f"long-context fidelity, {_model_label(args)} on {args.device}: "
+                f"{len(lengths)} lengths x {len(depth_list)} depths x {args.samples} samples per task; KL on "
+                f"{args.kl_windows} x {args.kl_len} tokens of {args.haystack}")
+    return out
 
+
+def table_columns(tasks: list[str]) -> list[tuple[str, str, str]]:
+    """The printed / markdown table's columns (key, header, format)."""
+    cols = [("method", "method", "s"), ("path", "path", "s"), ("bits", "bits", "g")]
+    cols += [(f"acc_{t}", t, ".1%") for t in tasks]
+    cols += [("gated_share", "x full (gated)", ".3f"), ("answer_nll", "answer NLL", ".3f"),
+             ("kl_mean", "KL mean", ".4f"), ("kl_p99", "KL p99", ".3f"), ("top1_changed", "top-1 changed", ".2%"),
+             ("ppl_ratio", "ppl x full", ".3f")]
+    return cols
+
+
+def resumed(path: str, methods: list[FidelityMethod], args) -> tuple[dict, dict, dict, dict]:
+    """Cells, facts, items and KL of the methods an earlier JSON (``--resume``) finished, after checking that it
+    ran the same protocol; the methods it lacks run now."""
+    import json
+
+    prev = json.loads(Path(path).read_text())
+    proto = prev.get("protocol", {})
+    want = {"tasks": [t for t in args.tasks.split(",") if t], "lengths": [int(x) for x in args.lengths.split(",") if x],
+            "samples_per_cell": args.samples, "seed": args.seed, "haystack_text": args.haystack,
+            "distractors": args.distractors}
+    diff = {k: (proto.get(k), v) for k, v in want.items() if proto.get(k) != v}
+    if len(proto.get("depths", [])) != args.depths:
+        diff["depths"] = (len(proto.get("depths", [])), args.depths)
+    if diff:
+        raise SystemExit(f"--resume {path}: that run used another protocol ({diff}, as (there, here)); "
+                         "resume only with the same tasks, lengths, depths, samples, seed, haystack and distractors")
+    names = {m.name for m in methods}
+    cells, facts, items_out = {}, {}, {}
+    for name, rec in prev.get("methods", {}).items():
+        if name not in names or not rec.get("cells"):
+            continue
+        cells[name] = {(t, int(L), int(d)): c for k, c in rec["cells"].items() for t, L, d in [k.split("/")]}
+        facts[name] = {k: rec[k] for k in ("path", "compiled_graphs", "rewritten_graphs", "fallback_graphs", "seconds")
+                       if k in rec}
+        if prev.get("items") and name in prev["items"]:
+            items_out[name] = prev["items"][name]
+    kl = {k: v for k, v in (prev.get("kl") or {}).items() if k in names or k in ("full", "_seconds")}
+    return cells, facts, items_out, kl
+
+
+def payload(args, methods, tasks, lengths, depth_list, cells, facts, kl, items_out, plots, extra, t_start,
+            partial: bool = False) -> dict:
+    """The JSON of a run (``partial``: written after each method, before the KL and the plots)."""
+    from ..reporting import environment, markdown_table
+
+    g = gates(cells) if cells else {}
     rows = []
     for m in methods:
         row = {"method": m.name, "path": m.path, "bits": m.spec.nominal_bits}
@@ -602,13 +671,8 @@ def run(args) -> dict:
         row.update({"kl_mean": k.get("kl_mean"), "kl_p99": k.get("kl_p99"), "top1_changed": k.get("top1_changed"),
                     "ppl_ratio": k.get("ppl_ratio")})
         rows.append(row)
-    cols = [("method", "method", "s"), ("path", "path", "s"), ("bits", "bits", "g")]
-    cols += [(f"acc_{t}", t, ".1%") for t in tasks]
-    cols += [("gated_share", "x full (gated)", ".3f"), ("answer_nll", "answer NLL", ".3f"),
-             ("kl_mean", "KL mean", ".4f"), ("kl_p99", "KL p99", ".3f"), ("top1_changed", "top-1 changed", ".2%"),
-             ("ppl_ratio", "ppl x full", ".3f")]
-
-    payload = {
+    return {
+        "partial": partial,
         "environment": environment(),
         "model": _model_label(args),
         "protocol": {
@@ -640,20 +704,10 @@ def run(args) -> dict:
         "kl": kl,
         "items": items_out if args.save_items else None,
         "table": rows,
-        "markdown": markdown_table(rows, cols),
+        "markdown": markdown_table(rows, table_columns(tasks)),
         "plots": plots,
         "seconds": round(time.time() - t_start, 1),
     }
-    if args.out:
-        write_json(args.out, payload)
-        print(f"wrote {args.out}")
-    for p in plots:
-        print(f"wrote {p}")
-    _print_gates(g, [m.name for m in methods], len(depth_list), cells)
-    print_table(rows, cols, f"long-context fidelity, {_model_label(args)} on {args.device}: "
-                f"{len(lengths)} lengths x {len(depth_list)} depths x {args.samples} samples per task; KL on "
-                f"{args.kl_windows} x {args.kl_len} tokens of {args.haystack}")
-    return payload
 
 
 def _model_label(args) -> str:
@@ -723,6 +777,9 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default=None, help="JSON results path")
     p.add_argument("--plots", default=None, help="folder for one heatmap PNG per method")
     p.add_argument("--save-items", action="store_true", help="per-item results in the JSON")
+    p.add_argument("--resume", default=None,
+                   help="a JSON of an earlier run of the same protocol (e.g. one stopped by a time limit: the JSON is "
+                        "written after every method): its finished methods are taken from it, the rest run now")
     p.add_argument("--quick", action="store_true",
                    help="CI smoke run: lengths 256,512, 2 depths, 1 sample, full / antkv-1 / kivi-2, KL on 1 x 256 "
                         "tokens, codebooks from 2048 tokens (artifacts/<model>-quick), rewritten graphs run eagerly")
