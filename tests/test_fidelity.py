@@ -193,7 +193,7 @@ def test_quick_smoke_through_the_cli(tmp_path, capsys):
     from antkv_compile.cli import main
 
     out, plots = tmp_path / "fid.json", tmp_path / "plots"
-    rc = main(["fidelity", "--quick", "--model", "tiny-llama", "--recompile-per-length", "--quiet",
+    rc = main(["fidelity", "--quick", "--model", "tiny-llama", "--recompile-per-length", "--quiet", "--save-items",
                "--artifacts", str(tmp_path / "art"), "--out", str(out), "--plots", str(plots)])
     assert rc == 0
     d = json.loads(out.read_text())
@@ -222,3 +222,9 @@ def test_quick_smoke_through_the_cli(tmp_path, capsys):
     assert again["kl"]["antkv-1"] == d["kl"]["antkv-1"] and not again["partial"]
     with pytest.raises(SystemExit, match="another protocol"):
         main(args + ["--samples", "2", "--resume", str(out)])
+    # a subset of a run that saved its items: the cells are rebuilt from those items
+    assert main(args + ["--lengths", "512", "--methods", "full", "--kl-windows", "0", "--resume", str(out),
+                        "--out", str(tmp_path / "sub.json")]) == 0
+    sub = json.loads((tmp_path / "sub.json").read_text())
+    assert sub["methods"]["full"]["cells"] == {k: c for k, c in d["methods"]["full"]["cells"].items()
+                                               if k.split("/")[1] == "512"}

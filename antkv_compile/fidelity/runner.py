@@ -628,25 +628,38 @@ def resumed(path: str, methods: list[FidelityMethod], args) -> tuple[dict, dict,
 
     prev = json.loads(Path(path).read_text())
     proto = prev.get("protocol", {})
-    want = {"tasks": [t for t in args.tasks.split(",") if t], "lengths": [int(x) for x in args.lengths.split(",") if x],
-            "samples_per_cell": args.samples, "seed": args.seed, "haystack_text": args.haystack,
+    lengths = [int(x) for x in args.lengths.split(",") if x]
+    want = {"tasks": [t for t in args.tasks.split(",") if t], "seed": args.seed, "haystack_text": args.haystack,
             "distractors": args.distractors}
     diff = {k: (proto.get(k), v) for k, v in want.items() if proto.get(k) != v}
     if len(proto.get("depths", [])) != args.depths:
         diff["depths"] = (len(proto.get("depths", [])), args.depths)
+    same_grid = proto.get("lengths") == lengths and proto.get("samples_per_cell") == args.samples
+    # items are fixed by (task, length, depth, sample): a larger grid that saved its items holds this one's results
+    sub_grid = (set(lengths) <= set(proto.get("lengths", [])) and args.samples <= proto.get("samples_per_cell", 0)
+                and bool(prev.get("items")))
+    if not (same_grid or sub_grid):
+        diff["grid"] = ((proto.get("lengths"), proto.get("samples_per_cell"), "items saved" if prev.get("items")
+                         else "no items"), (lengths, args.samples))
     if diff:
-        raise SystemExit(f"--resume {path}: that run used another protocol ({diff}, as (there, here)); "
-                         "resume only with the same tasks, lengths, depths, samples, seed, haystack and distractors")
+        raise SystemExit(f"--resume {path}: that run used another protocol ({diff}, as (there, here)); resume only "
+                         "with the same tasks, depths, seed, haystack and distractors, and the same lengths and samples "
+                         "or a subset of a run that saved its items (--save-items)")
     names = {m.name for m in methods}
     cells, facts, items_out = {}, {}, {}
     for name, rec in prev.get("methods", {}).items():
         if name not in names or not rec.get("cells"):
             continue
-        cells[name] = {(t, int(L), int(d)): c for k, c in rec["cells"].items() for t, L, d in [k.split("/")]}
+        if same_grid:
+            cells[name] = {(t, int(L), int(d)): c for k, c in rec["cells"].items() for t, L, d in [k.split("/")]}
+            items_out[name] = (prev.get("items") or {}).get(name)
+        else:
+            kept = [r for r in prev["items"][name] if r["length"] in lengths and r["sample"] < args.samples]
+            cells[name], items_out[name] = cell_table([ItemResult(**r) for r in kept]), kept
         facts[name] = {k: rec[k] for k in ("path", "compiled_graphs", "rewritten_graphs", "fallback_graphs", "seconds")
                        if k in rec}
-        if prev.get("items") and name in prev["items"]:
-            items_out[name] = prev["items"][name]
+        facts[name]["resumed_from"] = str(path)
+    items_out = {k: v for k, v in items_out.items() if v is not None}
     kl = {k: v for k, v in (prev.get("kl") or {}).items() if k in names or k in ("full", "_seconds")}
     return cells, facts, items_out, kl
 
