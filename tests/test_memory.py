@@ -116,6 +116,44 @@ def test_no_store_grows_with_capacity_beyond_codes_anchors_and_bitmask(kind, rec
         f"allows {allowed:.0f}")
 
 
+def _default_artifact(layers=2, bits="1") -> CodebookArtifact:
+    """An artifact of the default recipe: pre-RoPE keys in the RoPE-pair layout."""
+    p = get_preset(bits)
+    info = {"id": "tiny", "num_layers": layers, "num_kv_heads": H, "num_q_heads": 2 * H, "head_dim": D}
+    keys = [pair_codebook(bits, H, D, i) for i in range(layers)]
+    values = [codebook_with_transform(bits, H, D, 10 + i) for i in range(layers)]
+    manifest = {"model": info, "preset": {"name": p.name, "sub_dim": p.sub_dim, "code_bits": p.code_bits,
+                                          "stages": p.stages},
+                "key_space": "pre_rope", "rope": {"attention_scaling": 1.0}, "tensors_sha256": "test-memory"}
+    return CodebookArtifact(keys, values, manifest, _rope().inv_freq)
+
+
+@pytest.mark.parametrize("store", ["auto", "kernels"])
+def test_session_memory_bytes_counts_every_tensor_its_stores_hold(store):
+    """Default recipe (a pre-RoPE pair-layout artifact): the sum of ``Session.memory_bytes()`` equals, within 1 %,
+    the bytes of every distinct storage reachable from the session's stores and codebooks."""
+    from antkv_compile.backend import parse_options
+    from antkv_compile.runtime.state import Session
+
+    config, art, _, _ = parse_options({"artifact": _default_artifact(), "store": store, "window": WINDOW,
+                                       "anchor_ratio": 0.05})
+    assert config.key_space == "pre_rope"
+    session = Session(9999, config, art)
+    n = 60
+    for layer in range(art.num_layers):
+        q = randn(1, 2 * H, n, D, seed=layer)
+        k, v = randn(1, H, n, D, seed=layer + 1), randn(1, H, n, D, seed=layer + 2)
+        s = session.store_for(layer, q[:, :, :50], k[:, :, :50], v[:, :, :50], 0, 2048, D**-0.5)
+        s.attend(q[:, :, :50], k[:, :, :50], v[:, :, :50])
+        for t in range(50, n):
+            s.attend(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1])
+    kinds = {type(s).__name__ for s in session.stores.values()}
+    assert kinds == {"KernelLayerStore" if store == "kernels" else "AnTKVLayerStore"}
+    counted = sum(session.memory_bytes().values())
+    held = storage_bytes(list(session.stores.values()), list(session.orphans.values()), session.codebooks)
+    assert abs(counted - held) <= 0.01 * held, f"memory_bytes() {counted} vs held {held} bytes"
+
+
 def test_pair_layout_codebook_storage_counts_the_pair_order_not_a_dense_map():
     """1 bit, head_dim 64, one head: 8 sub-spaces x 256 centroids x 8 dims, a mean of 64, and a pair order of 32
     indices (a dense map would be 64 x 64 = 4,096 numbers); a dense (post-RoPE) map still counts D x D."""
