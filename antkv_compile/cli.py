@@ -406,7 +406,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     quiet_progress(getattr(args, "quiet", False))
     t0 = time.time()
-    rc = args.func(args)
+    from . import reporting
+
+    # result files record the command that was run: these arguments, not the calling process's sys.argv
+    reporting.COMMAND = None if argv is None else ["antkv-compile", *argv]
+    try:
+        rc = args.func(args)
+    finally:
+        reporting.COMMAND = None
     if not getattr(args, "quiet", False):
         print(f"done in {time.time() - t0:.0f}s", file=sys.stderr)
     return rc

@@ -11,6 +11,10 @@ from pathlib import Path
 import torch
 
 
+# the command line a caller ran, when it is not this process's own sys.argv (cli.main(argv) called from Python)
+COMMAND: list[str] | None = None
+
+
 def environment() -> dict:
     """Device, versions, date and command line of this run."""
     import transformers
@@ -29,7 +33,8 @@ def environment() -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "triton": triton_version,
-        "command": " ".join(shlex.quote(a) for a in ["antkv-compile", *sys.argv[1:]])
+        "command": " ".join(map(shlex.quote, COMMAND)) if COMMAND is not None else
+        " ".join(shlex.quote(a) for a in ["antkv-compile", *sys.argv[1:]])
         if Path(sys.argv[0]).name in ("antkv-compile", "cli.py", "__main__.py") else " ".join(map(shlex.quote, sys.argv)),
     }
 

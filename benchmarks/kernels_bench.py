@@ -795,19 +795,20 @@ V3_VARIANTS = {  # name -> decode_attention_triton options (split_mult handled s
 
 
 # The Triton coded loop (key LUT, the default where NVRTC is missing) and the CUDA warp kernel (coded_decode.cu, the
-# default on a GPU; NOTES.md "v6"-"v9"): split counts, the exact programs (anchors + window, Triton: anchors per
+# default on a GPU; NOTES.md "Coded decode, CUDA C++ (post-RoPE LUT)", "Value-copy selection words", "Exact
+# programs, merge and launches (decode)"): split counts, the exact programs (anchors + window, Triton: anchors per
 # step, pipelining, programs per KV head) and the value-copy selection words (kernels/value_copies.py). Variants
 # of earlier designs (v4 loop options, the v5 block kernel, copy counts, the fp32 key table, selection mode 1)
 # were measured and removed; see NOTES.md and git history.
 V4_VARIANTS = {
     "lean": dict(key_lut=True),
 }
-V6_VARIANTS = {  # the per-warp kernel (antkv_coded_warp), NOTES.md "v6"
+V6_VARIANTS = {  # the per-warp kernel (antkv_coded_warp), NOTES.md "Coded decode, CUDA C++ (post-RoPE LUT)"
     "cuda": dict(coded="cuda"),
     "cuda_w1": dict(coded="cuda", split_mult=0.5),  # 1 wave of CTAs (default: 2)
     "cuda_w4": dict(coded="cuda", split_mult=2),  # 4 waves
 }
-V7_VARIANTS = {  # v7 (NOTES.md): the exact programs (anchors + window, Triton)
+V7_VARIANTS = {  # NOTES.md "Exact programs, merge and launches (decode)": the exact programs (anchors + window, Triton)
     "cuda_a64": dict(coded="cuda", block_a=64),
     "cuda_ns2": dict(coded="cuda", num_stages=2),
     "cuda_a64ns2": dict(coded="cuda", block_a=64, num_stages=2),
@@ -815,7 +816,7 @@ V7_VARIANTS = {  # v7 (NOTES.md): the exact programs (anchors + window, Triton)
     "cuda_e4": dict(coded="cuda", exact_splits=4),
     "cuda_w8": dict(coded="cuda", num_warps=8),
 }
-V8_VARIANTS = {  # v8 (NOTES.md): value-copy selection words, written with the codes (kernels/value_copies.py)
+V8_VARIANTS = {  # NOTES.md "Value-copy selection words", written with the codes (kernels/value_copies.py)
     "cuda_sel2": dict(coded="cuda", value_sel="select"),  # copy 1 = copy 0 + 4 bank groups
 }
 V9_VARIANTS = {  # the exact programs (anchors, window, merge) split over more programs per KV head

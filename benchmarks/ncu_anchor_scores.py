@@ -4,7 +4,7 @@
     ncu -k regex:_ans_scores_kernel -c 1 --section SpeedOfLight --section SchedulerStats --section WarpStateStats \
         --section Occupancy python benchmarks/ncu_anchor_scores.py --t 8192 --row-stride 4
 
-(kernels/NOTES.md "v10" quotes what it reported). ``--sass`` prints the kernel's per-opcode instruction counts from
+(kernels/NOTES.md "Anchor Scores" quotes what it reported). ``--sass`` prints the kernel's per-opcode instruction counts from
 the cubin Triton built (no ncu needed).
 """
 from __future__ import annotations

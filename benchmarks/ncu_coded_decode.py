@@ -3,8 +3,9 @@ benchmark shape, a few launches each. Run on the GPU machine, e.g.
 
     ncu -k regex:antkv_coded_warp -c 1 --set full python benchmarks/ncu_coded_decode.py --bits 1 --ctx 131072 --batch 32
 
-(kernels/NOTES.md "v5" quotes what it reported). ``--coded triton`` profiles the Triton loop instead; ``--rope``
-the pre-RoPE pair-layout kernel (``ncu -k regex:antkv_rope_coded ...``) on the same codes.
+(kernels/NOTES.md "Coded decode, CUDA C++ (post-RoPE LUT)" and "Value-copy selection words" quote what it
+reported). ``--coded triton`` profiles the Triton loop instead; ``--rope VARIANT`` the pre-RoPE pair-layout kernel
+(``ncu -k regex:antkv_rope_coded ...``) on the same codes.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from antkv_compile.config import AnTKVConfig
 TINY_KV_BYTES_PER_TOKEN = 2 * 2 * 2 * 16 * 2  # K+V x 2 layers x 2 KV heads x head_dim 16 x bf16
 POINT_KEYS = {"purpose", "config", "kind", "batch", "context", "capacity", "status", "step_ms", "tokens_per_s",
               "first_step_s", "bound_ms", "bound_fraction", "memory", "planner"}
-MEMORY_KEYS = {"weights", "codes", "anchors", "window_kv", "window_queries", "window", "codebooks", "dense_kv",
+MEMORY_KEYS = {"weights", "codes", "anchors", "window_kv", "window_queries", "window", "codebooks", "scratch", "dense_kv",
                "cache_total", "accounted", "bf16_cache_equivalent"}
 
 
@@ -88,7 +88,7 @@ def test_memory_accounting_adds_up(result):
         m = p["memory"]
         assert MEMORY_KEYS <= set(m)
         assert m["window"] == m["window_kv"] + m["window_queries"]
-        assert m["cache_total"] == m["codes"] + m["anchors"] + m["window"] + m["codebooks"] + m["dense_kv"]
+        assert m["cache_total"] == m["codes"] + m["anchors"] + m["window"] + m["codebooks"] + m["scratch"] + m["dense_kv"]
         assert m["accounted"] == m["weights"] + m["cache_total"]
         assert m["weights"] == r["model"]["weight_bytes"]
         if p["kind"] == "dense":

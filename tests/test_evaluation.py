@@ -77,7 +77,21 @@ def test_quantized_methods_cost_perplexity_and_bits_add_up(tiny_setup):
     assert math.isclose(lut.nll, deq.nll, rel_tol=1e-4)  # the two read paths compute the same function
     assert lut.nll != full.nll and kivi.nll != full.nll
     assert lut.memory["codes"] == pytest.approx((128 - 8) / 128, rel=1e-6)  # 1 bit for every flushed token
-    assert lut.effective_bits == pytest.approx(sum(lut.memory.values()))
+    # effective bits per K/V element, each part derived here: 120 flushed tokens of 128 coded at 1 bit; ceil(1 % of
+    # 120) = 2 anchors per (sequence, layer, KV head) of K + V at 16 bits and a 32-bit position; the window counted
+    # full (16 tokens of K + V at 16 bits); the codebooks at 16 bits per number (centroids, mean, and the coding map:
+    # D/2 pair indices per head in the RoPE-pair layout, else D x D), over the 2 x 128 tokens evaluated
+    cfg = model.config
+    layers, hkv = cfg.num_layers if hasattr(cfg, "num_layers") else cfg.num_hidden_layers, cfg.num_key_value_heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    elements = 2 * 128 * layers * hkv * d * 2
+    key_map = d // 2 if art.key_space == "pre_rope" else d * d  # pre-RoPE keys: the RoPE-pair layout
+    book_numbers = sum(cb.centroids.numel() + cb.mean.numel() + cb.num_heads * (key_map if kind == "k" else d * d)
+                       for kind, books in (("k", art.keys), ("v", art.values)) for cb in books)
+    expected = {"codes": 120 / 128, "anchors": 2 * (2 * d * 16 + 32) / (128 * d * 2), "window": 16 * 16 / 128,
+                "codebooks": 16 * book_numbers / elements}
+    assert lut.memory == pytest.approx(expected, rel=1e-6)
+    assert lut.effective_bits == pytest.approx(sum(expected.values()), rel=1e-6)
 
 
 def test_mismatched_artifact_is_refused_by_the_harness(tiny_setup):

@@ -207,7 +207,7 @@ def test_quick_smoke_through_the_cli(tmp_path, capsys):
         assert (plots / f"fidelity_{name}.png").stat().st_size > 1000
     assert {"kl_mean", "kl_p99", "top1_changed"} <= set(d["kl"]["antkv-1"]) and d["kl"]["antkv-1"]["tokens"] == 255
     assert d["environment"]["device"] and d["environment"]["torch"] and d["environment"]["date"]
-    assert "fidelity" in d["environment"]["command"] or d["environment"]["command"]
+    assert d["environment"]["command"].startswith("antkv-compile fidelity --quick --model tiny-llama")
     printed = capsys.readouterr().out
     assert printed.rstrip().splitlines()[-1].startswith("└")  # the table comes last
     assert "gates [all]" in printed

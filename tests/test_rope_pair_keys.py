@@ -1,6 +1,5 @@
 """Pre-RoPE keys in RoPE-pair sub-spaces: learning gives the layout, decode + per-pair rotation is what the store
-attends over, old dense-map pre-RoPE artifacts are refused; and no store keeps a decoded shadow of its codes."""
-import math
+attends over, old dense-map pre-RoPE artifacts are refused (no store keeping a decoded shadow of its codes: test_memory.py)."""
 
 import pytest
 import torch
@@ -129,67 +128,3 @@ def test_old_dense_map_pre_rope_artifact_is_refused_with_advice(tmp_path):
     new = load_artifact(_artifact(_pair_codebook).save(tmp_path / "new"))  # the pair layout loads
     config, art, _, _ = parse_options({"artifact": new})
     assert config.key_space == "pre_rope" and art is new
-
-
-# ---------------------------------------------------------------------------------------------- no shadow
-def _tensors(obj, seen_ids=None):
-    """Every tensor reachable from obj through attributes, dataclass fields, lists, tuples and dicts."""
-    seen_ids = set() if seen_ids is None else seen_ids
-    if id(obj) in seen_ids:
-        return
-    seen_ids.add(id(obj))
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v, seen_ids)
-    elif isinstance(obj, (list, tuple, set)):
-        for v in obj:
-            yield from _tensors(v, seen_ids)
-    elif hasattr(obj, "__dict__") and type(obj).__module__.startswith("antkv_compile"):
-        yield from _tensors(vars(obj), seen_ids)
-
-
-def _bytes(store) -> tuple[int, dict[str, int]]:
-    storages, named = {}, {}
-    for name, value in vars(store).items():
-        for t in _tensors(value):
-            st = t.untyped_storage()
-            storages[st.data_ptr()] = st.nbytes()
-            named[name] = named.get(name, 0) + st.nbytes()
-    return sum(storages.values()), named
-
-
-def _stores(capacity, d=64):
-    from antkv_compile.runtime.kernel_store import KernelLayerStore
-
-    geom = StoreGeometry(1, 2, d, capacity, torch.float32, torch.device("cpu"), scale=0.125)
-    rope = InvFreqRope(1.0 / (100.0 ** (torch.arange(0, d, 2).float() / d)))
-    cbv = codebook_with_transform("1", 2, d, 2)
-    yield "reference/lut", AnTKVLayerStore(geom, codebook_with_transform("1", 2, d, 1), cbv, AnTKVConfig(window=8))
-    yield "reference/dequantized", AnTKVLayerStore(geom, codebook_with_transform("1", 2, d, 1), cbv,
-                                                   AnTKVConfig(window=8, coded_path="dequantized"))
-    yield "reference/pre-rope", AnTKVLayerStore(geom, _pair_codebook("1", 2, d, 1), cbv,
-                                                AnTKVConfig(window=8, coded_path="dequantized", key_space="pre_rope"),
-                                                rope=rope)
-    yield "kernels", KernelLayerStore(geom, codebook_with_transform("1", 2, d, 1), cbv, AnTKVConfig(window=8))
-
-
-def test_no_store_holds_a_buffer_growing_faster_than_its_codes():
-    """Stores at two capacities, the same 40 tokens attended: what grows with the capacity is the codes (and the
-    anchors, 1 % of the tokens); a decoded copy of the capacity (B x H x N x D floats) fails this."""
-    small, large = 256, 256 + 1024
-    d = 64
-    q, k, v = randn(1, 4, 40, d, seed=1), randn(1, 2, 40, d, seed=2), randn(1, 2, 40, d, seed=3)
-    for (name, a), (_, b) in zip(_stores(small, d), _stores(large, d)):
-        for s in (a, b):
-            s.attend(q, k, v)
-        (total_a, named_a), (total_b, named_b) = _bytes(a), _bytes(b)
-        code_growth = sum(x.untyped_storage().nbytes() for x in (b.codes_k, b.codes_v)) - \
-            sum(x.untyped_storage().nbytes() for x in (a.codes_k, a.codes_v))
-        assert code_growth == (large - small) * 2 * 2 * 8  # 1 bit: 8 uint8 codes per token, K and V, 2 heads
-        for attr in named_b:
-            grown = named_b[attr] - named_a.get(attr, 0)
-            assert grown <= code_growth, f"{name}: {attr} grows by {grown} bytes over {large - small} tokens of capacity"
-        assert total_b - total_a - code_growth <= math.ceil(0.6 * code_growth), (
-            f"{name}: {total_b - total_a} bytes more at capacity {large} than at {small}, codes {code_growth}")

@@ -56,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "--reserve) or e.g. 79GiB")
     # non-PyTorch memory grows after the start (CUDA context 0.55 -> 1.26 GiB once cuBLAS, Triton and NVRTC modules
     # are loaded) and the allocator fragments (~0.8 GiB): with 1 GiB the planner's largest 1-bit batch ran out of
-    # memory once the window buffers were preallocated at full size (NOTES.md "v7")
+    # memory once the window buffers were preallocated at full size (NOTES.md "Exact programs, merge and launches (decode)")
     p.add_argument("--reserve", default="2.5GiB", help="kept out of the automatic budget")
     p.add_argument("--baseline-backend", default="inductor", help="torch.compile backend of the baselines (tests: eager)")
     p.add_argument("--inner", default="inductor", choices=["inductor", "eager"], help="antkv's inner compiler (decode)")
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # the stores reallocate their window buffers around every long chunk (fill, prefill): without expandable
     # segments that fragments the caching allocator by ~1.3 GiB at the planner's largest batch (measured OOM,
-    # NOTES.md "v7"); read at the first CUDA allocation, so set before any
+    # NOTES.md "Exact programs, merge and launches (decode)"); read at the first CUDA allocation, so set before any
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")

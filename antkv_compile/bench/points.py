@@ -286,10 +286,10 @@ class PointsMixin:
             mb = session.memory_bytes()
             m.update({k: int(v) for k, v in mb.items()})
         else:
-            m.update({"codes": 0, "anchors": 0, "window_kv": 0, "window_queries": 0, "codebooks": 0})
+            m.update({"codes": 0, "anchors": 0, "window_kv": 0, "window_queries": 0, "codebooks": 0, "scratch": 0})
         m["window"] = m["window_kv"] + m["window_queries"]
         m["dense_kv"] = dense_bytes(cache)
-        m["cache_total"] = m["codes"] + m["anchors"] + m["window"] + m["codebooks"] + m["dense_kv"]
+        m["cache_total"] = m["codes"] + m["anchors"] + m["window"] + m["codebooks"] + m["scratch"] + m["dense_kv"]
         m["accounted"] = m["weights"] + m["cache_total"]
         m["bf16_cache_equivalent"] = rec["batch"] * rec["capacity"] * self.kv_bytes_per_token
         if self.cuda:

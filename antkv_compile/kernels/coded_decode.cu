@@ -2,7 +2,7 @@
 //
 // Why not Triton: the split loop needs two random 16-byte table reads per (token, sub-space) -- the key
 // lookup-table row LUT[c][code] (4 query rows) and the value centroid -- and Triton 3.6 can only
-// gather through global memory (L1), which measured ~37 SM-clocks per token at 1 bit (NOTES.md v1-v4).
+// gather through global memory (L1), which measured ~37 SM-clocks per token at 1 bit (NOTES.md "Coded decode, Triton").
 // Here both tables of one (sequence, KV head) sit in shared memory.
 //
 // One CTA = one coded chunk of one (sequence, KV head) pair, tokens [start, end) of that sequence's coded
@@ -10,7 +10,7 @@
 // the warps' partials are merged and stored in the layout of the Triton kernel (normalized output,
 // log2-sum-exp), then the pair's arrival counter is bumped so that the Triton exact/merge kernel launched after
 // this one merges all P partials. (A CTA-wide block kernel with DB / MMA / FMA modes and an fp32 key table were
-// measured and removed; NOTES.md "v5"-"v7", git history.)
+// measured and removed; NOTES.md "Coded decode, CUDA C++ (post-RoPE LUT)", git history.)
 //
 // Compile-time constants (defined by the launcher): CK, MK (key codes per token, centroids per key
 // sub-space), CV, MV, SUBV (value codes per token, centroids, sub-space dimension), NT (threads), MINB (CTAs per
@@ -203,7 +203,8 @@ __device__ __forceinline__ void store_partial(const float* s_acc, const float4* 
 }
 
 // =====================================================================================================================
-// antkv_coded_warp: each warp an independent flash-decoding loop over its own 32-token tiles (NOTES.md "v6"):
+// antkv_coded_warp: each warp an independent flash-decoding loop over its own 32-token tiles (NOTES.md "Coded
+// decode, CUDA C++ (post-RoPE LUT)"):
 // - no CTA-wide max and no __syncthreads in the loop: each warp keeps its own running max, raised lazily (only
 //   when a logit exceeds it by more than LAZY, log2 units, so p <= 2^LAZY), and the warps' partials are merged in
 //   the epilogue with their own maxima;
@@ -212,8 +213,8 @@ __device__ __forceinline__ void store_partial(const float* s_acc, const float4* 
 // - the value table is kept in NCOPY copies (defined by the launcher as large as shared memory allows): row i of an
 //   ldmatrix phase reads copy i % NCOPY, and copy c lives in its own 8 / NCOPY bank groups, so rows can only
 //   conflict with rows of their own copy (NCOPY 8: never). fp32 centroids are stored as fp16 here.
-// - SEL 2 (NCOPY 2 only, NOTES.md "v8"): which copy a row reads is chosen per (token, value sub-space) by a
-//   selection word written when the codes are (vsel [pairs, n_cap], bit sv; value_copies.py), the writer picking
+// - SEL 2 (NCOPY 2 only, NOTES.md "Value-copy selection words"): which copy a row reads is chosen per (token,
+//   value sub-space) by a selection word written when the codes are (vsel [pairs, n_cap], bit sv; value_copies.py), the writer picking
 //   for every aligned group of 8 tokens (one ldmatrix phase) the assignment with the fewest wavefronts; both copies
 //   hash a code by k % 4 (copy 1 is copy 0 shifted by 4 groups): 2.07 expected wavefronts per phase instead of 2.39
 //   for the fixed i % 2. vsel may be null: then row i reads copy i % 2. SEL 0: row i reads copy i % NCOPY.

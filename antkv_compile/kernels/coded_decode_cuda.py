@@ -5,7 +5,8 @@ It replaces only the coded split programs of the Triton decode: the prologue is 
 buffers), the key lookup table is built by the kernel itself, the CUDA kernel writes the coded partials into the same slots and counts its arrivals, and the Triton kernel
 then runs the exact programs (anchors, window) whose last arrival merges all partials. Its reference is therefore the same as the Triton decode's
 (:func:`~antkv_compile.kernels.decode_attention.decode_attention_reference`); tests/test_cuda.py checks it
-on a GPU. Why CUDA here and not Triton: NOTES.md ("v5").
+on a GPU. Why CUDA here and not Triton: NOTES.md ("Coded decode, Triton", "Coded decode, CUDA C++ (post-RoPE
+LUT)").
 """
 from __future__ import annotations
 
@@ -26,10 +27,11 @@ def _source() -> str:
     return resources.files(__package__).joinpath("coded_decode.cu").read_text()
 
 
-# The kernel's key lookup table is fp16 (NOTES.md "v7": half the table's shared-memory traffic; its rounding, 2^-12
-# relative per entry summed in fp32, is measured there) and, where it keeps 2 copies of the value table (1 bit),
+# The kernel's key lookup table is fp16 (NOTES.md "Coded decode, CUDA C++ (post-RoPE LUT)": half the table's
+# shared-memory traffic; its rounding, 2^-12 relative per entry summed in fp32, is measured there) and, where it
+# keeps 2 copies of the value table (1 bit),
 # copy 1 is copy 0 shifted by 4 bank groups and each coded token's selection word (value_copies.py) picks the copy
-# of each of its rows (NOTES.md "v8": selection mode 2).
+# of each of its rows (NOTES.md "Value-copy selection words": selection mode 2).
 KEY_HALF = 1
 VALUE_SEL = 2
 
@@ -148,7 +150,7 @@ class CodedDecodeCuda:
         lay.pop("_reduce_room")
         self.nt = lay["NT"]
         # CTAs per SM-slot to aim for (cuda_splits): measured best at 2 (each CTA first fills up to 205 KB of
-        # tables; NOTES.md "v6")
+        # tables; NOTES.md "Coded decode, CUDA C++ (post-RoPE LUT)")
         self.waves = 2.0
         self.ctas_per_sm = lay["MINB"]
         self.kernel = load_kernel(_source(), "antkv_coded_warp", device, lay, self.smem)

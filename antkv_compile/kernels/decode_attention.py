@@ -175,7 +175,7 @@ if HAS_TRITON:
     # ------------------------------------------------------------------ the coded key-LUT loop (G*Tq <= 8)
     # Key codes read as 32/16-bit words, one token per thread, the sub-space sum of the LUT rows in registers (no
     # cross-lane shuffles, no replicated softmax), running sums per token slot reduced once after the loop
-    # (NOTES.md "v4": the fastest exact variant of the Triton loop).
+    # (NOTES.md "Coded decode, Triton": the fastest exact variant of the Triton loop).
     @triton.jit
     def _lut_codes(CK, CV, BITS, ck_base, cv_base, bits_base, n0, lim, BLOCK_N: tl.constexpr, KW: tl.constexpr,
                    C_V: tl.constexpr):
@@ -503,10 +503,10 @@ def default_splits(batch: int, kv_heads: int, capacity: int, anchors: int, sms: 
                    mult: float = 1.0) -> tuple[int, int]:
     """(coded splits, exact splits) per (sequence, KV head).
 
-    Measured on the H100 (NOTES.md): the split kernel is latency-bound per program, so more resident
-    programs help up to about 4 per multiprocessor (B = 32: 3 splits 6.5 ms, 1 split 7.5 ms at 128K),
-    while every split costs the merge a partial (B = 1: 32 splits beat 65 by 10-20 %). Hence
-    clamp(4 * SMs / (B * Hkv), 3, 32); ``mult`` scales it (the benchmark sweeps it). One exact program
+    Measured on the H100 (NOTES.md "Coded decode, Triton"): the split loop is latency-bound per program, so more resident
+    programs help (B = 32: 3 splits 6.5 ms, 1 split 7.5 ms at 128K; B = 8: 18 splits beat 9 by 23 %), while every
+    split costs the merge a partial (B = 1: 32 splits beat 65 by 10-20 %). Hence
+    clamp(8 * SMs / (B * Hkv), 3, 32); ``mult`` scales it (the benchmark sweeps it). One exact program
     (anchors + window) per KV head unless the anchors are a large share of the tokens.
     """
     pairs = max(1, batch * kv_heads)
@@ -521,8 +521,8 @@ def exact_programs(pairs: int, capacity: int, anchors: int, coded_splits: int, s
 
     At least the anchors' share of the coded splits; at small batches more, up to ~2 programs per multiprocessor
     in all and 8 per pair, and not fewer than 64 anchors each: one program per pair left the anchors of 128K
-    tokens (1,311 per head) to 8 programs at B = 1, 0.041 of a 0.120 ms decode. Measured (NOTES.md "v9",
-    kernels_bench_decode_20261122-163927): 128K B=1 8 programs 0.090 ms, B=8 4 programs 0.352 ms (from 0.371),
+    tokens (1,311 per head) to 8 programs at B = 1, 0.041 of a 0.120 ms decode. Measured (NOTES.md "Exact programs,
+    merge and launches (decode)", kernels_bench_decode_20261122-163927): 128K B=1 8 programs 0.090 ms, B=8 4 programs 0.352 ms (from 0.371),
     B=32 and 32K B=128 unchanged with 1."""
     share = max(1, cdiv(anchors * coded_splits, max(1, capacity))) if anchors else 1
     fill = min(8, max(1, 2 * sms // max(1, pairs)), max(1, cdiv(anchors, 64)))
@@ -555,7 +555,8 @@ class DecodePlan:
         a_cap, w_cap = anchor_k.shape[2], win_k.shape[2]
         st_k, hcb_k, s_k, m_k, sub_k = cent_k.shape
         st_v, hcb_v, s_v, m_v, sub_v = cent_v.shape
-        # v5 (NOTES.md): the coded split programs as a CUDA C++ kernel with both tables in shared memory
+        # the coded split programs as a CUDA C++ kernel with both tables in shared memory (NOTES.md "Coded decode,
+        # CUDA C++ (post-RoPE LUT)")
         if coded not in ("triton", "cuda", "auto"):
             raise ValueError(f"coded must be 'triton', 'cuda' or 'auto' (got {coded!r})")
         self.cuda_coded = None
@@ -596,8 +597,8 @@ class DecodePlan:
         if splits is None:
             splits = default_splits(b, hkv, n_cap, a_cap, sm_count(q), block_n, mult=split_mult)
         # with coded="cuda" the Triton launch runs only the exact programs (anchors, window): measured best with
-        # 64 anchors per step, pipelined (NOTES.md "v7": 0.111 -> 0.077 ms at 128K B=32); the Triton coded loop
-        # keeps its own measured best (32, unpipelined)
+        # 64 anchors per step, pipelined (NOTES.md "Exact programs, merge and launches (decode)": 0.111 -> 0.077 ms at
+        # 128K B=32); the Triton coded loop keeps its own measured best (32, unpipelined)
         exact_only = self.cuda_coded is not None or rope
         block_a = (64 if exact_only else 32) if block_a is None else int(block_a)
         num_stages = (2 if exact_only else 1) if num_stages is None else int(num_stages)

@@ -25,7 +25,7 @@ at 450-495 TFLOP/s (SDPA flash: 314-350), attention + exact scores = 2.05-2.2x S
 
 Row sampling (``row_stride`` R > 1, the stores' default R = G for long windows): rows more than ``band`` past
 a key are read every R-th only, weighted R (numerics.anchor_score.row_sample_weights); attention + scores
-1.18x / 1.11x SDPA at R = 4, 1.04x / 0.93x at R = 8 (NOTES.md "v9", "v10").
+1.18x / 1.11x SDPA at R = 4, 1.04x / 0.93x at R = 8 (NOTES.md "Anchor Scores").
 """
 from __future__ import annotations
 
@@ -249,7 +249,7 @@ def _default_blocks(d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
 
 def _score_blocks(tk: int, d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the score kernel: 128-key blocks over two warpgroups with
-    3-stage row tiles for long windows (measured best at 8K and 32K, NOTES.md "v10"; 224 of the 227 KB of shared
+    3-stage row tiles for long windows (measured best at 8K and 32K, NOTES.md "Anchor Scores"; 224 of the 227 KB of shared
     memory at head_dim 128), a block the size of a decode flush's keys otherwise; 32-key blocks above head_dim 128
     (the four key-block operands and the double-buffered q / o tiles must fit in shared memory)."""
     if dtype == torch.float32:

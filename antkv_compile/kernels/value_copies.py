@@ -1,4 +1,4 @@
-"""Which copy of the value table each coded token's centroid rows are read from (v8, NOTES.md "v8").
+"""Which copy of the value table each coded token's centroid rows are read from (NOTES.md "Value-copy selection words").
 
 The CUDA decode kernel (``coded_decode.cu``, ``antkv_coded_warp``) gathers value centroids with ``ldmatrix``:
 one phase reads the rows of 8 consecutive coded tokens (an aligned group ``8g .. 8g + 7``) for one value
@@ -7,7 +7,7 @@ sub-space. At 1 bit the table fits twice in shared memory; copy 0 puts code ``k`
 A phase costs as many wavefronts as the most rows that fall in one group, so which copy each row reads matters:
 the fixed choice ``row % 2`` costs 2.39 wavefronts per phase on average for random codes, the best choice 2.07.
 (Mode 1, copy 1 hashed by ``k / 4 % 4``: 1.74 expected, but slower addresses in the kernel; measured and removed,
-NOTES.md "v8".)
+NOTES.md "Value-copy selection words".)
 
 The best choice depends only on the codes, which are written once and read by every decode step, so it is
 made when codes are written: one int16 *selection word* per coded token, bit ``sv`` = the copy of sub-space

@@ -88,9 +88,15 @@ class Codebook:
         return self.stages * (self.num_centroids.bit_length() - 1) / self.sub_dim
 
     def storage_bits(self, element_bits: int = 16) -> int:
-        """Bits to hold this codebook at fp16: centroids, one D x D map (the other is its inverse,
-        computed at load), mean."""
-        return element_bits * (self.centroids.numel() + self.transform.numel() + self.mean.numel())
+        """Bits to hold this codebook at ``element_bits`` per number: centroids, mean and the coding map. A dense map is
+        one D x D matrix per head (the other is its inverse, computed at load); a map in the RoPE-pair layout
+        (:mod:`antkv_compile.numerics.rope_pairs`) is a permutation, stored and used as its pair order, D / 2 indices
+        per head."""
+        from .rope_pairs import pair_layout
+
+        pairs = pair_layout(self.transform, self.sub_dim)
+        map_numel = pairs.numel() if pairs is not None else self.transform.numel()
+        return element_bits * (self.centroids.numel() + map_numel + self.mean.numel())
 
     def tensors(self) -> tuple[Tensor, ...]:
         """The codebook's tensors themselves (``dataclasses.astuple`` would deep-copy them)."""

@@ -20,11 +20,13 @@ this class):
 * **CUDA graphs** (CUDA, decode of tokens that fit the window's buffers): the decode launches of a layer (prologue,
   coded kernel, exact programs + merge) are captured once into a CUDA graph over the store's own buffers (a static
   query buffer, the window's length in a device tensor) and replayed every step: the launches cost ~0.5 ms of host
-  time per layer and step, which left the GPU idle in a host-bound Llama-3-8B step (NOTES.md "v8"). A change of any
-  buffer (a window reallocated by a long chunk) captures again (``_GRAPHS = False`` launches directly: tests).
+  time per layer and step, which left the GPU idle in a host-bound Llama-3-8B step (NOTES.md "Exact programs, merge
+  and launches (decode)"). A change of any buffer (a window reallocated by a long chunk) captures again
+  (``_GRAPHS = False`` launches directly: tests).
 * **the window** lives in preallocated buffers of ``window`` tokens (``win_*`` are views of their first
   ``n_window`` tokens): a decode step writes its one token in place instead of concatenating the whole
-  window (6 copies of it per layer and step, 3.45 ms of a 70 ms Llama-3-8B step at batch 172: NOTES.md "v7").
+  window (6 copies of it per layer and step, 3.45 ms of a 70 ms Llama-3-8B step at batch 172: NOTES.md "Exact
+  programs, merge and launches (decode)").
   A chunk that does not fit reallocates them; a flush moves the kept tail to the front.
 
 Semantics equal the reference store's (same window/flush policy, same anchors), tested on CPU against it.
@@ -64,7 +66,7 @@ log = logging.getLogger(__name__)
 _DECODE_ROWS = 64  # G * T query rows per KV head up to which the decode kernel is used
 _DECODE_CHUNK = 8192  # coded tokens decoded at a time for a long chunk's prefix (bounds the float32 transients)
 _WINDOW = ("win_k", "win_v", "win_q", "win_out", "win_lse")  # the window's tensors, token axis 2
-_GRAPHS = True  # decode launches replayed from a CUDA graph (NOTES.md "v8")
+_GRAPHS = True  # decode launches replayed from a CUDA graph (NOTES.md "Exact programs, merge and launches (decode)")
 
 
 class _Workspace(dict):

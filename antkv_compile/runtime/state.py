@@ -245,12 +245,16 @@ class Session:
         return store
 
     def memory_bytes(self) -> dict[str, int]:
-        """Tensor storage bytes held by the stores (codes, anchors, window) and codebooks."""
+        """Tensor storage bytes held by the stores: codes, anchors (with the kernels' bitmask), the window and its
+        queries, the codebooks and RoPE tables in the dtypes the stores use, and (kernel store) the decode scratch
+        and CUDA-graph buffers. Counted from the stores, which hold their device's copies: the session's own
+        codebooks are the artifact's (host) tensors when the stores live on a GPU, and the same tensors as the
+        stores' on a CPU."""
         seen: set[int] = set()
-        out = {"codes": 0, "anchors": 0, "window_kv": 0, "window_queries": 0, "codebooks": 0}
+        out = {"codes": 0, "anchors": 0, "window_kv": 0, "window_queries": 0, "codebooks": 0, "scratch": 0}
 
         def add(kind, t):
-            if t is None:
+            if not isinstance(t, Tensor):
                 return
             st = t.untyped_storage()
             if st.data_ptr() in seen:
@@ -269,16 +273,22 @@ class Session:
                 add("window_kv", t)
             for t in (s.win_q, s.win_out, s.win_lse):  # the window's queries, kept to score it at flush
                 add("window_queries", t)
-        for cbk, cbv in self.codebooks.values():
-            for cb in (cbk, cbv):
-                for t in cb.tensors():  # (astuple would count deep copies)
-                    add("codebooks", t)
-        for s in self.stores.values():  # the stores' device copies (kernel dtypes) of the codebooks
+            for name, t in (getattr(s, "_slabs", None) or {}).items():  # the window's buffers (kernel store)
+                add("window_kv" if name in ("win_k", "win_v") else "window_queries", t)
             for cb in (s.cb_k, s.cb_v):
                 for t in cb.tensors():  # (astuple would count deep copies)
                     add("codebooks", t)
-            for t in (getattr(s, "cent_k", None), getattr(s, "cent_v", None), *getattr(s, "_cb32", ())):
+            for t in (getattr(s, "cent_k", None), getattr(s, "cent_v", None), *getattr(s, "_cb32", ()),
+                      *(getattr(s, "rope_keys", None) or ()), getattr(s, "rope_inv_freq", None),
+                      getattr(s.rope, "inv_freq", None) if s.rope is not None else None):
                 add("codebooks", t)
+            add("scratch", getattr(s, "_win_len", None))
+            for t in (getattr(s, "_workspace", None) or {}).values():  # decode scratch shared by a device's stores
+                add("scratch", t)
+            graph = getattr(s, "_graph", None)  # (key, CUDA graph, static query, out, lse, plan)
+            if graph is not None:
+                for t in graph[2:5]:
+                    add("scratch", t)
         return out
 
 
