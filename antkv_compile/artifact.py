@@ -138,6 +138,11 @@ class CodebookArtifact:
             diffs.append("RoPE frequencies (inv_freq) differ, and pre-RoPE keys are rotated back with the "
                          "artifact's")
         if diffs:
+            heads = want.get("num_kv_heads") or (cb.num_heads if cb is not None else None)
+            if heads and facts.num_kv_heads and heads > facts.num_kv_heads and heads % facts.num_kv_heads == 0:
+                fix += (f". If this graph is one tensor-parallel rank's ({facts.num_kv_heads} of {heads} KV heads), "
+                        "shard the model with transformers' tp_plan (DTensor weights), so that the backend can tell "
+                        "which KV heads the rank holds and slice the codebooks to them")
             raise ArtifactMismatchError(f"codebook artifact calibrated for {name!r} does not fit this model ("
                                         + "; ".join(diffs) + f"). {fix}")
         if allow_model_mismatch:
@@ -163,6 +168,39 @@ class CodebookArtifact:
                 f"codebooks fit another model's keys and values. {fix}; or pass options={{'allow_model_mismatch': "
                 "True} to reuse it deliberately (e.g. on a fine-tune of that model)")
 
+    @property
+    def kv_heads(self) -> dict | None:
+        """``{"start", "count", "of"}`` when this artifact is a tensor-parallel rank's slice, else None."""
+        return self.manifest.get("kv_heads")
+
+    def for_kv_heads(self, shard) -> "CodebookArtifact":
+        """This artifact's codebooks for the KV heads a tensor-parallel rank holds (``shard``:
+        :class:`~antkv_compile.tensor_parallel.KVShard`), an in-memory slice that cannot be saved. Raises
+        ArtifactMismatchError when the artifact's heads are not the model's (calibrate on the unsharded model
+        and pass the same artifact to every rank)."""
+        fix = ("Calibrate once on the unsharded model (world size 1: antkv-compile calibrate --model <model> --bits "
+               f"{self.preset.name} --out <dir>) and pass that same artifact to every rank; each rank takes the "
+               "codebooks of its own KV heads")
+        have = self.kv_heads
+        if have is not None:
+            if (have["start"], have["count"], have["of"]) == (shard.start, shard.count, shard.total):
+                return self
+            raise ArtifactMismatchError(
+                f"this codebook artifact is already the slice of KV heads {have['start']}..{have['start'] + have['count'] - 1}"
+                f" of {have['of']}, but this rank holds {shard.describe()}. {fix}")
+        want = (self.manifest.get("model") or {}).get("num_kv_heads")
+        heads = {cb.num_heads for cb in (*self.keys, *self.values)}
+        if (want is not None and want != shard.total) or not heads <= {1, shard.total}:
+            got = want if want is not None else "/".join(str(h) for h in sorted(heads - {1}))
+            raise ArtifactMismatchError(
+                f"codebook artifact has codebooks for {got} KV heads, but this tensor-parallel rank holds "
+                f"{shard.describe()}: the artifact does not fit the sharded model's heads. {fix}")
+        manifest = dict(self.manifest)
+        manifest["kv_heads"] = {"start": shard.start, "count": shard.count, "of": shard.total}
+        return CodebookArtifact([cb.select_heads(shard.start, shard.count) for cb in self.keys],
+                                [cb.select_heads(shard.start, shard.count) for cb in self.values],
+                                manifest, self.rope_inv_freq)
+
     def check_key_layout(self, where: str = "this codebook artifact") -> None:
         """Raise ArtifactError for a pre-RoPE artifact whose key codebooks are not in the RoPE-pair layout."""
         from .numerics.rope_pairs import is_pair_layout
@@ -179,6 +217,9 @@ class CodebookArtifact:
             )
 
     def save(self, directory: str | Path) -> Path:
+        if self.kv_heads is not None:
+            raise ArtifactError("this artifact is one tensor-parallel rank's slice of KV heads; save the artifact it "
+                                "was sliced from (calibrated on the unsharded model)")
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         tensors = {}

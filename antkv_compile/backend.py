@@ -179,18 +179,31 @@ def antkv_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None 
     del last_compiles[:-32]
     log.info("%s", report.summary())
 
-    if not plan.rewrites:
+    def unchanged(reason: str):
         too_long = oversized_write(gm)
         if too_long:  # Inductor's dense write would go out of bounds and abort the process (cache_fit.py)
             return raising(too_long)
-        _warn_once(f"antkv: graph compiled unchanged by {inner} (KV cache NOT compressed) -- {plan.fallback_reason}",
+        _warn_once(f"antkv: graph compiled unchanged by {inner} (KV cache NOT compressed) -- {reason}",
                    AntKVFallbackWarning)
         return guarded(_compile_fx(gm, example_inputs, patches, inner), position_guard(gm))
 
+    if not plan.rewrites:
+        return unchanged(plan.fallback_reason)
+
+    # tensor parallelism: which global KV heads this rank's graph holds (None: every head, not sharded)
+    from .tensor_parallel import kv_shard
+
+    shard, layout_problem = kv_shard(gm, example_inputs, plan.sites)
+    if layout_problem:
+        record["plan"] = dataclasses.replace(plan, sites=(), fallback_reason=f"tensor_parallel_layout: {layout_problem}")
+        return unchanged(record["plan"].fallback_reason)
+    record["shard"] = shard
     if artifact is not None:  # before compiling: an artifact of another model is refused now, not after Inductor
         from .model_facts import facts_from_graph
 
-        artifact.check_graph(facts_from_graph(gm, example_inputs, plan.sites), allow_mismatch)
+        artifact.check_graph(facts_from_graph(gm, example_inputs, plan.sites, shard), allow_mismatch)
+        if shard is not None:  # each rank codes its own KV heads with their codebooks
+            artifact = artifact.for_kv_heads(shard)
     session = session_for(config, artifact)
     record["session"] = session
     if plan.kept_exact:

@@ -248,8 +248,11 @@ def cmd_plan(args) -> int:
 
         shape = ModelShape.from_config(load_config(args.model), _model_id(args))
     budget = parse_bytes(args.gpu_memory)
-    kw = dict(anchor_ratio=args.anchor_ratio, window=args.window)
-    ours = plan(shape, args.bits, budget, batches=args.batches, contexts=args.contexts, **kw)
+    kw = dict(anchor_ratio=args.anchor_ratio, window=args.window, world_size=args.world_size)
+    try:
+        ours = plan(shape, args.bits, budget, batches=args.batches, contexts=args.contexts, **kw)
+    except ValueError as e:  # a world size that does not divide the KV heads
+        raise SystemExit(f"antkv-compile plan: {e}") from None
     full = plan(shape, None, budget, batches=args.batches, contexts=args.contexts, **kw)
 
     def mark(n: int) -> str:
@@ -260,7 +263,9 @@ def cmd_plan(args) -> int:
     rows += [{"what": f"largest batch, context {mark(n)}", "antkv": f"{ours['largest_batch'][n]:,}",
               "full": f"{full['largest_batch'][n]:,}"} for n in args.contexts]
     print_table(rows, [("what", "method", "s"), ("antkv", f"antkv {args.bits}-bit", "s"), ("full", "16-bit cache", "s")],
-                f"{shape.name} in {args.gpu_memory} (memory model: antkv_compile/planner.py)")
+                f"{shape.name} in {args.gpu_memory}"
+                + (f" per GPU, {args.world_size} GPUs (tensor parallel)" if args.world_size > 1 else "")
+                + " (memory model: antkv_compile/planner.py)")
     if shape.max_positions:
         print(f"model window (max_position_embeddings): {shape.max_positions:,} positions")
     else:
@@ -369,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
     p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072, 1048576])
+    p.add_argument("--world-size", type=int, default=1,
+                   help="tensor-parallel GPUs (torchrun --nproc_per_node); --gpu-memory is each GPU's")
     p.add_argument("--out", default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_plan)

@@ -54,8 +54,12 @@ def _module_family(gm) -> str | None:
     return None
 
 
-def facts_from_graph(gm, example_inputs, sites) -> GraphFacts:
+def facts_from_graph(gm, example_inputs, sites, shard=None) -> GraphFacts:
+    """``shard`` (:class:`~antkv_compile.tensor_parallel.KVShard`, a tensor-parallel rank): the facts are the
+    whole model's (global head counts), and the weight fingerprint compares the parameters every rank holds
+    whole (replicated ones; a sharded parameter's norm would need a collective)."""
     from .patterns import predicates as P
+    from .tensor_parallel import is_dtensor
 
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     params, layers, inv_freq, seen = [], set(), None, set()
@@ -66,6 +70,12 @@ def facts_from_graph(gm, example_inputs, sites) -> GraphFacts:
                 layers.add(int(m.group(1)))
             if id(x) not in seen:
                 seen.add(id(x))
+                if is_dtensor(x):
+                    from torch.distributed.tensor import Replicate
+
+                    if not all(isinstance(p, Replicate) for p in x.placements):
+                        continue
+                    x = x.to_local()
                 params.append(x)
         elif isinstance(x, Tensor) and n.name.rstrip("_").endswith("inv_freq") and x.dim() == 1:
             inv_freq = x
@@ -76,6 +86,8 @@ def facts_from_graph(gm, example_inputs, sites) -> GraphFacts:
             hq = q[1]
         if kb and len(kb) == 4 and isinstance(kb[1], int) and isinstance(kb[3], int):
             hkv, d = kb[1], kb[3]
+    if shard is not None:
+        hq, hkv = shard.q_total, shard.total
     return GraphFacts(_module_family(gm), tuple(sorted(layers)), hq, hkv, d, inv_freq, params)
 
 

@@ -16,6 +16,12 @@ Bytes on the device, as functions of batch B and context N (tokens per sequence)
 The planner answers the longest context per batch size and the largest batch per context that fit
 a memory budget, and the same for a full-precision cache for comparison. It counts what this
 project allocates; the benchmark of issue 5 checks it against measured peaks.
+
+Tensor parallelism (``world_size`` N, transformers' ``tp_plan``): every term is *per rank* and the budget is
+one GPU's. Each rank holds Hkv / N KV heads and Hq / N query heads (codes, anchors, window, window queries,
+codebooks divide by N), the parameters of the modules in the model's ``tp_plan`` divided by N and the others
+(norms) whole; activations keep the hidden size and the gathered logits whole, the MLP's intermediate width
+divides. N must divide the KV heads: a rank holds whole KV heads (their codebooks are per KV head).
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ class ModelShape:
     intermediate_size: int
     vocab_size: int
     max_positions: int | None = None  # the model's window (config.max_position_embeddings)
+    sharded_params: int | None = None  # parameters of the modules its tp_plan shards (None: unknown)
 
     @classmethod
     def from_config(cls, config, name: str | None = None) -> "ModelShape":
@@ -54,7 +61,41 @@ class ModelShape:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return cls(name or config.model_type, params, config.num_hidden_layers, config.num_attention_heads,
                    config.num_key_value_heads, head_dim, config.hidden_size, config.intermediate_size, config.vocab_size,
-                   getattr(config, "max_position_embeddings", None))
+                   getattr(config, "max_position_embeddings", None), _sharded_params(model))
+
+
+def _sharded_params(model) -> int:
+    """Parameters of the modules that the model's tensor-parallel plan (transformers' ``tp_plan``: module name
+    patterns, ``*`` for a layer index) shards; tied weights once."""
+    import re
+
+    plan = getattr(model, "tp_plan", None) or {}
+    patterns = [re.compile(re.escape(k).replace(r"\*", r"\d+") + r"$") for k in plan]
+    seen, total = set(), 0
+    for name, module in model.named_modules():
+        if name and any(p.match(name) for p in patterns):
+            for param in module.parameters(recurse=False):
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    total += param.numel()
+    return total
+
+
+def check_world_size(shape: ModelShape, world_size: int) -> None:
+    """Raise ValueError unless ``world_size`` ranks can each hold whole KV heads of ``shape``."""
+    if world_size < 1:
+        raise ValueError(f"world size must be >= 1, got {world_size}")
+    if world_size == 1:
+        return
+    hkv, hq = shape.num_kv_heads, shape.num_q_heads
+    if hkv % world_size or hq % world_size:
+        fits = [n for n in range(1, hkv + 1) if hkv % n == 0 and hq % n == 0]
+        raise ValueError(
+            f"tensor parallel world size {world_size} does not divide {shape.name}'s {hkv} KV heads ({hq} query "
+            f"heads): each rank holds whole KV heads and their codebooks. Use a world size in {fits}")
+    if shape.sharded_params is None:
+        raise ValueError(f"{shape.name}: which parameters its tensor-parallel plan shards is unknown; build the shape "
+                         "with ModelShape.from_config")
 
 
 def llama3_8b_config():
@@ -83,11 +124,22 @@ class MemoryModel:
     # batches the planner named (181 at 1 bit, 344 at 0.375 bit, H100) ran out of memory although the peaks it
     # predicted were 0.96-1.08 of the measured ones: fragmentation and transient copies need a margin.
     headroom: float = 0.05
+    world_size: int = 1  # tensor-parallel ranks: every term is per rank (module docstring)
+
+    def __post_init__(self) -> None:
+        check_world_size(self.shape, self.world_size)
+
+    def params_per_rank(self) -> int:
+        s, n = self.shape, self.world_size
+        if n == 1:
+            return s.params
+        return s.params - s.sharded_params + math.ceil(s.sharded_params / n)
 
     def terms(self) -> dict[str, sp.Expr]:
-        s, e = self.shape, self.element_bytes
-        L, hkv, hq, d = s.num_layers, s.num_kv_heads, s.num_q_heads, s.head_dim
-        out: dict[str, sp.Expr] = {"weights": sp.Integer(math.ceil(s.params * self.weight_bytes))}
+        s, e, tp = self.shape, self.element_bytes, self.world_size
+        L, hkv, hq, d = s.num_layers, s.num_kv_heads // tp, s.num_q_heads // tp, s.head_dim
+        inter = math.ceil(s.intermediate_size / tp)
+        out: dict[str, sp.Expr] = {"weights": sp.Integer(math.ceil(self.params_per_rank() * self.weight_bytes))}
         if self.preset is None:
             out["kv_full_precision"] = B * N * L * hkv * 2 * d * e
         else:
@@ -103,9 +155,9 @@ class MemoryModel:
             centroids = p.stages * p.num_subspaces(d) * p.num_centroids * p.sub_dim
             per_book = hkv * (centroids * (4 + 2) + 2 * d * d * 4 + d * 4)
             out["codebooks"] = sp.Integer(L * 2 * per_book)
-        decode = B * (4 * s.hidden_size + 2 * s.intermediate_size) * e + B * s.vocab_size * 4
+        decode = B * (4 * s.hidden_size + 2 * inter) * e + B * s.vocab_size * 4
         decode += B * hq * self.decode_splits * (d + 2) * 4
-        prefill = self.prefill_chunk * (4 * s.hidden_size + 3 * s.intermediate_size) * e + self.prefill_chunk * s.vocab_size * 4
+        prefill = self.prefill_chunk * (4 * s.hidden_size + 3 * inter) * e + self.prefill_chunk * s.vocab_size * 4
         out["workspace"] = sp.Max(decode, prefill)
         if self.headroom:
             out["headroom"] = sp.nsimplify(self.headroom) * sum(v for k, v in out.items() if k != "weights")
@@ -209,6 +261,7 @@ def plan(shape: ModelShape, bits: str | None, budget: int, batches=(1, 8, 32, 12
     longest = {b: mm.longest_context(b, budget) for b in batches}
     return {
         "model": shape.name, "bits": bits or "16 (full precision)", "budget_bytes": budget,
+        "world_size": mm.world_size, "budget_is": "per rank (one GPU)",
         "symbolic_total_bytes": str(sp.simplify(mm.total())),
         "formula": formula(mm),
         "max_position_embeddings": shape.max_positions,

@@ -195,3 +195,20 @@ def test_sweep_stops_at_out_of_memory(tmp_path, monkeypatch):
     assert "out of memory" in r["throughput"][1]["reason"]
     lb = r["summary"]["largest_batch"]["inductor@64"]
     assert lb["measured_largest_batch"] == 1 and lb["first_oom_batch"] == 2
+
+
+def test_plan_only_world_size_2_gives_each_rank_about_twice_the_capacity(capsys):
+    """Tensor parallel over 2 GPUs: the planner's points per rank (KV heads and sharded weights halved)."""
+    args = ["--plan-only", "--budget", "141GB", "--configs", "antkv-1,dense_decode", "--runs", "throughput,capacity"]
+    plans = []
+    for n in (1, 2):
+        assert bench.main(args + ["--world-size", str(n)]) == 0
+        text = capsys.readouterr().out
+        plans.append(json.loads(text[text.index("{"):]))
+    one, two = plans
+    assert two["world_size"] == 2
+    assert two["capacity"]["antkv-1"]["planner_longest"] >= 2 * one["capacity"]["antkv-1"]["planner_longest"]
+    for c in ("antkv-1@32768", "dense_decode@32768"):
+        assert two["throughput"][c]["planner_largest_batch"] >= 2 * one["throughput"][c]["planner_largest_batch"]
+    with pytest.raises(SystemExit, match="world size 3 does not divide"):
+        bench.main(args + ["--world-size", "3"])

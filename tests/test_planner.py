@@ -122,3 +122,50 @@ def test_plan_result_caps_the_usable_context_at_the_window():
     r = plan(shape, "1", parse_bytes("1GB"), batches=(1,), contexts=(512,))
     assert r["max_position_embeddings"] == 1024
     assert r["longest_context"][1] > 1024 and r["longest_usable_context"][1] == 1024
+
+
+# ------------------------------------------------------------------------------------ tensor parallel (per rank)
+def test_tensor_parallel_divides_the_sharded_weights_and_the_kv_heads(llama):
+    """Per rank: the parameters of the modules in transformers' tp_plan (attention and MLP projections,
+    embedding, lm_head) divide by N, the norms stay whole; KV heads (codes, anchors, window, codebooks) divide."""
+    assert 0 < llama.params - llama.sharded_params < 300_000  # Llama-3-8B: 65 RMSNorm weights of 4,096
+    one, two = MemoryModel(llama, get_preset("1")), MemoryModel(llama, get_preset("1"), world_size=2)
+    assert two.params_per_rank() == llama.params - llama.sharded_params + llama.sharded_params // 2
+    a, b = one.bytes_at(4, 32768), two.bytes_at(4, 32768)
+    for term in ("codes", "anchors", "window", "window_queries", "codebooks"):
+        assert b[term] * 2 == pytest.approx(a[term], rel=1e-6), term
+
+
+@pytest.mark.parametrize("bits", ["1", None])
+def test_capacity_grows_about_n_fold_when_the_kv_heads_divide_evenly(llama, bits):
+    """Longest context at batch 1 and largest batch at 32K on N GPUs of 141 GB against one: at least N-fold
+    (weights shrink too), and not more than the KV bytes freed allow."""
+    budget = parse_bytes("141GB")
+    base = MemoryModel(llama, get_preset(bits) if bits else None)
+    for n in (2, 4, 8):
+        mm = MemoryModel(llama, get_preset(bits) if bits else None, world_size=n)
+        assert n * base.longest_context(1, budget) <= mm.longest_context(1, budget)
+        assert n * base.largest_batch(32768, budget) <= mm.largest_batch(32768, budget)
+        # bounded: even with no weights at all, N ranks hold at most N x (budget / per-token bytes) tokens
+        per_token = (base.bytes_at(1, 100_001)["total"] - base.bytes_at(1, 1)["total"]) / 100_000
+        assert mm.longest_context(1, budget) <= n * budget / per_token * 1.01
+    assert plan(llama, bits, budget, batches=(1,), contexts=(32768,), world_size=2)["world_size"] == 2
+
+
+def test_a_world_size_that_does_not_divide_the_kv_heads_is_refused(llama):
+    with pytest.raises(ValueError, match=r"world size 3 does not divide llama3-8b's 8 KV heads.*Use a world size in "
+                                         r"\[1, 2, 4, 8\]"):
+        MemoryModel(llama, get_preset("1"), world_size=3)
+    with pytest.raises(ValueError, match="world size 16 does not divide"):
+        plan(llama, "1", parse_bytes("80GB"), world_size=16)
+
+
+def test_plan_cli_world_size(tmp_path, capsys):
+    from antkv_compile.cli import main
+
+    assert main(["plan", "--gpu-memory", "141GB", "--batches", "1", "--contexts", "32768", "--world-size", "2",
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "per GPU, 2 GPUs (tensor parallel)" in out
+    with pytest.raises(SystemExit, match="world size 3 does not divide"):
+        main(["plan", "--world-size", "3", "--quiet"])

@@ -73,6 +73,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="print the points the planner schedules (needs --budget; builds no model)")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="combine the result files of several calls into one report (runs nothing)")
+    p.add_argument("--world-size", type=int, default=1,
+                   help="tensor-parallel GPUs: the planner's points per rank (--budget is each GPU's); --plan-only only")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -85,11 +87,16 @@ def plan_only(args) -> int:
         raise SystemExit("--plan-only needs --budget (e.g. 79GiB)")
     budget = parse_size(args.budget)
     shape = ModelShape.from_config(model_config(args.shape), args.shape)
-    out = {"budget": budget, "throughput": {}, "capacity": {}}
+    tp = args.world_size
+    try:
+        MemoryModel(shape, None, world_size=tp)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    out = {"budget": budget, "world_size": tp, "budget_is": "per rank (one GPU)", "throughput": {}, "capacity": {}}
     runs = _split(args.runs)
     for name in _split(args.configs):
         spec = CONFIGS[name]
-        mm = MemoryModel(shape, get_preset(spec.bits) if spec.bits else None)
+        mm = MemoryModel(shape, get_preset(spec.bits) if spec.bits else None, world_size=tp)
         for ctx in [int(x) for x in _split(args.contexts)]:
             cap = _round_up(ctx + args.warmup + args.steps + 2, 64)
             pmax = mm.largest_batch(cap, budget)
@@ -102,7 +109,7 @@ def plan_only(args) -> int:
         spec = CONFIGS[name]
         if spec.kind != "antkv":
             continue
-        mm = MemoryModel(shape, get_preset(spec.bits))
+        mm = MemoryModel(shape, get_preset(spec.bits), world_size=tp)
         cap = args.capacity_context or mm.longest_context(1, budget - parse_size(args.capacity_margin)) // 1024 * 1024
         out["capacity"][name] = {"context": cap, "planner_longest": mm.longest_context(1, budget)}
         if "capacity" in runs:
@@ -152,6 +159,9 @@ def merge(args) -> int:
 def run(args) -> int:
     if args.plan_only:
         return plan_only(args)
+    if getattr(args, "world_size", 1) != 1:
+        raise SystemExit("--world-size applies to --plan-only (the planner's points per rank): the measured runs "
+                         "build one unsharded model per process and do not run under tensor parallelism yet")
     if args.merge:
         return merge(args)
     for r in _split(args.runs):

@@ -105,6 +105,16 @@ class Codebook:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Codebook":
         return Codebook(*(t.to(device=device, dtype=dtype) for t in self.tensors()))
 
+    def select_heads(self, start: int, count: int) -> "Codebook":
+        """The codebook of KV heads ``start .. start + count - 1`` (a tensor-parallel rank's heads); a codebook
+        shared by all heads (H_cb = 1) is returned as is."""
+        if self.num_heads == 1:
+            return self
+        if start < 0 or count < 1 or start + count > self.num_heads:
+            raise ValueError(f"heads {start}..{start + count - 1} out of range for a codebook of {self.num_heads} heads")
+        return Codebook(self.centroids[:, start:start + count], self.transform[start:start + count],
+                        self.inverse[start:start + count], self.mean[start:start + count])
+
     def _per_head(self, t: Tensor, num_heads: int) -> Tensor:
         """Broadcast a [H_cb, ...] tensor to [num_heads, ...]."""
         if t.shape[0] == num_heads:

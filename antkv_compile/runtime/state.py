@@ -51,7 +51,9 @@ def _artifact_fingerprint(artifact) -> str:
     if artifact is None:
         return "self-learned"
     m = artifact.manifest
-    return str(m.get("tensors_sha256") or hashlib.sha256(json.dumps(m, sort_keys=True, default=str).encode()).hexdigest())
+    base = str(m.get("tensors_sha256") or hashlib.sha256(json.dumps(m, sort_keys=True, default=str).encode()).hexdigest())
+    heads = m.get("kv_heads")  # a tensor-parallel rank's slice of the codebooks is another configuration
+    return base if heads is None else f"{base}:kv_heads={heads['start']}+{heads['count']}/{heads['of']}"
 
 
 def config_fingerprint(config: AnTKVConfig, artifact) -> str:
