@@ -171,6 +171,36 @@ __device__ __forceinline__ float warp_sum8(float v) {
 typedef Codes<CK> KW;
 typedef Codes<CV> VW;
 
+// cos / sin of an fp32 angle x, 0 <= x < 2^24, through the special-function unit: the same exact Cody-Waite
+// reduction (to [-pi, pi], 2 pi in 3 constants) then sin.approx / cos.approx (|error| <= ~1e-6 absolute). For the
+// per-tile factor R(T w) only (one per (8-token group, pair), not per token).
+__device__ __forceinline__ void cos_sin_sfu(float x, float& c, float& s) {
+    const float k = rintf(x * 0.159154943091895336f);
+    float r = __fmaf_rn(-k, 6.28125f, x);
+    r = __fmaf_rn(-k, 9.67502593994140625e-4f, r);
+    r = __fmaf_rn(-k, 1.509957990978376432e-7f, r);
+    __sincosf(r, &s, &c);
+}
+
+// Rotation of one (re, im) fp16 pair x by the angle of (c, s): (re c - im s, im c + re s).
+#if ROT32
+// fp32: rc = (c, s) as two floats; unpack, 4 FMA / FMUL, one rounding to fp16
+__device__ __forceinline__ unsigned rot_pair(unsigned x, float c, float s) {
+    const float2 k = h2_to_f2(x);
+    return f2_to_h2(k.x * c - k.y * s, k.y * c + k.x * s);
+}
+#else
+// fp16x2: cs = (c, s), ns = (-s, c) packed: x.re * cs + x.im * ns (HMUL2 + HFMA2 with the .H0_H0 / .H1_H1 operand
+// selects of SASS)
+__device__ __forceinline__ unsigned rot_pair(unsigned x, unsigned cs, unsigned ns) {
+    unsigned r;
+    asm("{.reg .b16 lo, hi;\n\t.reg .b32 ll, hh;\n\tmov.b32 {lo, hi}, %1;\n\tmov.b32 ll, {lo, lo};\n\t"
+        "mov.b32 hh, {hi, hi};\n\tmul.rn.f16x2 %0, ll, %2;\n\tfma.rn.f16x2 %0, hh, %3, %0;}"
+        : "=r"(r) : "r"(x), "r"(cs), "r"(ns));
+    return r;
+}
+#endif
+
 extern "C" __global__ void __launch_bounds__(NT, 1)
 antkv_rope_coded(const void* __restrict__ q,            // [B, Hq, TQ, D] (strides s_qb, s_qh, s_qt; unit last)
                  const u8* __restrict__ codes_k,        // [pairs, n_cap, CK]
@@ -186,12 +216,14 @@ antkv_rope_coded(const void* __restrict__ q,            // [B, Hq, TQ, D] (strid
                  int s_qb, int s_qh, int s_qt, int hkv, int n_cap, int nw, int p_coded, int ps, int rpad,
                  int cbk_per_head, int cbv_per_head, int qk_scale_bits)
 {
+    static_assert(NKS % 2 == 0, "the key ldmatrix.x4 covers two k-slices");
     extern __shared__ __align__(16) unsigned char smem[];
     unsigned char* s_key = smem;                                                   // SK * MK * SUBK * 2
     unsigned char* s_cent = s_key + SK * MK * SUBK * 2;                            // CV * MV * SUBV * 2
-    half_t* s_p0 = reinterpret_cast<half_t*>(smem + TABB);  // [NWARP][8][32] (TABB >= tables, >= the epilogue's)
-    u8* s_vc0 = reinterpret_cast<u8*>(s_p0 + NWARP * 8 * 32);                      // [NWARP][32][CV]
-    float* s_red = reinterpret_cast<float*>(s_vc0 + NWARP * 32 * CV);              // [NWARP][8] max, [NWARP][8] sum
+    uint4* s_rot0 = reinterpret_cast<uint4*>(smem + TABB);                         // [NWARP][4][NKS][4] x 16 B
+    u8* s_kc0 = reinterpret_cast<u8*>(s_rot0 + NWARP * 4 * NKS * 4);               // [NWARP][2][32][CK]
+    u8* s_vc0 = s_kc0 + NWARP * 64 * CK;                                           // [NWARP][2][32][CV]
+    float* s_red = reinterpret_cast<float*>(s_vc0 + NWARP * 64 * CV);              // [NWARP][8] max, [NWARP][8] sum
 
     const int pair = blockIdx.x, cidx = blockIdx.y;
     const int b = pair / hkv, h = pair % hkv;
@@ -252,13 +284,21 @@ antkv_rope_coded(const void* __restrict__ q,            // [B, Hq, TQ, D] (strid
     }
 
     // ------------------------------------------------------------------------ per-lane constants
-    // B fragments of the query (fp16): k-slice ks, column n = gq = query row r (g = r / TQ, t = r % TQ); b0 = coding
-    // pair 8 ks + tq as (re, im) = (q[j], q[j + D/2]), b1 = pair 8 ks + 4 + tq. Frequencies of the lane's pairs.
-    unsigned qb[NKS][2];
-    float wf[NKS][2];
+    // Logits: m16n8k16 with the query rows on M (rows gq < RV real, rows 8..15 zero) and 8 tokens on N. A fragment
+    // of k-slice ks: a0 = coding pair 8 ks + tq of query row gq as (re, im) = (q[j], q[j + D/2]), a2 = pair
+    // 8 ks + 4 + tq; B fragment: b0 / b1 = the same pairs of token gq of the 8-token group. Angle of token
+    // T + gq (T = the group's first slot): fl(T w) + fl(gq w); R(-fl(T w)) rotates the query once per group (the
+    // cos / sin shared through s_rot), R(fl(gq w)) the key (per lane, constant: kr[ks][u]).
+    const int* pj = pairs_k + (size_t)hk * (D / 2);
+    const float* fj = freq_k + (size_t)hk * (D / 2);
+#if ROT32
+    float2 qf[NKS][2];   // query pairs, fp32, scaled
+    float2 kr[NKS][2];   // (cos, sin) of fl(gq w)
+#else
+    unsigned qh[NKS][2];           // query pairs, fp16x2, scaled
+    unsigned kcs[NKS][2], kns[NKS][2];  // (cos, sin), (-sin, cos) of fl(gq w), fp16x2
+#endif
     {
-        const int* pj = pairs_k + (size_t)hk * (D / 2);
-        const float* fj = freq_k + (size_t)hk * (D / 2);
         const int r = gq, g = r / TQ, t = r % TQ;
         const size_t qoff = (size_t)b * s_qb + (size_t)(h * (RV / TQ) + g) * s_qh + (size_t)t * s_qt;
 #pragma unroll
@@ -266,139 +306,166 @@ antkv_rope_coded(const void* __restrict__ q,            // [B, Hq, TQ, D] (strid
 #pragma unroll
             for (int u = 0; u < 2; ++u) {
                 const int c = 8 * ks + 4 * u + tq;
-                wf[ks][u] = fj[c];
                 float re = 0.f, im = 0.f;
                 if (r < RV) {
                     const int j = pj[c];
                     re = to_f32<QT>(q, qoff + j) * qk_scale;
                     im = to_f32<QT>(q, qoff + j + D / 2) * qk_scale;
                 }
-                qb[ks][u] = f2_to_h2(re, im);
+                float cs, sn;
+                cos_sin((float)gq * fj[c], cs, sn);  // fl(gq w), exact cos / sin
+#if ROT32
+                qf[ks][u] = make_float2(re, im);
+                kr[ks][u] = make_float2(cs, sn);
+#else
+                qh[ks][u] = f2_to_h2(re, im);
+                kcs[ks][u] = f2_to_h2(cs, sn);
+                kns[ks][u] = f2_to_h2(-sn, cs);
+#endif
             }
     }
+    // s_rot producer: entry e = lane + 32 i of a tile (4 groups x D/2 pairs): group e / (D/2), pair e % (D/2)
+#define NPR (4 * (D / 2) / 32)              // entries per lane and tile
+#define NWP ((D / 2) >= 32 ? (D / 64) : 1)  // distinct pairs per lane
+    float wp[NWP];
+#pragma unroll
+    for (int m = 0; m < NWP; ++m) wp[m] = fj[(lane + 32 * m) % (D / 2)];
 
     const u8* ck_base = codes_k + (size_t)pair * n_cap * CK;
     const u8* cv_base = codes_v + (size_t)pair * n_cap * CV;
     const int* bits_base = bits + (size_t)pair * nw;
-    half_t* s_p = s_p0 + warp * 8 * 32;
-    u8* s_vc = s_vc0 + warp * 32 * CV;
+    uint4* s_rot = s_rot0 + warp * 4 * NKS * 4;
+    u8* s_kc = s_kc0 + warp * 64 * CK;
+    u8* s_vc = s_vc0 + warp * 64 * CV;
     const unsigned s_key_addr = (unsigned)__cvta_generic_to_shared(s_key);
     const unsigned s_cent_addr = (unsigned)__cvta_generic_to_shared(s_cent);
-    // ldmatrix roles. keys (non-trans): matrix i = lane / 8: tokens (lane & 7) + 8 (i & 1) of the M-group, 8-dim
-    // chunk 2 ks + (i >> 1). values (trans): tokens (lane & 7) + 8 (lane >> 4), half hf = (lane >> 3) & 1.
-    const int krow = (lane & 7) + (((lane >> 3) & 1) << 3), khalf = lane >> 4;
+    // ldmatrix roles. keys (non-trans): matrix i = lane / 8 = 8-dim chunk 4 kk + i, row = token lane & 7 of the
+    // group. values (trans): tokens (lane & 7) + 8 (lane >> 4), half hf = (lane >> 3) & 1.
+    const int krow = lane & 7, kmat = lane >> 3;
     const int ltok = (lane & 7) + ((lane >> 4) << 3), hf = (lane >> 3) & 1;
 
-    float mlo = NEG_INF, mhi = NEG_INF;  // running max of rows 2 tq, 2 tq + 1 (warp-uniform per tq)
-    float llo = 0.f, lhi = 0.f;          // this lane's share of their sums
-    float acc[D / 16][4];                // value D fragments: dims (mt 16 + gq, + 8) x rows (2 tq, 2 tq + 1)
+    float mrow = NEG_INF;  // running max of query row gq (uniform over its 4 tq lanes)
+    float lrow = 0.f;      // this lane's share of its sum
+    float acc[D / 16][4];  // value D fragments: dims (mt 16 + gq, + 8) x rows (2 tq, 2 tq + 1)
 #pragma unroll
     for (int mt = 0; mt < D / 16; ++mt)
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[mt][i] = 0.f;
 
-    // codes of the first tile: key codes of tokens krow and 16 + krow (lane), value codes of token lane, anchor word
+    // codes: key and value codes of token t0 + lane, copied asynchronously into s_kc / s_vc (two buffers: the next
+    // tile's codes are in flight while this one is decoded; zero-filled past the end); the anchor word in a register
     const int stride = 32 * NWARP;
     int t0 = start + 32 * warp;
-    typename KW::T kc0 = KW::zero(), kc1 = KW::zero();
-    typename VW::T vcw = VW::zero();
-    int word = 0;
-    auto load_tile = [&](int tt, typename KW::T& a0, typename KW::T& a1, typename VW::T& v, int& wd) {
-        a0 = KW::zero(); a1 = KW::zero(); v = VW::zero(); wd = -1;
-        if (tt < end) {
-            if (tt + krow < end) a0 = *reinterpret_cast<const typename KW::T*>(ck_base + (size_t)(tt + krow) * CK);
-            if (tt + 16 + krow < end)
-                a1 = *reinterpret_cast<const typename KW::T*>(ck_base + (size_t)(tt + 16 + krow) * CK);
-            if (tt + lane < end) v = *reinterpret_cast<const typename VW::T*>(cv_base + (size_t)(tt + lane) * CV);
-            wd = bits_base[tt >> 5];
-        }
+    const unsigned s_kc_addr = (unsigned)__cvta_generic_to_shared(s_kc), s_vc_addr = (unsigned)__cvta_generic_to_shared(s_vc);
+    auto load_tile = [&](int tt, int buf) {
+        const bool ok = tt + lane < end;
+        const u8* kp = ok ? ck_base + (size_t)(tt + lane) * CK : ck_base;
+        const u8* vp = ok ? cv_base + (size_t)(tt + lane) * CV : cv_base;
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;"
+                     :: "r"(s_kc_addr + (buf * 32 + lane) * CK), "l"(kp), "n"(CK), "r"(ok ? CK : 0) : "memory");
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;"
+                     :: "r"(s_vc_addr + (buf * 32 + lane) * CV), "l"(vp), "n"(CV), "r"(ok ? CV : 0) : "memory");
+        asm volatile("cp.async.commit_group;" ::: "memory");
+        return tt < end ? bits_base[tt >> 5] : -1;
     };
-    load_tile(t0, kc0, kc1, vcw, word);
+    int word = load_tile(t0, 0);
     __syncthreads();  // tables ready
 
-    for (; t0 < end; t0 += stride) {
-        const typename KW::T c0 = kc0, c1 = kc1;
+    for (int buf = 0; t0 < end; t0 += stride, buf ^= 1) {
         const int wcur = word;
-        *reinterpret_cast<typename VW::T*>(s_vc + lane * CV) = vcw;
-        load_tile(t0 + stride, kc0, kc1, vcw, word);  // prefetch the next tile
-
-        // -------------------------------------------------------------------- logits [2 M-groups][4]
-        float lg[2][4];
+        asm volatile("cp.async.wait_group 0;" ::: "memory");  // this tile's codes (this lane's copies)
+        __syncwarp();                                          // ... and every lane's
+        word = load_tile(t0 + stride, buf ^ 1);  // prefetch the next tile (its buffer was last read two tiles ago)
+        const u8* kc_t = s_kc + buf * 32 * CK;
+        const u8* vc_t = s_vc + buf * 32 * CV;
+        // R(-fl(T w)) of the tile's 4 groups (T = t0 + 8 j), one entry per (group, pair)
 #pragma unroll
-        for (int m = 0; m < 2; ++m) {
-            lg[m][0] = lg[m][1] = lg[m][2] = lg[m][3] = 0.f;
-            const typename KW::T& cw = m ? c1 : c0;
-            const float p_lo = (float)(t0 + 16 * m + gq), p_hi = p_lo + 8.f;  // slots of rows gq, gq + 8 (exact)
-#pragma unroll
-            for (int ks = 0; ks < NKS; ++ks) {
-                // this lane's ldmatrix row: (token krow, 8-dim chunk ch = 2 ks + khalf) of sub-space ch / KCH
-                const int ch = 2 * ks + khalf;
-                unsigned code;
-                if (KCH == 1) {
-                    const unsigned ca = code_of<KW>(cw, 2 * ks), cb = code_of<KW>(cw, 2 * ks + 1);
-                    code = khalf ? cb : ca;
-                } else {
-                    code = code_of<KW>(cw, ks);
-                }
-                const int sub = ch / KCH, part = ch % KCH;
-                const unsigned addr = s_key_addr + (((unsigned)(sub * MK) + code) * KCH + part) * 16u;
-                unsigned a[4];
-                ldsm_x4(addr, a[0], a[1], a[2], a[3]);
-                // a[i]: (re, im) of pair 8 ks + 4 (i >> 1) + tq for token gq + 8 (i & 1)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const float pf = (i & 1) ? p_hi : p_lo;
-                    float cs, sn;
-                    cos_sin(pf * wf[ks][i >> 1], cs, sn);  // fl(p * w): HF's fp32 angle
-                    const float2 k = h2_to_f2(a[i]);
-                    a[i] = f2_to_h2(k.x * cs - k.y * sn, k.y * cs + k.x * sn);
-                }
-                mma_k(lg[m], a[0], a[1], a[2], a[3], qb[ks][0], qb[ks][1]);
-            }
-            // mask: anchors and tokens past the end (rows gq, gq + 8 of group m)
-            const int d0 = 16 * m + gq, d1 = d0 + 8;
-            const bool k0 = t0 + d0 < end && !((wcur >> d0) & 1), k1 = t0 + d1 < end && !((wcur >> d1) & 1);
-            if (!k0) lg[m][0] = lg[m][1] = NEG_INF;
-            if (!k1) lg[m][2] = lg[m][3] = NEG_INF;
+        for (int i = 0; i < NPR; ++i) {
+            const int e = lane + 32 * i, jg = e / (D / 2), c = e % (D / 2);
+            float cs, sn;
+            cos_sin_sfu((float)(t0 + 8 * jg) * wp[i % NWP], cs, sn);
+            const int off = ((jg * NKS + (c >> 3)) * 4 + (c & 3)) * 2 + ((c >> 2) & 1);  // 8-byte units
+#if ROT32
+            reinterpret_cast<float2*>(s_rot)[off] = make_float2(cs, sn);
+#else
+            reinterpret_cast<uint2*>(s_rot)[off] = make_uint2(f2_to_h2(cs, -sn), f2_to_h2(sn, cs));
+#endif
         }
-        // -------------------------------------------------------------------- lazy running max (rows 2tq, 2tq+1)
+        __syncwarp();
+
+        // -------------------------------------------------------------------- logits of row gq, tokens 2 tq, +1
+        float lg[4][2];
+#pragma unroll
+        for (int jg = 0; jg < 4; ++jg) {
+            float d4[4] = {0.f, 0.f, 0.f, 0.f};
+            const typename KW::T cw = *reinterpret_cast<const typename KW::T*>(kc_t + (8 * jg + krow) * CK);
+#pragma unroll
+            for (int kk = 0; kk < NKS / 2; ++kk) {
+                // this lane's ldmatrix row: token krow, 8-dim chunk 4 kk + kmat of sub-space (4 kk + kmat) / KCH
+                const int sub0 = 4 * kk / KCH;
+                const unsigned sub = sub0 + kmat / KCH;
+                const unsigned code = (KW::word(cw, sub0 >> 2) >> (8 * ((sub0 & 3) + kmat / KCH))) & 255u;
+                const unsigned addr = s_key_addr + ((sub * MK + code) * KCH + kmat % KCH) * 16u;
+                unsigned a[4];
+                ldsm_x4(addr, a[0], a[1], a[2], a[3]);  // a[2 hh + u]: pair 8 (2 kk + hh) + 4 u + tq of token gq
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const int ks = 2 * kk + hh;
+                    const uint4 rt = s_rot[(jg * NKS + ks) * 4 + tq];  // R(-fl(T w)) of pairs (ks, u = 0 / 1)
+#if ROT32
+                    const unsigned q0 = f2_to_h2(qf[ks][0].x * __uint_as_float(rt.x) + qf[ks][0].y * __uint_as_float(rt.y),
+                                                 qf[ks][0].y * __uint_as_float(rt.x) - qf[ks][0].x * __uint_as_float(rt.y));
+                    const unsigned q1 = f2_to_h2(qf[ks][1].x * __uint_as_float(rt.z) + qf[ks][1].y * __uint_as_float(rt.w),
+                                                 qf[ks][1].y * __uint_as_float(rt.z) - qf[ks][1].x * __uint_as_float(rt.w));
+                    const unsigned b0 = rot_pair(a[2 * hh], kr[ks][0].x, kr[ks][0].y);
+                    const unsigned b1 = rot_pair(a[2 * hh + 1], kr[ks][1].x, kr[ks][1].y);
+#else
+                    const unsigned q0 = rot_pair(qh[ks][0], rt.x, rt.y);
+                    const unsigned q1 = rot_pair(qh[ks][1], rt.z, rt.w);
+                    const unsigned b0 = rot_pair(a[2 * hh], kcs[ks][0], kns[ks][0]);
+                    const unsigned b1 = rot_pair(a[2 * hh + 1], kcs[ks][1], kns[ks][1]);
+#endif
+                    mma_k(d4, q0, 0u, q1, 0u, b0, b1);
+                }
+            }
+            // mask: anchors and tokens past the end (tokens 8 jg + 2 tq, + 1)
+            const int d0 = 8 * jg + 2 * tq;
+            lg[jg][0] = (t0 + d0 < end && !((wcur >> d0) & 1)) ? d4[0] : NEG_INF;
+            lg[jg][1] = (t0 + d0 + 1 < end && !((wcur >> (d0 + 1)) & 1)) ? d4[1] : NEG_INF;
+        }
+        // -------------------------------------------------------------------- lazy running max of row gq
         {
-            const float xlo = fmaxf(fmaxf(lg[0][0], lg[0][2]), fmaxf(lg[1][0], lg[1][2]));
-            const float xhi = fmaxf(fmaxf(lg[0][1], lg[0][3]), fmaxf(lg[1][1], lg[1][3]));
-            const bool up = xlo > mlo + LAZY || xhi > mhi + LAZY;
-            if (__any_sync(0xffffffffu, up)) {
-                const float nlo = fmaxf(mlo, warp_max8(xlo)), nhi = fmaxf(mhi, warp_max8(xhi));
-                const float alo = nlo == NEG_INF ? 1.f : exp2f(mlo - nlo);
-                const float ahi = nhi == NEG_INF ? 1.f : exp2f(mhi - nhi);
-                mlo = nlo; mhi = nhi;
-                llo *= alo; lhi *= ahi;
+            float x = fmaxf(fmaxf(lg[0][0], lg[0][1]), fmaxf(lg[1][0], lg[1][1]));
+            x = fmaxf(x, fmaxf(fmaxf(lg[2][0], lg[2][1]), fmaxf(lg[3][0], lg[3][1])));
+            if (__any_sync(0xffffffffu, x > mrow + LAZY)) {
+                x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+                x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+                const float nm = fmaxf(mrow, x);
+                const float al = nm == NEG_INF ? 1.f : exp2f(mrow - nm);
+                mrow = nm;
+                lrow *= al;
+                const float alo = __shfl_sync(0xffffffffu, al, 8 * tq), ahi = __shfl_sync(0xffffffffu, al, 8 * tq + 4);
 #pragma unroll
                 for (int mt = 0; mt < D / 16; ++mt) {
                     acc[mt][0] *= alo; acc[mt][1] *= ahi; acc[mt][2] *= alo; acc[mt][3] *= ahi;
                 }
             }
         }
+        // p of row gq, tokens 8 jg + 2 tq, + 1: exactly the value MMA's B fragment (b0 = group 2 kv, b1 = 2 kv + 1)
+        unsigned pb[4];
         {
-            const float ulo = mlo == NEG_INF ? 0.f : mlo, uhi = mhi == NEG_INF ? 0.f : mhi;
+            const float u = mrow == NEG_INF ? 0.f : mrow;
 #pragma unroll
-            for (int m = 0; m < 2; ++m) {
-                const float p00 = exp2f(lg[m][0] - ulo), p01 = exp2f(lg[m][1] - uhi);
-                const float p10 = exp2f(lg[m][2] - ulo), p11 = exp2f(lg[m][3] - uhi);
-                llo += p00 + p10; lhi += p01 + p11;
-                const int d0 = 16 * m + gq;
-                s_p[(2 * tq) * 32 + d0] = to_vhalf(p00);
-                s_p[(2 * tq + 1) * 32 + d0] = to_vhalf(p01);
-                s_p[(2 * tq) * 32 + d0 + 8] = to_vhalf(p10);
-                s_p[(2 * tq + 1) * 32 + d0 + 8] = to_vhalf(p11);
+            for (int jg = 0; jg < 4; ++jg) {
+                const float p0 = exp2f(lg[jg][0] - u), p1 = exp2f(lg[jg][1] - u);
+                lrow += p0 + p1;
+                pb[jg] = (unsigned)to_vhalf(p0) | ((unsigned)to_vhalf(p1) << 16);
             }
         }
-        __syncwarp();
         // -------------------------------------------------------------------- values: 2 steps of 16 tokens
 #pragma unroll
-        for (int ks = 0; ks < 2; ++ks) {
-            const unsigned b0 = *reinterpret_cast<const unsigned*>(s_p + gq * 32 + ks * 16 + 2 * tq);
-            const unsigned b1 = *reinterpret_cast<const unsigned*>(s_p + gq * 32 + ks * 16 + 2 * tq + 8);
-            const typename VW::T cw = *reinterpret_cast<const typename VW::T*>(s_vc + (ks * 16 + ltok) * CV);
+        for (int kv = 0; kv < 2; ++kv) {
+            const typename VW::T cw = *reinterpret_cast<const typename VW::T*>(vc_t + (kv * 16 + ltok) * CV);
 #pragma unroll
             for (int mt = 0; mt < D / 16; ++mt) {
                 const int sv = SUBV == 8 ? 2 * mt + hf : mt;
@@ -406,27 +473,31 @@ antkv_rope_coded(const void* __restrict__ q,            // [B, Hq, TQ, D] (strid
                 const unsigned k = code_of<VW>(cw, sv);
                 unsigned a0, a1, a2, a3;
                 ldsm_x4_t(s_cent_addr + vchunk_off(sv, k, ch), a0, a1, a2, a3);
-                mma_v(acc[mt], a0, a1, a2, a3, b0, b1);
+                mma_v(acc[mt], a0, a1, a2, a3, pb[2 * kv], pb[2 * kv + 1]);
             }
         }
-        __syncwarp();  // s_p / s_vc are rewritten by the next tile
+        __syncwarp();  // s_rot is rewritten by the next tile, this tile's code buffer by the one after
     }
 
     // ------------------------------------------------------------------------ merge the warps, store the partial
+    asm volatile("cp.async.wait_group 0;" ::: "memory");  // the last (empty) prefetch
     __syncthreads();  // every warp done with the tables (the reduction overwrites them)
-    llo = warp_sum8(llo); lhi = warp_sum8(lhi);
+    lrow += __shfl_xor_sync(0xffffffffu, lrow, 1);
+    lrow += __shfl_xor_sync(0xffffffffu, lrow, 2);
     float* s_mx = s_red;               // [NWARP][8]
     float* s_l = s_red + NWARP * 8;    // [NWARP][8]
-    if (gq == 0) { s_mx[warp * 8 + 2 * tq] = mlo; s_mx[warp * 8 + 2 * tq + 1] = mhi; }
+    if (tq == 0) s_mx[warp * 8 + gq] = mrow;
     __syncthreads();
-    float mx_lo = NEG_INF, mx_hi = NEG_INF;
+    float mx_r = NEG_INF, mx_lo = NEG_INF, mx_hi = NEG_INF;
 #pragma unroll 4
     for (int w = 0; w < NWARP; ++w) {
+        mx_r = fmaxf(mx_r, s_mx[w * 8 + gq]);
         mx_lo = fmaxf(mx_lo, s_mx[w * 8 + 2 * tq]);
         mx_hi = fmaxf(mx_hi, s_mx[w * 8 + 2 * tq + 1]);
     }
+    const float mlo = s_mx[warp * 8 + 2 * tq], mhi = s_mx[warp * 8 + 2 * tq + 1];
     const float sclo = mlo == NEG_INF ? 0.f : exp2f(mlo - mx_lo), schi = mhi == NEG_INF ? 0.f : exp2f(mhi - mx_hi);
-    if (gq == 0) { s_l[warp * 8 + 2 * tq] = llo * sclo; s_l[warp * 8 + 2 * tq + 1] = lhi * schi; }
+    if (tq == 0) s_l[warp * 8 + gq] = mrow == NEG_INF ? 0.f : lrow * exp2f(mrow - mx_r);
     float* s_acc = reinterpret_cast<float*>(smem);  // [NWARP][8][D] over the tables
 #pragma unroll
     for (int mt = 0; mt < D / 16; ++mt) {
@@ -459,6 +530,19 @@ extern "C" __global__ void antkv_rope_cos_sin_probe(const float* __restrict__ po
     if (i < n * nw) {
         float c, s;
         cos_sin(pos[i / nw] * w[i % nw], c, s);
+        out[2 * i] = c;
+        out[2 * i + 1] = s;
+    }
+}
+
+// Test probe: cos / sin of fl(pos[i / nw] * w[i % nw]) by the per-group path (cos_sin_sfu).
+extern "C" __global__ void antkv_rope_cos_sin_sfu_probe(const float* __restrict__ pos, const float* __restrict__ w,
+                                                       float* __restrict__ out, int n, int nw)
+{
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n * nw) {
+        float c, s;
+        cos_sin_sfu(pos[i / nw] * w[i % nw], c, s);
         out[2 * i] = c;
         out[2 * i + 1] = s;
     }
