@@ -1050,23 +1050,30 @@ def main_decode_only(out_dir, variants=None, rep_ms=100, grid=None, warm=True, s
 # table with the map and mean folded in and rotate each pair by its slot in registers. Options of DecodePlan's rope
 # path; "rope" is the default. The sweep is small on purpose: one GPU run picks the best.
 ROPE_VARIANTS = {
-    "rope": dict(),  # the default: the CUDA C++ kernel (rope_decode.cu) where it runs
+    "rope": dict(),  # the default: the CUDA C++ kernel (rope_decode.cu: factored angle, fp16x2 rotation, 384 threads)
+    # TEMPORARY, one comparison: the previous CUDA kernel (rope_decode_old.cu: exact cos / sin per (token, pair),
+    # 512 threads, measured 3.77 ms at 128K B=32 in kernels_bench_rope_20261203-210237); deleted with its file after
+    "rope_old": dict(rope_impl="cuda", _old=True, _threads=512),
+    "rope_t256": dict(rope_impl="cuda", _threads=256),  # 8 warps of <= 255 registers (189, no spills)
+    "rope_t512": dict(rope_impl="cuda", _threads=512),  # 16 warps of <= 128 registers (spills ~100 bytes)
+    "rope_rot32": dict(rope_impl="cuda", _rot32=1),  # fp32 rotation of query and key (1.6x the loop's instructions)
     "rope_triton": dict(rope_impl="triton"),  # the Triton kernel's defaults (libdevice cos / sin per element)
     "rope_tile_b64w8": dict(rope_impl="triton", rope_trig="tile", rope_block_n=64, rope_warps=8),  # Triton's best
-    "rope_cuda_t256": dict(rope_impl="cuda", _threads=256),  # 8 warps of <= 255 registers instead of 16 x 128
-    "rope_cuda_m2": dict(rope_impl="cuda", split_mult=2),  # twice the coded splits
 }
 # (dropped after kernels_bench_rope_20261203-203134: the other Triton block / warp / stage / trig / split variants,
-# all slower than rope_tile_b64w8 at every shape)
+# all slower than rope_tile_b64w8 at every shape; rope_cuda_m2 (twice the splits) after kernels_bench_rope_20261203-
+# 210237: no better)
 
 
 def _rope_opts(name):
-    """DecodePlan options of a rope variant; sets the CUDA kernel's threads per CTA (a launcher default, not a plan
-    option) for the variant's launches."""
+    """DecodePlan options of a rope variant; sets the CUDA kernel's launcher knobs (threads per CTA, rotation
+    arithmetic, the temporary old kernel: module settings, not plan options) for the variant's launches."""
     from antkv_compile.kernels import rope_decode_cuda as RC
 
     opts = dict(ROPE_VARIANTS[name])
-    RC.DEFAULT_THREADS = int(opts.pop("_threads", 512))
+    RC.DEFAULT_THREADS = int(opts.pop("_threads", RC.THREADS))
+    RC.ROT32 = int(opts.pop("_rot32", 0))
+    RC.OLD_KERNEL = bool(opts.pop("_old", False))
     return opts
 
 
@@ -1122,8 +1129,6 @@ def decode_rope(variants=None, rep_ms=100, grid=None):
         rargs = rope_inputs(decode_inputs(bits, b, ctx, dt, seed=17 + b), seed=17 + b)
         ref_o, ref_l = rope_decode_reference(*rargs)
         for name in names:
-            if ctx == 131072 and name not in ("rope", "rope_triton", "rope_tile_b64w8", "rope_cuda_t256"):
-                continue  # the long shape checks the angle path: the trig / gather variants
             try:
                 plan, _ = _rope_fn(rargs, name)
                 o, l_ = DA.DecodePlan(rargs[0], *rargs[1:12], None, None, *rargs[14:18], poison=True,

@@ -154,3 +154,21 @@ def test_rope_decode_op_cpu_is_the_reference():
     ref_out, ref_lse = RD.rope_decode_reference(*args)
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
     torch.library.opcheck(torch.ops.antkv.rope_decode_attention, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("threads", [256, 384, 512])
+def test_rope_cuda_layout_fits_shared_memory_at_the_bench_shapes(threads):
+    """The CUDA kernel's shared memory (two tables + per-warp group rotations and double-buffered codes) fits one
+    block at 1 bit head_dim 128 with G*Tq = 4 and 8, and shape_reason accepts those shapes (no device needed)."""
+    from antkv_compile.kernels import rope_decode_cuda as RC
+
+    for rv, tq in ((4, 1), (8, 2)):
+        lay = RC.layout(128, 16, 256, 8, 16, 256, 8, rv, tq, torch.float16, torch.float16, torch.float16, threads)
+        assert lay["_smem"] <= RC.SMEM_LIMIT and lay["TABB"] >= threads // 32 * 8 * 128 * 4
+        old = RC.layout(128, 16, 256, 8, 16, 256, 8, rv, tq, torch.float16, torch.float16, torch.float16, threads,
+                        old=True)
+        assert old["_smem"] <= RC.SMEM_LIMIT
+    q = torch.zeros(1, 32, 1, 128, dtype=torch.float16)
+    ck = torch.zeros(1, 8, 64, 16, dtype=torch.uint8)
+    tab = torch.zeros(1, 8, 16, 256, 8, dtype=torch.float16)
+    assert RC.shape_reason(q, ck, ck, tab, tab, 16, threads) is None
