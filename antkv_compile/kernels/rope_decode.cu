@@ -7,26 +7,32 @@
 //
 // Per CTA both tables sit in shared memory: the key table (centroids in coding space with the mean folded in, as
 // fp16 whatever its stored dtype) and the value centroids (16-bit, as coded_decode.cu stores them, one copy). Each
-// warp runs its own flash-decoding loop over 32-token tiles (tile j of the chunk -> warp j % NWARP):
-//   keys   tokens on M of mma.m16n8k16 (2 groups of 16 tokens), coding dims on K (8 pairs per 16-dim k-slice),
-//          query rows on N (8 columns, RV <= 8 real). The A fragment of a k-slice is one ldmatrix.x4 of the
-//          tokens' 16-byte key rows: lane (gq, tq) receives pair tq / tq + 4 of the slice as (re, im) fp16, rotates
-//          it in fp32 by the token's angle and packs it back (cvt.rn.f16x2): the rotated, dequantized key is never
-//          stored, and one tile of keys serves all G query heads (the query rows are the B operand, in coding
-//          order, scaled by scale * log2(e) * attention_scaling).
-//   angle  theta = fl(p * w) in fp32 exactly as Hugging Face computes it (p the slot, w = inv_freq of the pair), then
-//          cos / sin by a 3-constant Cody-Waite reduction to [-pi/4, pi/4] with FMAs (exact for theta < 2^24: the
-//          first step's difference is representable) and the Cephes minimax polynomials: |error| ~1e-7, no
-//          transcendental unit, no libdevice slow path (libdevice leaves its fast path above ~1.05e5 rad).
-//   softmax per warp, base 2, lazy running max (raised only when a logit exceeds it by > 8).
-//   values as coded_decode.cu's antkv_coded_warp: p through per-warp shared memory into B fragments,
-//          ldmatrix.x4.trans of the value centroids of 16 tokens x 16 dims, mma.m16n8k16, fp32 accumulators.
+// warp runs its own flash-decoding loop over 32-token tiles (tile j of the chunk -> warp j % NWARP), 4 groups of 8
+// tokens each (NOTES.md "CUDA C++ kernel", factored angle):
+//   angle  of slot p = T + d (T = p - p % 8, the group's first slot): fl(T w) + fl(d w) (w = inv_freq of the pair),
+//          within 1 ulp of HF's fl(p w) (both within 0.5 ulp of the real p w). R(-fl(T w)) rotates the QUERY once
+//          per (group, pair): computed once per warp and tile (one entry per lane and (group, pair) / 32: exact
+//          Cody-Waite reduction to [-pi, pi], sin.approx / cos.approx) into s_rot, read by every lane with a
+//          broadcast. R(fl(d w)) rotates the KEY: d = the lane's token column gq, so each lane keeps its 16 pairs'
+//          factors in registers for the whole kernel (exact polynomial cos / sin once). Both rotations are one HMUL2
+//          + one HFMA2 per pair on fp16x2 (x.re * (c, s) + x.im * (-s, c); ROT32: fp32 arithmetic instead).
+//   keys   mma.m16n8k16 with the query rows on M (rows gq < RV real, 8..15 zero), 8 tokens on N, coding dims on K
+//          (8 pairs per 16-dim k-slice). The B fragments of two k-slices are one ldmatrix.x4 of the 8 tokens'
+//          16-byte key rows: lane (gq, tq) receives pairs tq / tq + 4 of each slice of token gq as (re, im) fp16 and
+//          rotates them: the dequantized key is never stored, and one group of keys serves all G query heads.
+//   softmax per warp and query row gq, base 2, lazy running max (raised only when a logit exceeds it by > 8). The
+//          logits' C fragment (row gq, tokens 2 tq, 2 tq + 1) packed to 16 bits is exactly the value MMA's B
+//          fragment: p never goes through shared memory.
+//   values as coded_decode.cu's antkv_coded_warp: ldmatrix.x4.trans of the value centroids of 16 tokens x 16 dims,
+//          mma.m16n8k16, fp32 accumulators (dims on M, query rows on N).
+//   codes  of the next tile copied by cp.async into a second per-warp buffer while this tile is decoded.
 //
 // Compile-time constants (rope_decode_cuda.py): D (head dim), SK / MK / SUBK (key sub-spaces, centroids, dims; one
 // stage), CV / MV / SUBV (value codes per token, centroids, dims; one stage), CK (key codes per token = SK), RV
 // (real query rows, <= 8), TQ, NT (threads), KT (key table dtype: 0 fp16, 1 bf16, 2 fp32), CT (value centroids),
 // QT (query dtype: 0 fp16, 1 bf16, 2 fp32), TABB (bytes before the per-warp tiles: the two tables, and at least
-// the epilogue's NWARP * 8 * D fp32 accumulators, which overwrite them).
+// the epilogue's NWARP * 8 * D fp32 accumulators, which overwrite them), ROT32 (rotation arithmetic: 0 fp16x2,
+// 1 fp32).
 
 #define NWARP (NT / 32)
 #define NEG_INF (__int_as_float(0xff800000))
@@ -288,7 +294,7 @@ antkv_rope_coded(const void* __restrict__ q,            // [B, Hq, TQ, D] (strid
     // of k-slice ks: a0 = coding pair 8 ks + tq of query row gq as (re, im) = (q[j], q[j + D/2]), a2 = pair
     // 8 ks + 4 + tq; B fragment: b0 / b1 = the same pairs of token gq of the 8-token group. Angle of token
     // T + gq (T = the group's first slot): fl(T w) + fl(gq w); R(-fl(T w)) rotates the query once per group (the
-    // cos / sin shared through s_rot), R(fl(gq w)) the key (per lane, constant: kr[ks][u]).
+    // cos / sin shared through s_rot), R(fl(gq w)) the key (per lane, constant: kcs / kns, ROT32: kr).
     const int* pj = pairs_k + (size_t)hk * (D / 2);
     const float* fj = freq_k + (size_t)hk * (D / 2);
 #if ROT32
@@ -375,7 +381,7 @@ antkv_rope_coded(const void* __restrict__ q,            // [B, Hq, TQ, D] (strid
         const int wcur = word;
         asm volatile("cp.async.wait_group 0;" ::: "memory");  // this tile's codes (this lane's copies)
         __syncwarp();                                          // ... and every lane's
-        word = load_tile(t0 + stride, buf ^ 1);  // prefetch the next tile (its buffer was last read two tiles ago)
+        word = load_tile(t0 + stride, buf ^ 1);  // prefetch the next tile (into the buffer the previous tile read)
         const u8* kc_t = s_kc + buf * 32 * CK;
         const u8* vc_t = s_vc + buf * 32 * CV;
         // R(-fl(T w)) of the tile's 4 groups (T = t0 + 8 j), one entry per (group, pair)

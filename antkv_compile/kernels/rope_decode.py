@@ -215,8 +215,8 @@ def launch_rope_coded(q: Tensor, codes_k: Tensor, codes_v: Tensor, anchor_bits: 
 
     ``impl``: "auto" (default: the CUDA C++ kernel ``rope_decode.cu`` where it supports the call and NVRTC is
     available, else this module's Triton kernel), "cuda" (raise where it cannot run) or "triton". block_n, num_warps,
-    num_stages, split, trig and cache are options of the Triton kernel (the CUDA kernel's rotation is always exact to
-    HF's fp32 angle). Returns the launched kernel object (Triton's compiled kernel or a RopeDecodeCuda)."""
+    num_stages, split, trig and cache are options of the Triton kernel (the CUDA kernel factors the angle per 8-token
+    group, fl(T w) + fl(d w): within 1 ulp of HF's fp32 angle fl(p w), NOTES.md "CUDA C++ kernel"). Returns the launched kernel object (Triton's compiled kernel or a RopeDecodeCuda)."""
     impl = DEFAULT_IMPL if impl is None else impl
     if impl not in ("auto", "cuda", "triton"):
         raise ValueError(f"impl must be 'auto', 'cuda' or 'triton' (got {impl!r})")

@@ -1,3 +1,6 @@
+// TEMPORARY: the previous pre-RoPE kernel (exact cos / sin per (token, pair)), kept for ONE benchmark comparison
+// against rope_decode.cu (kernels_bench variant "rope_old", launcher flag rope_decode_cuda.OLD_KERNEL); delete after.
+//
 // Pre-RoPE pair-layout decode, coded split programs, CUDA C++ (compiled at run time by NVRTC, rope_decode_cuda.py).
 //
 // Same contract as the Triton `_rope_coded_kernel` (rope_decode.py): one CTA per (sequence, KV head, coded chunk),
