@@ -1057,6 +1057,9 @@ ROPE_VARIANTS = {
     "rope_t256": dict(rope_impl="cuda", _threads=256),  # 8 warps of <= 255 registers (189, no spills)
     "rope_t512": dict(rope_impl="cuda", _threads=512),  # 16 warps of <= 128 registers (spills ~100 bytes)
     "rope_rot32": dict(rope_impl="cuda", _rot32=1),  # fp32 rotation of query and key (1.6x the loop's instructions)
+    # TEMPORARY timing diagnostic (WRONG output, so dropped from "best" by the correctness check): the default kernel
+    # with every shared-memory gather phase conflict-free: how much of its time the bank conflicts cost
+    "rope_diag_nc": dict(rope_impl="cuda", _diag=1),
     "rope_triton": dict(rope_impl="triton"),  # the Triton kernel's defaults (libdevice cos / sin per element)
     "rope_tile_b64w8": dict(rope_impl="triton", rope_trig="tile", rope_block_n=64, rope_warps=8),  # Triton's best
 }
@@ -1074,6 +1077,7 @@ def _rope_opts(name):
     RC.DEFAULT_THREADS = int(opts.pop("_threads", RC.THREADS))
     RC.ROT32 = int(opts.pop("_rot32", 0))
     RC.OLD_KERNEL = bool(opts.pop("_old", False))
+    RC.DIAG = int(opts.pop("_diag", 0))
     return opts
 
 

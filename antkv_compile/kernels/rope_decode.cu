@@ -32,7 +32,7 @@
 // (real query rows, <= 8), TQ, NT (threads), KT (key table dtype: 0 fp16, 1 bf16, 2 fp32), CT (value centroids),
 // QT (query dtype: 0 fp16, 1 bf16, 2 fp32), TABB (bytes before the per-warp tiles: the two tables, and at least
 // the epilogue's NWARP * 8 * D fp32 accumulators, which overwrite them), ROT32 (rotation arithmetic: 0 fp16x2,
-// 1 fp32).
+// 1 fp32), DIAG (0; 1 = TEMPORARY timing diagnostic: codes forced into distinct bank groups, WRONG output).
 
 #define NWARP (NT / 32)
 #define NEG_INF (__int_as_float(0xff800000))
@@ -410,7 +410,10 @@ antkv_rope_coded(const void* __restrict__ q,            // [B, Hq, TQ, D] (strid
                 // this lane's ldmatrix row: token krow, 8-dim chunk 4 kk + kmat of sub-space (4 kk + kmat) / KCH
                 const int sub0 = 4 * kk / KCH;
                 const unsigned sub = sub0 + kmat / KCH;
-                const unsigned code = (KW::word(cw, sub0 >> 2) >> (8 * ((sub0 & 3) + kmat / KCH))) & 255u;
+                unsigned code = (KW::word(cw, sub0 >> 2) >> (8 * ((sub0 & 3) + kmat / KCH))) & 255u;
+#if DIAG
+                code = (code & ~7u) | (unsigned)krow;  // DIAGNOSTIC: the phase's 8 rows in 8 bank groups (wrong keys)
+#endif
                 const unsigned addr = s_key_addr + ((sub * MK + code) * KCH + kmat % KCH) * 16u;
                 unsigned a[4];
                 ldsm_x4(addr, a[0], a[1], a[2], a[3]);  // a[2 hh + u]: pair 8 (2 kk + hh) + 4 u + tq of token gq
@@ -476,7 +479,10 @@ antkv_rope_coded(const void* __restrict__ q,            // [B, Hq, TQ, D] (strid
             for (int mt = 0; mt < D / 16; ++mt) {
                 const int sv = SUBV == 8 ? 2 * mt + hf : mt;
                 const int ch = SUBV == 8 ? 0 : hf;
-                const unsigned k = code_of<VW>(cw, sv);
+                unsigned k = code_of<VW>(cw, sv);
+#if DIAG
+                k = (k & ~7u) | (unsigned)(lane & 7);  // DIAGNOSTIC: conflict-free value phases (wrong values)
+#endif
                 unsigned a0, a1, a2, a3;
                 ldsm_x4_t(s_cent_addr + vchunk_off(sv, k, ch), a0, a1, a2, a3);
                 mma_v(acc[mt], a0, a1, a2, a3, pb[2 * kv], pb[2 * kv + 1]);

@@ -22,6 +22,9 @@ THREADS = int(os.environ.get("ANTKV_ROPE_CUDA_THREADS", "384"))
 DEFAULT_THREADS = THREADS  # what launch uses (benchmarks/kernels_bench.py sets it per variant)
 # rotation arithmetic of rope_decode.cu: 0 = fp16x2 (HMUL2 + HFMA2 per pair, the default), 1 = fp32
 ROT32 = 0
+# TEMPORARY timing diagnostic (kernels_bench "rope_diag_nc" only): 1 = each shared-memory gather phase's codes forced
+# into 8 distinct bank groups, so the time without bank conflicts is measured; the output is WRONG
+DIAG = 0
 # TEMPORARY (one benchmark comparison, then deleted with rope_decode_old.cu): launch the previous kernel (exact
 # per-token cos / sin) instead; set by benchmarks/kernels_bench.py's "rope_old" variant only
 OLD_KERNEL = False
@@ -46,7 +49,7 @@ def layout(d: int, sk: int, mk: int, subk: int, cv: int, mv: int, subv: int, rv:
         smem = tabb + nwarp * (8 * 32 * 2 + 32 * cv) + 2 * nwarp * 8 * 4
     return {"D": d, "SK": sk, "MK": mk, "SUBK": subk, "CK": sk, "CV": cv, "MV": mv, "SUBV": subv, "RV": rv, "TQ": tq,
             "NT": threads, "KT": _DT[kt], "CT": _DT[ct], "QT": _DT[qt], "TABB": tabb, "ROT32": ROT32,
-            "_old": int(old), "_smem": smem}
+            "DIAG": DIAG, "_old": int(old), "_smem": smem}
 
 
 def shape_reason(q: torch.Tensor, codes_k: torch.Tensor, codes_v: torch.Tensor, table_k: torch.Tensor,
