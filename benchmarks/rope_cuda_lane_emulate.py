@@ -3,7 +3,7 @@ ldmatrix / mma.m16n8k16 layouts, the s_rot producer / consumer offsets, the code
 warp merge, transcribed from the kernel, in exact float64 arithmetic (no fp16 rounding), against a direct
 computation with the same factored angle fl(T w) + fl(d w). Checks the index logic, not the compiler or the device.
 
-    python benchmarks/rope_cuda_lane_emulate.py [seed]
+    python benchmarks/rope_cuda_lane_emulate.py [seed] [query scale: 0.3; e.g. 4 for large logits, lazy rescales mid-stream]
 
 Prints, per configuration, the max |out - direct| and |lse - direct| of one CTA's partial (expect ~1e-15).
 """
@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 
+QS = float(sys.argv[2]) if len(sys.argv) > 2 else 0.3
 rng = np.random.default_rng(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
 
 
@@ -24,7 +25,7 @@ def run(D, SUBK, SUBV, RV, TQ, NWARP, n, start, end, anchors):
     pairs = rng.permutation(D // 2)
     freq = 1.0 / 500000.0 ** (np.arange(0, D, 2) / D)
     freq = freq[pairs].astype(np.float32).astype(np.float64)
-    q = rng.standard_normal((RV, D)) * 0.3
+    q = rng.standard_normal((RV, D)) * QS
     ck = rng.integers(0, MK, (n, CK))
     cv = rng.integers(0, MV, (n, CV))
     bits = np.zeros((n + 31) // 32 + 2, dtype=np.int64)
