@@ -1,0 +1,165 @@
+"""Retrieval over the coded store: the reference numerics of the tiered ("offload") mode, issue 19.
+
+The coded store is used as an *index* over a full-precision copy of every coded token kept elsewhere (host
+memory). One step, per layer and KV head:
+
+1. score every coded token on its codes with the queries of the KV head's GQA group (and of every new token)
+   summed: ``score_i = sum_{g,t} q_{g,t} . k_hat_i * scale`` -- the sum of the logits the coded attention
+   computes for that token, so the ranking is the coded attention's own;
+2. choose the top ``k`` of the coded tokens that are not anchors (anchors and the window are exact already),
+   ``k = min(candidates, max(retrieve_min, ceil(retrieve_fraction * n_coded)))``;
+3. attend exactly over the retrieved tokens (full-precision K/V from the copy), exactly over the anchors and the
+   window (as the plain store does), and on the codes over the coded tokens that are neither anchors nor
+   retrieved; merge the partials by log-sum-exp. Every token is counted once.
+
+At ``k`` = every candidate the step is exact attention over full precision; at ``k = 0`` it is the plain coded
+store's step. :class:`HostCopy` is the plain-tensor full-precision copy (synchronous); the runtime's pinned,
+stream-ordered copy (``runtime/host_kv.py``) has the same interface.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .attention import exact_attention, group_queries, key_lookup_tables, lut_logits, lut_attention
+from .attention import merge_partials
+from .store import AnTKVLayerStore, StoreGeometry
+
+__all__ = ["retrieve_count", "summed_queries", "scores_from_keys", "scores_from_codes", "select_retrieved",
+           "HostCopy", "RetrievalLayerStore"]
+
+
+def retrieve_count(n_coded: int, candidates: int, fraction: float, floor: int) -> int:
+    """Tokens retrieved per (sequence, KV head): ``min(candidates, max(floor, ceil(fraction * n_coded)))``."""
+    if candidates <= 0:
+        return 0
+    return min(candidates, max(int(floor), math.ceil(fraction * n_coded)))
+
+
+def summed_queries(q: Tensor, num_kv_heads: int) -> Tensor:
+    """q [B, Hq, T, D] -> the GQA group's queries summed over heads and tokens [B, Hkv, D] (float32)."""
+    return group_queries(q, num_kv_heads).float().sum(dim=(2, 3))
+
+
+def scores_from_keys(q_sum: Tensor, k_hat: Tensor, scale: float) -> Tensor:
+    """Scores [B, Hkv, n] of (decoded, post-RoPE) keys k_hat [B, Hkv, n, D] for summed queries [B, Hkv, D]."""
+    return torch.einsum("bhd,bhnd->bhn", q_sum, k_hat.float()) * scale
+
+
+def scores_from_codes(q_sum: Tensor, codes_k: Tensor, codebook_k, scale: float) -> Tensor:
+    """The same scores through the key lookup tables of post-RoPE codes codes_k [B, Hkv, n, C]."""
+    lut, bias = key_lookup_tables(q_sum[:, :, None, None, :], codebook_k, scale)
+    return lut_logits(lut, bias, codes_k)[:, :, 0, 0]
+
+
+def select_retrieved(scores: Tensor, excluded: Tensor, k: int) -> Tensor:
+    """Positions [B, Hkv, k] (int64) of the ``k`` best-scoring tokens that are not ``excluded`` [B, Hkv, n].
+
+    ``k`` must not exceed the number of candidates of any (sequence, head) (see :func:`retrieve_count`)."""
+    masked = scores.float().masked_fill(excluded, float("-inf"))
+    return masked.topk(k, dim=2).indices
+
+
+class HostCopy:
+    """Full-precision K/V [B, Hkv, capacity, D] of every coded token, in plain tensors on ``device`` (the
+    reference: written and read synchronously). ``write`` takes the tokens of slots lo .. lo + n - 1,
+    ``gather`` returns the K/V of positions idx [B, Hkv, k] on ``to``."""
+
+    def __init__(self, geometry: StoreGeometry, device: torch.device | str = "cpu") -> None:
+        g = geometry
+        shape = (g.batch, g.num_kv_heads, g.capacity, g.head_dim)
+        self.k = torch.zeros(shape, dtype=g.dtype, device=device)
+        self.v = torch.zeros(shape, dtype=g.dtype, device=device)
+
+    def write(self, k: Tensor, v: Tensor, lo: int) -> None:
+        n = k.shape[2]
+        self.k[:, :, lo:lo + n].copy_(k)
+        self.v[:, :, lo:lo + n].copy_(v)
+
+    def gather(self, idx: Tensor, to: torch.device) -> tuple[Tensor, Tensor]:
+        i = idx.to(self.k.device).long()[..., None].expand(-1, -1, -1, self.k.shape[3])
+        return self.k.gather(2, i).to(to), self.v.gather(2, i).to(to)
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class RetrievalLayerStore(AnTKVLayerStore):
+    """The reference store with retrieval: :class:`AnTKVLayerStore` (codes, anchors, window: what a kernel store
+    keeps on the device) plus a full-precision copy of every coded token (``host``), written at each flush and
+    read for the retrieved tokens only."""
+
+    def __init__(self, *args, host=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.host = host if host is not None else HostCopy(self.geom)
+        self.last_retrieved: Tensor | None = None  # positions retrieved by the last step [B, Hkv, k] (inspection)
+
+    def retrieve_k(self) -> int:
+        n = self.n_coded
+        return retrieve_count(n, n - self.num_anchors, self.config.retrieve_fraction, self.config.retrieve_min)
+
+    def _flush(self, n: int) -> None:
+        self.host.write(self.win_k[:, :, :n], self.win_v[:, :, :n], self.n_coded)
+        super()._flush(n)
+
+    def _anchor_mask(self) -> Tensor:
+        """[B, Hkv, n_coded] True at the coded tokens that are anchors."""
+        g, n = self.geom, self.n_coded
+        mask = torch.zeros(g.batch, g.num_kv_heads, n + 1, dtype=torch.bool, device=g.device)
+        if self.anchor_capacity:
+            mask.scatter_(2, torch.where(self.anchor_pos >= 0, self.anchor_pos, n).long(), True)
+        return mask[:, :, :n]
+
+    def coded_scores(self, q: Tensor) -> Tensor:
+        """Scores [B, Hkv, n_coded] of every coded token for the queries q (summed over the group and tokens)."""
+        g, n = self.geom, self.n_coded
+        q_sum = summed_queries(q, g.num_kv_heads)
+        if self.config.coded_path == "lut":
+            return scores_from_codes(q_sum, self.codes_k[:, :, :n], self.cb_k, g.scale)
+        from .store import _DECODE_CHUNK
+
+        return torch.cat([scores_from_keys(q_sum, self.decode_coded(lo, min(n, lo + _DECODE_CHUNK))[0], g.scale)
+                          for lo in range(0, n, _DECODE_CHUNK)], dim=2)
+
+    def _coded_partials(self, q: Tensor) -> list[tuple[Tensor, Tensor]]:
+        k = self.retrieve_k()
+        if k == 0:
+            self.last_retrieved = None
+            return super()._coded_partials(q)
+        g, n = self.geom, self.n_coded
+        anchors = self._anchor_mask()
+        idx = select_retrieved(self.coded_scores(q), anchors, k)
+        self.last_retrieved = idx
+        k_r, v_r = self.host.gather(idx, g.device)
+        parts = [exact_attention(q, k_r, v_r, g.scale)]
+        # the rest: anchors exact, coded tokens that are neither anchors nor retrieved on their codes
+        excluded = anchors.scatter(2, idx, True)
+        if self.anchor_capacity:
+            parts.append(exact_attention(q, self.anchor_k, self.anchor_v, g.scale,
+                                         (self.anchor_pos >= 0)[:, :, None, :]))
+        visible = ~excluded
+        if bool(visible.any()):
+            parts.append(self._coded_rest(q, visible))
+        return parts
+
+    def _coded_rest(self, q: Tensor, visible: Tensor) -> tuple[Tensor, Tensor]:
+        """Partial over the coded tokens of ``visible`` [B, Hkv, n_coded], on their codes."""
+        g, n = self.geom, self.n_coded
+        if self.config.coded_path == "lut":
+            return lut_attention(q, self.codes_k[:, :, :n], self.codes_v[:, :, :n], self.cb_k, self.cb_v, g.scale,
+                                 visible[:, :, None, :], self.config.value_mode)
+        from .store import _DECODE_CHUNK
+
+        chunks = []
+        for lo in range(0, n, _DECODE_CHUNK):
+            hi = min(n, lo + _DECODE_CHUNK)
+            k_hat, v_hat = self.decode_coded(lo, hi)
+            chunks.append(exact_attention(q, k_hat, v_hat, g.scale, visible[:, :, None, lo:hi]))
+        return merge_partials(chunks)
+
+    def host_bits(self) -> int:
+        """Bits of the full-precision copy of the coded tokens (off the device), at 16 bits an element."""
+        g = self.geom
+        return 2 * g.batch * g.num_kv_heads * self.n_coded * g.head_dim * 16
