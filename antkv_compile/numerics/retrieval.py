@@ -25,10 +25,10 @@ from torch import Tensor
 
 from .attention import exact_attention, group_queries, key_lookup_tables, lut_logits, lut_attention
 from .attention import merge_partials
-from .store import AnTKVLayerStore, StoreGeometry
+from .store import _DECODE_CHUNK, AnTKVLayerStore, StoreGeometry
 
 __all__ = ["retrieve_count", "summed_queries", "scores_from_keys", "scores_from_codes", "select_retrieved",
-           "HostCopy", "RetrievalLayerStore"]
+           "HostCopy", "RetrievalMixin", "RetrievalLayerStore"]
 
 
 def retrieve_count(n_coded: int, candidates: int, fraction: float, floor: int) -> int:
@@ -63,42 +63,49 @@ def select_retrieved(scores: Tensor, excluded: Tensor, k: int) -> Tensor:
 
 
 class HostCopy:
-    """Full-precision K/V [B, Hkv, capacity, D] of every coded token, in plain tensors on ``device`` (the
-    reference: written and read synchronously). ``write`` takes the tokens of slots lo .. lo + n - 1,
-    ``gather`` returns the K/V of positions idx [B, Hkv, k] on ``to``."""
+    """Full-precision K/V of every coded token in plain tensors on ``device`` (the reference: written and read
+    synchronously), token-major [capacity, B, Hkv, D] so that the tokens of one flush are one contiguous block.
+    ``write`` takes the tokens [B, Hkv, n, D] of slots lo .. lo + n - 1; ``gather`` returns the K/V [B, Hkv, k, D]
+    of positions idx [B, Hkv, k] on ``to``."""
 
-    def __init__(self, geometry: StoreGeometry, device: torch.device | str = "cpu") -> None:
+    def __init__(self, geometry: StoreGeometry, device: torch.device | str = "cpu", pin_memory: bool = False) -> None:
         g = geometry
-        shape = (g.batch, g.num_kv_heads, g.capacity, g.head_dim)
-        self.k = torch.zeros(shape, dtype=g.dtype, device=device)
-        self.v = torch.zeros(shape, dtype=g.dtype, device=device)
+        shape = (g.capacity, g.batch, g.num_kv_heads, g.head_dim)
+        self.k = torch.zeros(shape, dtype=g.dtype, device=device, pin_memory=pin_memory)
+        self.v = torch.zeros(shape, dtype=g.dtype, device=device, pin_memory=pin_memory)
 
     def write(self, k: Tensor, v: Tensor, lo: int) -> None:
         n = k.shape[2]
-        self.k[:, :, lo:lo + n].copy_(k)
-        self.v[:, :, lo:lo + n].copy_(v)
+        self.k[lo:lo + n].copy_(k.permute(2, 0, 1, 3))
+        self.v[lo:lo + n].copy_(v.permute(2, 0, 1, 3))
+
+    def rows(self, idx: Tensor) -> Tensor:
+        """Row numbers [B, Hkv, k] (int64) of positions idx in the [capacity * B * Hkv, D] view."""
+        b, h, _ = idx.shape
+        bh = torch.arange(b * h, device=idx.device).view(b, h, 1)
+        return idx.long() * (b * h) + bh
 
     def gather(self, idx: Tensor, to: torch.device) -> tuple[Tensor, Tensor]:
-        i = idx.to(self.k.device).long()[..., None].expand(-1, -1, -1, self.k.shape[3])
-        return self.k.gather(2, i).to(to), self.v.gather(2, i).to(to)
+        d = self.k.shape[-1]
+        rows = self.rows(idx).to(self.k.device).reshape(-1)
+        out = [x.view(-1, d).index_select(0, rows).view(*idx.shape, d).to(to) for x in (self.k, self.v)]
+        return out[0], out[1]
 
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
 
-class RetrievalLayerStore(AnTKVLayerStore):
-    """The reference store with retrieval: :class:`AnTKVLayerStore` (codes, anchors, window: what a kernel store
-    keeps on the device) plus a full-precision copy of every coded token (``host``), written at each flush and
-    read for the retrieved tokens only."""
+class RetrievalMixin:
+    """Retrieval over an AnTKV store's codes (see the module docstring); mixed into a layer store class that has
+    the reference store's buffers. Needs ``self.host`` (a :class:`HostCopy`-like object)."""
 
-    def __init__(self, *args, host=None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.host = host if host is not None else HostCopy(self.geom)
-        self.last_retrieved: Tensor | None = None  # positions retrieved by the last step [B, Hkv, k] (inspection)
+    host: HostCopy
+    last_retrieved: Tensor | None = None  # positions retrieved by the last step [B, Hkv, k] (inspection)
 
     def retrieve_k(self) -> int:
         n = self.n_coded
-        return retrieve_count(n, n - self.num_anchors, self.config.retrieve_fraction, self.config.retrieve_min)
+        anchors = self.config.anchors_for(n) if self.anchor_capacity else 0  # == num_anchors, without a device read
+        return retrieve_count(n, n - anchors, self.config.retrieve_fraction, self.config.retrieve_min)
 
     def _flush(self, n: int) -> None:
         self.host.write(self.win_k[:, :, :n], self.win_v[:, :, :n], self.n_coded)
@@ -112,34 +119,48 @@ class RetrievalLayerStore(AnTKVLayerStore):
             mask.scatter_(2, torch.where(self.anchor_pos >= 0, self.anchor_pos, n).long(), True)
         return mask[:, :, :n]
 
+    def _score_chunk(self) -> int:
+        return _DECODE_CHUNK
+
     def coded_scores(self, q: Tensor) -> Tensor:
         """Scores [B, Hkv, n_coded] of every coded token for the queries q (summed over the group and tokens)."""
         g, n = self.geom, self.n_coded
         q_sum = summed_queries(q, g.num_kv_heads)
-        if self.config.coded_path == "lut":
+        if self.config.key_space != "pre_rope" and self.config.coded_path == "lut":
             return scores_from_codes(q_sum, self.codes_k[:, :, :n], self.cb_k, g.scale)
-        from .store import _DECODE_CHUNK
+        step = self._score_chunk()
+        return torch.cat([scores_from_keys(q_sum, self.decode_coded(lo, min(n, lo + step))[0], g.scale)
+                          for lo in range(0, n, step)], dim=2)
 
-        return torch.cat([scores_from_keys(q_sum, self.decode_coded(lo, min(n, lo + _DECODE_CHUNK))[0], g.scale)
-                          for lo in range(0, n, _DECODE_CHUNK)], dim=2)
+    def retrieve(self, q: Tensor) -> Tensor | None:
+        """Positions [B, Hkv, k] of this step's retrieved tokens (None when k = 0)."""
+        k = self.retrieve_k()
+        self.last_retrieved = None if k == 0 else select_retrieved(self.coded_scores(q), self._anchor_mask(), k)
+        return self.last_retrieved
+
+
+class RetrievalLayerStore(RetrievalMixin, AnTKVLayerStore):
+    """The reference store with retrieval: :class:`AnTKVLayerStore` (codes, anchors, window: what a kernel store
+    keeps on the device) plus a full-precision copy of every coded token (``host``), written at each flush and
+    read for the retrieved tokens only."""
+
+    def __init__(self, *args, host=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.host = host if host is not None else HostCopy(self.geom)
 
     def _coded_partials(self, q: Tensor) -> list[tuple[Tensor, Tensor]]:
-        k = self.retrieve_k()
-        if k == 0:
-            self.last_retrieved = None
+        idx = self.retrieve(q)
+        if idx is None:
             return super()._coded_partials(q)
-        g, n = self.geom, self.n_coded
+        g = self.geom
         anchors = self._anchor_mask()
-        idx = select_retrieved(self.coded_scores(q), anchors, k)
-        self.last_retrieved = idx
         k_r, v_r = self.host.gather(idx, g.device)
         parts = [exact_attention(q, k_r, v_r, g.scale)]
         # the rest: anchors exact, coded tokens that are neither anchors nor retrieved on their codes
-        excluded = anchors.scatter(2, idx, True)
         if self.anchor_capacity:
             parts.append(exact_attention(q, self.anchor_k, self.anchor_v, g.scale,
                                          (self.anchor_pos >= 0)[:, :, None, :]))
-        visible = ~excluded
+        visible = ~anchors.scatter(2, idx, True)
         if bool(visible.any()):
             parts.append(self._coded_rest(q, visible))
         return parts
@@ -150,8 +171,6 @@ class RetrievalLayerStore(AnTKVLayerStore):
         if self.config.coded_path == "lut":
             return lut_attention(q, self.codes_k[:, :, :n], self.codes_v[:, :, :n], self.cb_k, self.cb_v, g.scale,
                                  visible[:, :, None, :], self.config.value_mode)
-        from .store import _DECODE_CHUNK
-
         chunks = []
         for lo in range(0, n, _DECODE_CHUNK):
             hi = min(n, lo + _DECODE_CHUNK)

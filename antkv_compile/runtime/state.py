@@ -152,7 +152,19 @@ class Session:
 
     def new_store(self, geom: StoreGeometry, cbk: Codebook, cbv: Codebook, layer: int):
         rope = self.artifact.rope_table() if self.config.key_space == "pre_rope" else None
-        if self.store_kind(geom.device) == "kernels":
+        kernels = self.store_kind(geom.device) == "kernels"
+        if self.config.offload == "host":  # the retrieval mode: a full-precision copy in host memory
+            from .host_kv import PinnedHostKV
+
+            host = PinnedHostKV(geom)
+            if kernels:
+                from .offload_store import OffloadKernelStore
+
+                return OffloadKernelStore(geom, cbk, cbv, self.config, layer_index=layer, rope=rope, host=host)
+            from ..numerics.retrieval import RetrievalLayerStore
+
+            return RetrievalLayerStore(geom, cbk, cbv, self.config, layer_index=layer, rope=rope, host=host)
+        if kernels:
             from .kernel_store import KernelLayerStore
 
             return KernelLayerStore(geom, cbk, cbv, self.config, layer_index=layer, rope=rope)
@@ -248,6 +260,7 @@ class Session:
         """Tensor storage bytes held by the stores (codes, anchors, window) and codebooks."""
         seen: set[int] = set()
         out = {"codes": 0, "anchors": 0, "window_kv": 0, "window_queries": 0, "codebooks": 0}
+        host = 0  # the retrieval mode's full-precision copy (host memory: reported apart, under "host_kv")
 
         def add(kind, t):
             if t is None:
@@ -269,6 +282,11 @@ class Session:
                 add("window_kv", t)
             for t in (s.win_q, s.win_out, s.win_lse):  # the window's queries, kept to score it at flush
                 add("window_queries", t)
+            for t in (getattr(s, "ext_k", None), getattr(s, "ext_v", None), getattr(s, "ext_pos", None),
+                      getattr(s, "ext_bits", None)):  # the retrieval mode's exact budget on the device
+                add("anchors", t)
+            if getattr(s, "host", None) is not None:
+                host += s.host.nbytes()
         for cbk, cbv in self.codebooks.values():
             for cb in (cbk, cbv):
                 for t in cb.tensors():  # (astuple would count deep copies)
@@ -279,6 +297,8 @@ class Session:
                     add("codebooks", t)
             for t in (getattr(s, "cent_k", None), getattr(s, "cent_v", None), *getattr(s, "_cb32", ())):
                 add("codebooks", t)
+        if host:
+            out["host_kv"] = host
         return out
 
 
