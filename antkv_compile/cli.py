@@ -249,7 +249,10 @@ def cmd_plan(args) -> int:
         shape = ModelShape.from_config(load_config(args.model), _model_id(args))
     budget = parse_bytes(args.gpu_memory)
     kw = dict(anchor_ratio=args.anchor_ratio, window=args.window)
-    ours = plan(shape, args.bits, budget, batches=args.batches, contexts=args.contexts, **kw)
+    host = parse_bytes(args.host_memory) if args.host_memory else None
+    off = dict(offload=True, retrieve_fraction=args.retrieve_fraction, retrieve_min=args.retrieve_min, host_budget=host)
+    ours = plan(shape, args.bits, budget, batches=args.batches, contexts=args.contexts, **kw,
+                **(off if args.offload else {}))
     full = plan(shape, None, budget, batches=args.batches, contexts=args.contexts, **kw)
 
     def mark(n: int) -> str:
@@ -259,8 +262,10 @@ def cmd_plan(args) -> int:
              "full": mark(full["longest_context"][b])} for b in args.batches]
     rows += [{"what": f"largest batch, context {mark(n)}", "antkv": f"{ours['largest_batch'][n]:,}",
               "full": f"{full['largest_batch'][n]:,}"} for n in args.contexts]
-    print_table(rows, [("what", "method", "s"), ("antkv", f"antkv {args.bits}-bit", "s"), ("full", "16-bit cache", "s")],
-                f"{shape.name} in {args.gpu_memory} (memory model: antkv_compile/planner.py)")
+    ours_name = f"antkv {args.bits}-bit" + (" + host retrieval" if args.offload else "")
+    where = args.gpu_memory + (f" + {args.host_memory or 'unlimited'} host memory" if args.offload else "")
+    print_table(rows, [("what", "method", "s"), ("antkv", ours_name, "s"), ("full", "16-bit cache", "s")],
+                f"{shape.name} in {where} (memory model: antkv_compile/planner.py)")
     if shape.max_positions:
         print(f"model window (max_position_embeddings): {shape.max_positions:,} positions")
     else:
@@ -367,6 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", default="1")
     p.add_argument("--anchor-ratio", type=float, default=0.01)
     p.add_argument("--window", type=int, default=64)
+    p.add_argument("--offload", action="store_true",
+                   help="the retrieval mode (options offload='host'): full-precision K/V in host memory")
+    p.add_argument("--host-memory", default=None, help="host memory budget of --offload, e.g. 1.5TB (default: unlimited)")
+    p.add_argument("--retrieve-fraction", type=float, default=0.02)
+    p.add_argument("--retrieve-min", type=int, default=64)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
     p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072, 1048576])
     p.add_argument("--out", default=None)
