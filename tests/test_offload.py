@@ -37,7 +37,9 @@ def test_kernel_store_with_retrieval_equals_the_reference(prefill, n, batch, gro
     ref, ker = _pair(batch, 80, anchor_ratio=ratio, retrieve_fraction=fraction, retrieve_min=floor)
     q = randn(batch, H * group, n, D, seed=seed)
     k, v = randn(batch, H, n, D, seed=seed + 1), randn(batch, H, n, D, seed=seed + 2)
-    bounds = ([(0, prefill)] if prefill else []) + [(t, t + 1) for t in range(prefill, n)]
+    chunk = [(prefill, prefill + 5)] if n - prefill > 5 else []  # a multi-token step over the coded prefix
+    start = prefill + 5 if chunk else prefill
+    bounds = ([(0, prefill)] if prefill else []) + chunk + [(t, t + 1) for t in range(start, n)]
     torch.testing.assert_close(_run(ker, q, k, v, bounds), _run(ref, q, k, v, bounds), atol=2e-5, rtol=2e-5)
     nc = ker.n_coded
     assert nc == ref.n_coded
@@ -111,4 +113,6 @@ def test_compiled_generate_with_offload_equals_uncompiled_when_everything_is_ret
         assert s.n_coded > 0 and s.last_retrieved is not None and s.last_retrieved.shape[2] == s.n_coded
         assert s.host.bytes_read > 0 and s.host.bytes_written == 2 * s.n_coded * s.geom.num_kv_heads * s.geom.head_dim * 4
     assert session.memory_bytes()["host_kv"] > 0
+    session.stores.clear()  # the session outlives the test: free its stores (and their device workspace)
+    session.orphans.clear()
     torch._dynamo.reset()

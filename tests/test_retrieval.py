@@ -43,7 +43,10 @@ def _stores(kind, batch=1, capacity=96, window=8, **cfg):
 
 
 def _steps(prefill, n):
-    return ([(0, prefill)] if prefill else []) + [(t, t + 1) for t in range(prefill, n)]
+    """A prefill, a chunk of 5 tokens over the coded prefix (where n allows), then one token at a time."""
+    chunk = [(prefill, prefill + 5)] if n - prefill > 5 else []
+    start = prefill + 5 if chunk else prefill
+    return ([(0, prefill)] if prefill else []) + chunk + [(t, t + 1) for t in range(start, n)]
 
 
 def _inputs(batch, group, n, seed):
@@ -66,7 +69,7 @@ def test_retrieving_every_token_is_exact_attention_over_full_precision(kind, pre
                               causal_mask(torch.arange(a, b), torch.arange(b)))[0]
         torch.testing.assert_close(store.attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b]), ref, atol=2e-5, rtol=2e-5)
         # every candidate was retrieved (it is not the anchors doing the work)
-        assert (0 if store.last_retrieved is None else store.last_retrieved.shape[2]) == candidates
+        assert (0 if store.last_retrieved is None else store.last_retrieved.shape[-1]) == candidates
 
 
 @settings(max_examples=6, deadline=None)
@@ -92,31 +95,36 @@ def test_a_step_attends_retrieved_and_anchors_exactly_and_the_rest_on_codes_each
     otherwise), attend exactly over them plus the window; and check the retrieved tokens are the top scorers
     (on the decoded keys, queries of the group summed) among the non-anchors, k of them."""
     store, _ = _stores(kind, window=8, anchor_ratio=ratio, retrieve_fraction=fraction, retrieve_min=floor)
-    n = prefill + 3
+    n = prefill + 7
     q, k, v = _inputs(1, group, n, seed)
     store.attend(q[:, :, :prefill], k[:, :, :prefill], v[:, :, :prefill])
-    for t in range(prefill, n):
+    for a, b in [(prefill, prefill + 5), (prefill + 5, prefill + 6), (prefill + 6, prefill + 7)]:
         nc = store.n_coded
         k_hat, v_hat = store.decode_coded(0, nc)
         is_anchor = store._anchor_mask()
-        out = store.attend(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1])
+        out = store.attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b])
         idx = store.last_retrieved
         kk = retrieve_count(nc, nc - int(is_anchor[0, 0].sum()), fraction, floor)
-        assert (0 if idx is None else idx.shape[2]) == kk == min(nc - int(is_anchor[0, 0].sum()),
-                                                                 max(floor, math.ceil(fraction * nc)))
-        exact = is_anchor.clone()
-        if idx is not None:
-            assert not bool(is_anchor.gather(2, idx).any()), "an anchor was retrieved (counted twice)"
-            exact.scatter_(2, idx, True)
-            scores = scores_from_keys(summed_queries(q[:, :, t:t + 1], H), k_hat, 0.25).masked_fill(is_anchor, -1e30)
-            chosen = scores.gather(2, idx)
-            rest = scores.masked_fill(exact, -1e30).amax(2, keepdim=True)
-            assert bool((chosen >= rest - 1e-4).all()), "a better-scoring token was left on its codes"
-        keys = torch.where(exact[..., None], k[:, :, :nc], k_hat)
-        vals = torch.where(exact[..., None], v[:, :, :nc], v_hat)
-        keys, vals = torch.cat([keys, k[:, :, nc:t + 1]], 2), torch.cat([vals, v[:, :, nc:t + 1]], 2)
-        ref = exact_attention(q[:, :, t:t + 1], keys, vals, 0.25)[0]
-        torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+        assert kk == min(nc - int(is_anchor[0, 0].sum()), max(floor, math.ceil(fraction * nc)))
+        if idx is not None and idx.dim() == 3:
+            idx = idx[:, :, None]  # [B, Hkv, T, k]: each query token's own
+        assert (0 if idx is None else idx.shape[3]) == kk
+        for t in range(a, b):  # query token t reads its own exact set
+            exact = is_anchor.clone()
+            if idx is not None:
+                it = idx[:, :, t - a]
+                assert not bool(is_anchor.gather(2, it).any()), "an anchor was retrieved (counted twice)"
+                exact.scatter_(2, it, True)
+                scores = scores_from_keys(summed_queries(q[:, :, t:t + 1], H), k_hat, 0.25)
+                scores = scores.masked_fill(is_anchor, -1e30)
+                chosen = scores.gather(2, it)
+                rest = scores.masked_fill(exact, -1e30).amax(2, keepdim=True)
+                assert bool((chosen >= rest - 1e-4).all()), "a better-scoring token was left on its codes"
+            keys = torch.where(exact[..., None], k[:, :, :nc], k_hat)
+            vals = torch.where(exact[..., None], v[:, :, :nc], v_hat)
+            keys, vals = torch.cat([keys, k[:, :, nc:t + 1]], 2), torch.cat([vals, v[:, :, nc:t + 1]], 2)
+            ref = exact_attention(q[:, :, t:t + 1], keys, vals, 0.25)[0]
+            torch.testing.assert_close(out[:, :, t - a:t - a + 1], ref, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

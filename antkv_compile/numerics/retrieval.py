@@ -23,8 +23,8 @@ import math
 import torch
 from torch import Tensor
 
-from .attention import exact_attention, group_queries, key_lookup_tables, lut_logits, lut_attention
-from .attention import merge_partials
+from .attention import _softmax_partial, exact_attention, group_queries, key_lookup_tables, lut_attention
+from .attention import lut_logits, merge_partials, ungroup
 from .store import _DECODE_CHUNK, AnTKVLayerStore, StoreGeometry
 
 __all__ = ["retrieve_count", "summed_queries", "scores_from_keys", "scores_from_codes", "select_retrieved",
@@ -38,28 +38,46 @@ def retrieve_count(n_coded: int, candidates: int, fraction: float, floor: int) -
     return min(candidates, max(int(floor), math.ceil(fraction * n_coded)))
 
 
-def summed_queries(q: Tensor, num_kv_heads: int) -> Tensor:
-    """q [B, Hq, T, D] -> the GQA group's queries summed over heads and tokens [B, Hkv, D] (float32)."""
-    return group_queries(q, num_kv_heads).float().sum(dim=(2, 3))
+def summed_queries(q: Tensor, num_kv_heads: int, per_token: bool = False) -> Tensor:
+    """q [B, Hq, T, D] -> the GQA group's queries summed over its heads and the tokens [B, Hkv, D] (float32), or
+    over its heads only [B, Hkv, T, D] (``per_token``)."""
+    qg = group_queries(q, num_kv_heads).float()
+    return qg.sum(dim=2) if per_token else qg.sum(dim=(2, 3))
 
 
 def scores_from_keys(q_sum: Tensor, k_hat: Tensor, scale: float) -> Tensor:
-    """Scores [B, Hkv, n] of (decoded, post-RoPE) keys k_hat [B, Hkv, n, D] for summed queries [B, Hkv, D]."""
-    return torch.einsum("bhd,bhnd->bhn", q_sum, k_hat.float()) * scale
+    """Scores [B, Hkv, (T,) n] of (decoded, post-RoPE) keys k_hat [B, Hkv, n, D] for summed queries
+    [B, Hkv, (T,) D]."""
+    q4 = q_sum if q_sum.dim() == 4 else q_sum[:, :, None]
+    out = torch.einsum("bhtd,bhnd->bhtn", q4, k_hat.float()) * scale
+    return out if q_sum.dim() == 4 else out[:, :, 0]
 
 
 def scores_from_codes(q_sum: Tensor, codes_k: Tensor, codebook_k, scale: float) -> Tensor:
     """The same scores through the key lookup tables of post-RoPE codes codes_k [B, Hkv, n, C]."""
-    lut, bias = key_lookup_tables(q_sum[:, :, None, None, :], codebook_k, scale)
-    return lut_logits(lut, bias, codes_k)[:, :, 0, 0]
+    q4 = q_sum if q_sum.dim() == 4 else q_sum[:, :, None]
+    lut, bias = key_lookup_tables(q4[:, :, None], codebook_k, scale)
+    out = lut_logits(lut, bias, codes_k)[:, :, 0]
+    return out if q_sum.dim() == 4 else out[:, :, 0]
 
 
 def select_retrieved(scores: Tensor, excluded: Tensor, k: int) -> Tensor:
-    """Positions [B, Hkv, k] (int64) of the ``k`` best-scoring tokens that are not ``excluded`` [B, Hkv, n].
+    """Positions [B, Hkv, (T,) k] (int64) of the ``k`` best-scoring tokens [B, Hkv, (T,) n] that are not
+    ``excluded`` [B, Hkv, n].
 
     ``k`` must not exceed the number of candidates of any (sequence, head) (see :func:`retrieve_count`)."""
+    if scores.dim() == 4:
+        excluded = excluded[:, :, None]
     masked = scores.float().masked_fill(excluded, float("-inf"))
-    return masked.topk(k, dim=2).indices
+    return masked.topk(k, dim=-1).indices
+
+
+def retrieved_attention(q: Tensor, k_r: Tensor, v_r: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Exact partial of q [B, Hq, T, D] over each query token's own retrieved tokens k_r, v_r [B, Hkv, T, k, D]."""
+    qg = group_queries(q, k_r.shape[1]).float()
+    logits = torch.einsum("bhgtd,bhtkd->bhgtk", qg, k_r.float()) * scale
+    out, lse = _softmax_partial(logits, lambda p: torch.einsum("bhgtk,bhtkd->bhgtd", p, v_r.float()), None)
+    return ungroup(out), ungroup(lse)
 
 
 class HostCopy:
@@ -80,9 +98,9 @@ class HostCopy:
         self.v[lo:lo + n].copy_(v.permute(2, 0, 1, 3))
 
     def rows(self, idx: Tensor) -> Tensor:
-        """Row numbers [B, Hkv, k] (int64) of positions idx in the [capacity * B * Hkv, D] view."""
-        b, h, _ = idx.shape
-        bh = torch.arange(b * h, device=idx.device).view(b, h, 1)
+        """Row numbers [B, Hkv, ...] (int64) of positions idx [B, Hkv, ...] in the [capacity * B * Hkv, D] view."""
+        b, h = idx.shape[:2]
+        bh = torch.arange(b * h, device=idx.device).view(b, h, *([1] * (idx.dim() - 2)))
         return idx.long() * (b * h) + bh
 
     def gather(self, idx: Tensor, to: torch.device) -> tuple[Tensor, Tensor]:
@@ -122,21 +140,66 @@ class RetrievalMixin:
     def _score_chunk(self) -> int:
         return _DECODE_CHUNK
 
-    def coded_scores(self, q: Tensor) -> Tensor:
-        """Scores [B, Hkv, n_coded] of every coded token for the queries q (summed over the group and tokens)."""
+    def coded_scores(self, q: Tensor, per_token: bool = False) -> Tensor:
+        """Scores [B, Hkv, n_coded] of every coded token for the queries q summed over the group and the tokens, or
+        [B, Hkv, T, n_coded] summed over the group only (``per_token``)."""
         g, n = self.geom, self.n_coded
-        q_sum = summed_queries(q, g.num_kv_heads)
+        q_sum = summed_queries(q, g.num_kv_heads, per_token)
         if self.config.key_space != "pre_rope" and self.config.coded_path == "lut":
             return scores_from_codes(q_sum, self.codes_k[:, :, :n], self.cb_k, g.scale)
         step = self._score_chunk()
         return torch.cat([scores_from_keys(q_sum, self.decode_coded(lo, min(n, lo + step))[0], g.scale)
-                          for lo in range(0, n, step)], dim=2)
+                          for lo in range(0, n, step)], dim=-1)
 
     def retrieve(self, q: Tensor) -> Tensor | None:
-        """Positions [B, Hkv, k] of this step's retrieved tokens (None when k = 0)."""
+        """Positions [B, Hkv, k] retrieved for all the queries q together (None when k = 0): what a decode kernel
+        step reads (one extended anchor set for its T <= 64 / G tokens; T = 1 in decoding)."""
         k = self.retrieve_k()
         self.last_retrieved = None if k == 0 else select_retrieved(self.coded_scores(q), self._anchor_mask(), k)
         return self.last_retrieved
+
+    def retrieval_partials(self, q: Tensor) -> list[tuple[Tensor, Tensor]] | None:
+        """The partial over the coded part (retrieved tokens and anchors exact, the rest on the codes) with each
+        query token's own top-k (what token-by-token decoding computes, also for a chunk of T tokens); None when
+        k = 0. Query tokens are taken in blocks that bound the [T, n_coded] scores and masks."""
+        k = self.retrieve_k()
+        if k == 0:
+            self.last_retrieved = None
+            return None
+        g, n = self.geom, self.n_coded
+        anchors = self._anchor_mask()
+        block = max(1, (1 << 26) // max(1, g.batch * g.num_kv_heads * n))
+        outs, lses = [], []
+        for t0 in range(0, q.shape[2], block):
+            qb = q[:, :, t0:t0 + block]
+            idx = select_retrieved(self.coded_scores(qb, per_token=True), anchors, k)  # [B, Hkv, t, k]
+            k_r, v_r = self.host.gather(idx, g.device)
+            parts = [retrieved_attention(qb, k_r, v_r, g.scale)]
+            if self.anchor_capacity:
+                parts.append(exact_attention(qb, self.anchor_k, self.anchor_v, g.scale,
+                                             (self.anchor_pos >= 0)[:, :, None, :]))
+            visible = ~anchors[:, :, None].expand(-1, -1, idx.shape[2], -1).scatter(3, idx, True)
+            if bool(visible.any()):
+                parts.append(self._coded_rest(qb, visible))
+            out, lse = merge_partials(parts)
+            outs.append(out)
+            lses.append(lse)
+        self.last_retrieved = idx[:, :, 0] if q.shape[2] == 1 else idx
+        return [(torch.cat(outs, dim=2), torch.cat(lses, dim=2))]
+
+    def _coded_rest(self, q: Tensor, visible: Tensor) -> tuple[Tensor, Tensor]:
+        """Partial over the coded tokens of ``visible`` [B, Hkv, T, n_coded], on their codes."""
+        g, n = self.geom, self.n_coded
+        if self.config.key_space != "pre_rope" and self.config.coded_path == "lut":
+            return lut_attention(q, self.codes_k[:, :, :n], self.codes_v[:, :, :n], self.cb_k, self.cb_v, g.scale,
+                                 visible, self.config.value_mode)
+        chunks = []
+        step = self._score_chunk()
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            k_hat, v_hat = self.decode_coded(lo, hi)
+            chunks.append(exact_attention(q, k_hat, v_hat, g.scale, visible[..., lo:hi]))
+        return merge_partials(chunks)
 
 
 class RetrievalLayerStore(RetrievalMixin, AnTKVLayerStore):
@@ -149,34 +212,8 @@ class RetrievalLayerStore(RetrievalMixin, AnTKVLayerStore):
         self.host = host if host is not None else HostCopy(self.geom)
 
     def _coded_partials(self, q: Tensor) -> list[tuple[Tensor, Tensor]]:
-        idx = self.retrieve(q)
-        if idx is None:
-            return super()._coded_partials(q)
-        g = self.geom
-        anchors = self._anchor_mask()
-        k_r, v_r = self.host.gather(idx, g.device)
-        parts = [exact_attention(q, k_r, v_r, g.scale)]
-        # the rest: anchors exact, coded tokens that are neither anchors nor retrieved on their codes
-        if self.anchor_capacity:
-            parts.append(exact_attention(q, self.anchor_k, self.anchor_v, g.scale,
-                                         (self.anchor_pos >= 0)[:, :, None, :]))
-        visible = ~anchors.scatter(2, idx, True)
-        if bool(visible.any()):
-            parts.append(self._coded_rest(q, visible))
-        return parts
-
-    def _coded_rest(self, q: Tensor, visible: Tensor) -> tuple[Tensor, Tensor]:
-        """Partial over the coded tokens of ``visible`` [B, Hkv, n_coded], on their codes."""
-        g, n = self.geom, self.n_coded
-        if self.config.coded_path == "lut":
-            return lut_attention(q, self.codes_k[:, :, :n], self.codes_v[:, :, :n], self.cb_k, self.cb_v, g.scale,
-                                 visible[:, :, None, :], self.config.value_mode)
-        chunks = []
-        for lo in range(0, n, _DECODE_CHUNK):
-            hi = min(n, lo + _DECODE_CHUNK)
-            k_hat, v_hat = self.decode_coded(lo, hi)
-            chunks.append(exact_attention(q, k_hat, v_hat, g.scale, visible[:, :, None, lo:hi]))
-        return merge_partials(chunks)
+        parts = self.retrieval_partials(q)
+        return super()._coded_partials(q) if parts is None else parts
 
     def host_bits(self) -> int:
         """Bits of the full-precision copy of the coded tokens (off the device), at 16 bits an element."""

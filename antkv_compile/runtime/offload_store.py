@@ -10,16 +10,18 @@ from the coded pass), merged inside the kernel: each token counted once, as ``nu
 
 The extended buffers have a fixed size (anchor capacity + ``k`` at the store's capacity), so their addresses do
 not change and the decode's CUDA graph is replayed as usual; slots past this step's ``k`` hold position -1.
-Long chunks (chunked prefill over a coded prefix) read the prefix decoded, with anchors *and* this chunk's
-retrieved tokens restored to full precision.
+A step of several tokens over a coded prefix (chunked prefill, multi-token decode) retrieves per query token, as
+token-by-token decoding would: the reference partial (``RetrievalMixin.retrieval_partials``, query tokens in blocks)
+merged with the window (flash) and the chunk itself (``antkv::prefill_attention``).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from ..numerics.attention import merge_partials
 from ..numerics.retrieval import RetrievalMixin, retrieve_count
-from .kernel_store import KernelLayerStore
+from .kernel_store import KernelLayerStore, _flash_with_lse, _ops
 
 __all__ = ["OffloadKernelStore"]
 
@@ -83,21 +85,20 @@ class OffloadKernelStore(RetrievalMixin, KernelLayerStore):
         # (codes_k, codes_v, anchor_bits, n_coded, anchor_k, anchor_v, anchor_pos, ...): the extended set instead
         return (buf[0], buf[1], self.ext_bits, buf[3], self.ext_k, self.ext_v, self.ext_pos, *buf[7:])
 
-    def _chunk(self, q: Tensor, k: Tensor, v: Tensor, coded: bool):
-        self._chunk_q = q
-        try:
-            return super()._chunk(q, k, v, coded)
-        finally:
-            self._chunk_q = None
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, check_finite: bool = True) -> Tensor:
+        if k.shape[2] > 1 and self.n_coded and self.retrieve_k():  # each query token retrieves its own top-k
+            self._validate(q, k, v, check_finite)
+            out, lse = self._chunk(q, k, v, coded=True)
+            self._append(q, k, v, out, lse)
+            return out.to(q.dtype)
+        return super().attend(q, k, v, check_finite=check_finite)
 
-    def _prefix(self, coded: bool) -> tuple[Tensor, Tensor]:
-        ks, vs = super()._prefix(coded)
-        q = getattr(self, "_chunk_q", None)
-        if coded and self.n_coded and q is not None:
-            idx = self.retrieve(q)
-            if idx is not None:
-                k_r, v_r = self.host.gather(idx, self.geom.device)
-                at = idx[..., None].expand(-1, -1, -1, self.geom.head_dim)
-                ks = ks.scatter(2, at, k_r.to(ks.dtype))
-                vs = vs.scatter(2, at, v_r.to(vs.dtype))
-        return ks, vs
+    def _chunk(self, q: Tensor, k: Tensor, v: Tensor, coded: bool):
+        if not (coded and self.n_coded and self.retrieve_k()):
+            return super()._chunk(q, k, v, coded)
+        scale = float(self.geom.scale)
+        out, lse = _ops().prefill_attention(q, k, v, scale)
+        parts = [*self.retrieval_partials(q), (out.float(), lse)]
+        if self.n_window:  # the window precedes the chunk: unmasked
+            parts.append(_flash_with_lse(q, self.win_k, self.win_v, scale))
+        return merge_partials(parts)
