@@ -132,7 +132,7 @@ def recipe_artifacts(model, tok, args, recipe_names, locate=None) -> dict:
 
 
 def cmd_eval(args) -> int:
-    from .eval_suite import ABLATIONS, MAIN, QUICK, RECIPES, resolve
+    from .eval_suite import ABLATIONS, MAIN, QUICK, RECIPES, RETRIEVE, resolve
     from .evaluation import evaluate_method
     from .reporting import environment, markdown_table, plot_perplexity, print_table, write_json
     from .texts import load_text, token_contexts
@@ -145,7 +145,7 @@ def cmd_eval(args) -> int:
         args.methods = args.methods or "quick"
         if args.artifacts == ARTIFACTS_DEFAULT:
             args.artifacts = "artifacts/smollm2-quick"
-    groups = {"main": MAIN, "ablations": ABLATIONS, "all": MAIN + ABLATIONS, "quick": QUICK}
+    groups = {"main": MAIN, "ablations": ABLATIONS, "all": MAIN + ABLATIONS, "quick": QUICK, "retrieve": RETRIEVE}
     names = []
     for part in (args.methods or "all").split(","):
         names += groups.get(part, [part])
@@ -343,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", default="evaluation", help="evaluation text: 'evaluation' (license texts) or a UTF-8 file")
     p.add_argument("--context-len", type=int, default=4096)
     p.add_argument("--tokens", type=int, default=16384, help="evaluation tokens (contexts = tokens / context-len)")
-    p.add_argument("--methods", default=None, help="main | ablations | all (default) | quick | comma list of names")
+    p.add_argument("--methods", default=None, help="main | ablations | all (default) | quick | retrieve (the retrieval mode's fraction "
+                   "sweep: full, antkv-1, antkv-1-retrieve (2 %%), antkv-1-retrieve-{0.5,1,2,5} %%) | comma list of names")
     p.add_argument("--window", type=int, default=None, help="full-precision window (default 64)")
     p.add_argument("--anchor-ratio", type=float, default=None, help="anchor fraction (default 0.01)")
     p.add_argument("--coded-path", default="dequantized", choices=["dequantized", "lut"],
