@@ -116,3 +116,29 @@ def test_compiled_generate_with_offload_equals_uncompiled_when_everything_is_ret
     session.stores.clear()  # the session outlives the test: free its stores (and their device workspace)
     session.orphans.clear()
     torch._dynamo.reset()
+
+
+def test_offload_bench_dry_runs_every_configuration(tmp_path):
+    """benchmarks/offload_bench.py --dry (tiny model, CPU): the retrieval point records the host traffic its stores
+    measured, the offloaded-cache baseline its step, into the JSON."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "offload_bench.py"
+    spec = importlib.util.spec_from_file_location("offload_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rc = bench.main(["--dry", "--points", "32k", "--offload-configs", "hf_offloaded,antkv-1-offload", "--quiet",
+                     "--out", str(tmp_path), "--name", "dry"])
+    assert rc == 0
+    res = json.loads((tmp_path / "dry.json").read_text())
+    assert res["complete"] and res["device"]["h2d_GBps"] > 0
+    recs = {r["config"]: r for r in res["offload"]}
+    assert {r["status"] for r in recs.values()} == {"ok"}, [r.get("reason") for r in recs.values()]
+    off = recs["antkv-1-offload"]
+    assert off["store_class"] == "OffloadKernelStore" and off["antkv_options"]["offload"] == "host"
+    # per step: the floor of 64 retrieved tokens of K and V (16 bf16 dims) per layer (2), KV head (2) and sequence (2)
+    assert off["host_bytes_read_per_step"] == 64 * 2 * 16 * 2 * 2 * 2 * 2
+    assert off["retrieved_per_layer_head"] == 64
+    assert recs["hf_offloaded"]["step_ms"] > 0
