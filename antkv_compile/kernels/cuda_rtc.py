@@ -98,14 +98,16 @@ class DevicePointer(int):
 
 def mapped_pointer(t: torch.Tensor) -> DevicePointer:
     """The device address of pinned host tensor ``t`` (its mapping into the CUDA address space): what a kernel
-    reads it through without a copy (zero-copy, over PCIe / C2C). Raises :class:`RtcError` when ``t`` is not
-    mapped (not pinned, or pinned without the mapping)."""
+    reads it through without a copy (zero-copy, over PCIe / C2C). The mapping is looked up for the start of ``t``'s
+    storage (the allocation) and offset. Raises :class:`RtcError` when ``t`` is not mapped (not pinned, or pinned
+    without the mapping)."""
     if t.is_cuda or not t.is_pinned():
         raise RtcError("mapped_pointer needs a pinned host tensor (torch.empty(..., pin_memory=True))")
+    base = t.untyped_storage().data_ptr()
     ptr = ctypes.c_uint64()
-    _check(libcuda().cuMemHostGetDevicePointer_v2(ctypes.byref(ptr), ctypes.c_void_p(t.data_ptr()), 0),
+    _check(libcuda().cuMemHostGetDevicePointer_v2(ctypes.byref(ptr), ctypes.c_void_p(base), 0),
            "cuMemHostGetDevicePointer (the pinned host tensor is not mapped into the device's address space)")
-    return DevicePointer(ptr.value)
+    return DevicePointer(ptr.value + (t.data_ptr() - base))
 
 
 class RtcKernel:

@@ -40,7 +40,7 @@ _ROWS_PER_BLOCK = 8
 def gather_rows_uva(host_k: Tensor, host_v: Tensor, rows: Tensor, out_k: Tensor, out_v: Tensor) -> None:
     """out_k[i], out_v[i] = host_k[rows[i]], host_v[rows[i]] for pinned host [R, D] tensors and rows [n] (int64, on
     the device); out_* [n, D] contiguous on the device. Zero-copy: the kernel reads host memory over the bus."""
-    from .cuda_rtc import load_kernel, mapped_pointer
+    from .cuda_rtc import load_kernel
 
     dev = out_k.device
     row_bytes = host_k.shape[1] * host_k.element_size()
@@ -61,14 +61,13 @@ _MAPPED: dict[tuple[int, int], int] = {}
 
 
 def _pointers(t: Tensor):
-    """The mapped device address of a pinned host tensor (looked up once per buffer)."""
-    from .cuda_rtc import DevicePointer, mapped_pointer
+    """The mapped device address of a pinned host tensor (looked up once per buffer and offset)."""
+    from .cuda_rtc import mapped_pointer
 
-    key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+    key = (t.data_ptr(), t.untyped_storage().nbytes())
     if key not in _MAPPED:
-        base = mapped_pointer(torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage()))
-        _MAPPED[key] = int(base)
-    return DevicePointer(_MAPPED[key] + t.storage_offset() * t.element_size())
+        _MAPPED[key] = mapped_pointer(t)
+    return _MAPPED[key]
 
 
 def gather_rows_staged(host_k: Tensor, host_v: Tensor, rows: Tensor, staging: tuple[Tensor, Tensor] | None = None

@@ -89,8 +89,9 @@ class HostCopy:
     def __init__(self, geometry: StoreGeometry, device: torch.device | str = "cpu", pin_memory: bool = False) -> None:
         g = geometry
         shape = (g.capacity, g.batch, g.num_kv_heads, g.head_dim)
-        self.k = torch.zeros(shape, dtype=g.dtype, device=device, pin_memory=pin_memory)
-        self.v = torch.zeros(shape, dtype=g.dtype, device=device, pin_memory=pin_memory)
+        # not zeroed (tens of GB of pinned memory at long contexts): only written slots are ever read
+        self.k = torch.empty(shape, dtype=g.dtype, device=device, pin_memory=pin_memory)
+        self.v = torch.empty(shape, dtype=g.dtype, device=device, pin_memory=pin_memory)
 
     def write(self, k: Tensor, v: Tensor, lo: int) -> None:
         n = k.shape[2]
