@@ -76,7 +76,7 @@ class OffloadBench(Bench):
                 if getattr(s, "host", None) is not None]
 
     def _timed(self, step, steps, rec):
-        stores = self._host_stores()
+        stores = self._host_stores() if rec.get("config") == OFFLOAD.name else []
         before = [(s.host.bytes_read, s.host.bytes_written) for s in stores]
         super()._timed(step, steps, rec)
         if stores:

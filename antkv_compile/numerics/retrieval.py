@@ -149,8 +149,18 @@ class RetrievalMixin:
         if self.config.key_space != "pre_rope" and self.config.coded_path == "lut":
             return scores_from_codes(q_sum, self.codes_k[:, :, :n], self.cb_k, g.scale)
         step = self._score_chunk()
-        return torch.cat([scores_from_keys(q_sum, self.decode_coded(lo, min(n, lo + step))[0], g.scale)
+        return torch.cat([scores_from_keys(q_sum, self._decoded_keys(lo, min(n, lo + step)), g.scale)
                           for lo in range(0, n, step)], dim=-1)
+
+    def _decoded_keys(self, lo: int, hi: int) -> Tensor:
+        """Post-RoPE keys [B, Hkv, hi - lo, D] (float32) decoded from the codes of slots lo .. hi - 1 (the keys of
+        :meth:`decode_coded`, without decoding the values)."""
+        from .rope import rotate
+
+        k_hat = self.cb_k.decode(self.codes_k[:, :, lo:hi])
+        if self.config.key_space == "pre_rope":
+            k_hat = rotate(k_hat, *self.rope(torch.arange(lo, hi, device=k_hat.device)))
+        return k_hat
 
     def retrieve(self, q: Tensor) -> Tensor | None:
         """Positions [B, Hkv, k] retrieved for all the queries q together (None when k = 0): what a decode kernel
