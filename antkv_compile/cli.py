@@ -132,7 +132,7 @@ def recipe_artifacts(model, tok, args, recipe_names, locate=None) -> dict:
 
 
 def cmd_eval(args) -> int:
-    from .eval_suite import ABLATIONS, MAIN, QUICK, RECIPES, resolve
+    from .eval_suite import ABLATIONS, MAIN, QUICK, RECIPES, RETRIEVE, resolve
     from .evaluation import evaluate_method
     from .reporting import environment, markdown_table, plot_perplexity, print_table, write_json
     from .texts import load_text, token_contexts
@@ -145,7 +145,7 @@ def cmd_eval(args) -> int:
         args.methods = args.methods or "quick"
         if args.artifacts == ARTIFACTS_DEFAULT:
             args.artifacts = "artifacts/smollm2-quick"
-    groups = {"main": MAIN, "ablations": ABLATIONS, "all": MAIN + ABLATIONS, "quick": QUICK}
+    groups = {"main": MAIN, "ablations": ABLATIONS, "all": MAIN + ABLATIONS, "quick": QUICK, "retrieve": RETRIEVE}
     names = []
     for part in (args.methods or "all").split(","):
         names += groups.get(part, [part])
@@ -249,8 +249,11 @@ def cmd_plan(args) -> int:
         shape = ModelShape.from_config(load_config(args.model), _model_id(args))
     budget = parse_bytes(args.gpu_memory)
     kw = dict(anchor_ratio=args.anchor_ratio, window=args.window, world_size=args.world_size)
+    host = parse_bytes(args.host_memory) if args.host_memory else None
+    off = dict(offload=True, retrieve_fraction=args.retrieve_fraction, retrieve_min=args.retrieve_min, host_budget=host)
     try:
-        ours = plan(shape, args.bits, budget, batches=args.batches, contexts=args.contexts, **kw)
+        ours = plan(shape, args.bits, budget, batches=args.batches, contexts=args.contexts, **kw,
+                    **(off if args.offload else {}))
     except ValueError as e:  # a world size that does not divide the KV heads
         raise SystemExit(f"antkv-compile plan: {e}") from None
     full = plan(shape, None, budget, batches=args.batches, contexts=args.contexts, **kw)
@@ -262,10 +265,12 @@ def cmd_plan(args) -> int:
              "full": mark(full["longest_context"][b])} for b in args.batches]
     rows += [{"what": f"largest batch, context {mark(n)}", "antkv": f"{ours['largest_batch'][n]:,}",
               "full": f"{full['largest_batch'][n]:,}"} for n in args.contexts]
-    print_table(rows, [("what", "method", "s"), ("antkv", f"antkv {args.bits}-bit", "s"), ("full", "16-bit cache", "s")],
-                f"{shape.name} in {args.gpu_memory}"
-                + (f" per GPU, {args.world_size} GPUs (tensor parallel)" if args.world_size > 1 else "")
-                + " (memory model: antkv_compile/planner.py)")
+    ours_name = f"antkv {args.bits}-bit" + (" + host retrieval" if args.offload else "")
+    where = args.gpu_memory + (" per GPU" if args.world_size > 1 else "")
+    where += f", {args.world_size} GPUs (tensor parallel)" if args.world_size > 1 else ""
+    where += f" + {args.host_memory or 'unlimited'} host memory" if args.offload else ""
+    print_table(rows, [("what", "method", "s"), ("antkv", ours_name, "s"), ("full", "16-bit cache", "s")],
+                f"{shape.name} in {where} (memory model: antkv_compile/planner.py)")
     if shape.max_positions:
         print(f"model window (max_position_embeddings): {shape.max_positions:,} positions")
     else:
@@ -343,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", default="evaluation", help="evaluation text: 'evaluation' (license texts) or a UTF-8 file")
     p.add_argument("--context-len", type=int, default=4096)
     p.add_argument("--tokens", type=int, default=16384, help="evaluation tokens (contexts = tokens / context-len)")
-    p.add_argument("--methods", default=None, help="main | ablations | all (default) | quick | comma list of names")
+    p.add_argument("--methods", default=None, help="main | ablations | all (default) | quick | retrieve (the retrieval mode's fraction "
+                   "sweep: full, antkv-1, antkv-1-retrieve (2 %%), antkv-1-retrieve-{0.5,1,2,5} %%) | comma list of names")
     p.add_argument("--window", type=int, default=None, help="full-precision window (default 64)")
     p.add_argument("--anchor-ratio", type=float, default=None, help="anchor fraction (default 0.01)")
     p.add_argument("--coded-path", default="dequantized", choices=["dequantized", "lut"],
@@ -372,6 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", default="1")
     p.add_argument("--anchor-ratio", type=float, default=0.01)
     p.add_argument("--window", type=int, default=64)
+    p.add_argument("--offload", action="store_true",
+                   help="the retrieval mode (options offload='host'): full-precision K/V in host memory")
+    p.add_argument("--host-memory", default=None, help="host memory budget of --offload, e.g. 1.5TB (default: unlimited)")
+    p.add_argument("--retrieve-fraction", type=float, default=0.02)
+    p.add_argument("--retrieve-min", type=int, default=64)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
     p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072, 1048576])
     p.add_argument("--world-size", type=int, default=1,

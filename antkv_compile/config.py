@@ -104,6 +104,12 @@ class AnTKVConfig:
     store: which layer store the compiled model runs: "kernels" (the ``antkv::`` ops: Triton on CUDA),
         "reference" (the plain-PyTorch method core), or "auto" (kernels on CUDA where they support the
         configuration, the reference otherwise).
+    offload: None, or "host": the tiered retrieval mode (issue 19). A full-precision copy of every coded token
+        is kept in host memory (pinned on CUDA), written as tokens are coded; each step scores the coded tokens
+        on their codes, retrieves the best ``retrieve_fraction`` of them (at least ``retrieve_min``) from the
+        copy and attends over them exactly (``numerics/retrieval.py``).
+    retrieve_fraction: share of the coded tokens retrieved per (layer, KV head, sequence) and step, in [0, 1].
+    retrieve_min: the fewest tokens retrieved (while there are that many coded non-anchor tokens).
     """
 
     bits: str | VQPreset = "1"
@@ -120,6 +126,9 @@ class AnTKVConfig:
     seed: int = 0
     capacity: int | None = None
     store: Literal["auto", "reference", "kernels"] = "auto"
+    offload: Literal["host"] | None = None
+    retrieve_fraction: float = 0.02
+    retrieve_min: int = 64
 
     def __post_init__(self) -> None:
         get_preset(self.bits)
@@ -148,6 +157,9 @@ class AnTKVConfig:
             raise ValueError(f"store must be 'auto', 'reference' or 'kernels', got {self.store!r}")
         if self.value_mode not in ("histogram", "gather"):
             raise ValueError(f"value_mode must be 'histogram' or 'gather', got {self.value_mode!r}")
+        from .options import check_offload
+
+        check_offload(self.offload, self.retrieve_fraction, self.retrieve_min)
 
     @property
     def preset(self) -> VQPreset:

@@ -69,6 +69,16 @@ METHODS: dict[str, MethodSpec] = {
     "shared-codebooks-1": _antkv("shared-codebooks-1", "shared-1"),
 }
 
+# the retrieval mode (offload="host", issue 19): the default 1-bit recipe as an index over full-precision K/V. The
+# default method retrieves 2 % (at least 64 tokens); the sweep retrieves exactly the named percentage (no floor, so
+# that short contexts show the fraction's own effect)
+RETRIEVE_SWEEP_PERCENT = ("0.5", "1", "2", "5")
+METHODS["antkv-1-retrieve"] = _antkv("antkv-1-retrieve", "antkv-1", offload="host")
+for _pct in RETRIEVE_SWEEP_PERCENT:
+    METHODS[f"antkv-1-retrieve-{_pct}"] = _antkv(f"antkv-1-retrieve-{_pct}", "antkv-1", offload="host",
+                                                 retrieve_fraction=float(_pct) / 100, retrieve_min=0)
+RETRIEVE = ["full", "antkv-1", "antkv-1-retrieve", *[f"antkv-1-retrieve-{p}" for p in RETRIEVE_SWEEP_PERCENT]]
+
 MAIN = ["full", *[f"antkv-{b}" for b in PRESETS], "kivi-2", "kivi-1", "plain-vq-1", "anchors-attention-1",
         "anchors-random-1", "anchors-none-1"]
 ABLATIONS = [*[f"post-rope-{b}" for b in PRESETS], "anchors-sensitivity-1", "kmeans-unweighted-1", "key-metric-1",

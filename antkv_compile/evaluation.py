@@ -10,6 +10,9 @@ anchors and the full-precision window), at prefill speed. Perplexity is
 exp(mean NLL) over all L-1 next-token predictions of every context. The full-precision baseline
 runs the same chunks over an exact cache.
 
+Retrieval-mode methods (``offload="host"``) retrieve per query token, as decoding does; their effective bits count
+the device (codes, anchors, window), not the full-precision copy in host memory nor the transient retrieved tokens.
+
 Effective bits per KV element = (codes + anchors with their positions + a full window, at the end
 of a context) / (K and V elements of the context) + codebooks and coding-space maps (fp16)
 amortized over all evaluated tokens.
@@ -86,8 +89,11 @@ def _stores(spec: MethodSpec, geom_kv, geometry: StoreGeometry, artifacts: dict[
             raise ValueError(f"artifact {spec.artifact!r} codes keys {art.manifest.get('key_space')}, the method "
                              f"asks for {spec.config.key_space}")
         rope = RopeTable.from_model(model) if spec.config.key_space == "pre_rope" else None
+        cls = AnTKVLayerStore
+        if spec.config.offload == "host":  # the retrieval mode: top-k coded tokens read exactly from a full copy
+            from .numerics.retrieval import RetrievalLayerStore as cls
         return [
-            AnTKVLayerStore(geometry, art.keys[i], art.values[i], spec.config, layer_index=i, rope=rope)
+            cls(geometry, art.keys[i], art.values[i], spec.config, layer_index=i, rope=rope)
             for i in range(geom_kv.num_layers)
         ]
     raise ValueError(f"unknown method family {spec.family!r}")

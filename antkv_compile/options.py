@@ -35,3 +35,18 @@ def check_option_keys(options: dict, ours: set[str]) -> None:
         raise UnknownOptionError(
             f"unknown antkv option {key!r}{hint}; antkv options are {', '.join(sorted(ours))}, "
             "and any torch._inductor.config key is passed on to Inductor")
+
+
+def check_offload(offload, retrieve_fraction, retrieve_min) -> None:
+    """The tiered retrieval mode's options (``offload``, ``retrieve_fraction``, ``retrieve_min``), with what to
+    change when they are wrong."""
+    if offload not in (None, "host"):
+        raise ValueError(f"offload must be None (everything on the device) or 'host' (a full-precision copy of the "
+                         f"coded tokens in host memory, retrieved by their codes), got {offload!r}")
+    if isinstance(retrieve_fraction, bool) or not isinstance(retrieve_fraction, (int, float)) \
+            or not 0.0 <= float(retrieve_fraction) <= 1.0:
+        raise ValueError(f"retrieve_fraction is the share of coded tokens retrieved exactly per step, a number in "
+                         f"[0, 1] (0.02 = 2 %), got {retrieve_fraction!r}")
+    if isinstance(retrieve_min, bool) or not isinstance(retrieve_min, int) or retrieve_min < 0:
+        raise ValueError(f"retrieve_min is the fewest tokens retrieved per step, an integer >= 0, "
+                         f"got {retrieve_min!r}")

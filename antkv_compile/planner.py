@@ -13,6 +13,19 @@ Bytes on the device, as functions of batch B and context N (tokens per sequence)
                                                             map and its inverse, mean: what the device holds)
     workspace  decode activations + logits + split-K partials, prefill chunk activations
 
+Retrieval mode (``offload=True``, issue 19: ``options={"offload": "host"}``), on the device besides the above:
+
+    retrieval  B L Hkv (rho N + 1 + k(N)) (2 D e + 4) + B L Hkv N / 8
+                                                            (the extended anchor set the decode reads: a copy of the
+                                                            anchors and k(N) = max(retrieve_min, ceil(f N)) retrieved
+                                                            tokens' K, V and int32 positions; its bitmask)
+    retrieval_scratch  B Hkv N 9 + 256 MiB                  (one layer's scoring: scores, masked copy, anchor mask,
+                                                            a chunk of decoded keys)
+
+and in (pinned) host memory, apart from the device budget:
+
+    host_kv    B N L Hkv 2 D e                              (full-precision K, V of every token)
+
 The planner answers the longest context per batch size and the largest batch per context that fit
 a memory budget, and the same for a full-precision cache for comparison. It counts what this
 project allocates; the benchmark of issue 5 checks it against measured peaks.
@@ -125,6 +138,9 @@ class MemoryModel:
     # predicted were 0.96-1.08 of the measured ones: fragmentation and transient copies need a margin.
     headroom: float = 0.05
     world_size: int = 1  # tensor-parallel ranks: every term is per rank (module docstring)
+    offload: bool = False  # the retrieval mode: + the device's exact budget, + the host copy (host_terms)
+    retrieve_fraction: float = 0.02
+    retrieve_min: int = 64
 
     def __post_init__(self) -> None:
         check_world_size(self.shape, self.world_size)
@@ -155,6 +171,13 @@ class MemoryModel:
             centroids = p.stages * p.num_subspaces(d) * p.num_centroids * p.sub_dim
             per_book = hkv * (centroids * (4 + 2) + 2 * d * d * 4 + d * 4)
             out["codebooks"] = sp.Integer(L * 2 * per_book)
+            if self.offload:
+                k = sp.Max(self.retrieve_min, sp.ceiling(sp.nsimplify(self.retrieve_fraction) * N))
+                slots = sp.ceiling(sp.nsimplify(self.anchor_ratio) * N) + k
+                out["retrieval"] = B * L * hkv * (slots * (2 * d * e + 4) + N / 8)
+                # one layer's step at a time: scores (fp32) + masked copy + anchor mask per coded token, and the
+                # decoded-key chunk of the scoring (runtime/offload_store.py, _SCORE_BYTES)
+                out["retrieval_scratch"] = B * hkv * N * 9 + (1 << 28)
         decode = B * (4 * s.hidden_size + 2 * inter) * e + B * s.vocab_size * 4
         decode += B * hq * self.decode_splits * (d + 2) * 4
         prefill = self.prefill_chunk * (4 * s.hidden_size + 3 * inter) * e + self.prefill_chunk * s.vocab_size * 4
@@ -163,21 +186,40 @@ class MemoryModel:
             out["headroom"] = sp.nsimplify(self.headroom) * sum(v for k, v in out.items() if k != "weights")
         return out
 
+    def host_terms(self) -> dict[str, sp.Expr]:
+        """Bytes in host memory (the retrieval mode's full-precision copy; nothing otherwise)."""
+        if not self.offload or self.preset is None:
+            return {}
+        s = self.shape
+        return {"host_kv": B * N * s.num_layers * s.num_kv_heads * 2 * s.head_dim * self.element_bytes}
+
     def total(self) -> sp.Expr:
+        """Device bytes (the host copy is counted apart: :meth:`host_terms`)."""
         return sum(self.terms().values())
 
     def bytes_at(self, batch: int, context: int) -> dict[str, int]:
-        vals = {k: int(sp.ceiling(v.subs({B: batch, N: context}))) for k, v in self.terms().items()}
+        """Device bytes by term and their ``total``; in the retrieval mode also ``host_kv`` and ``host_total``."""
+        at = {B: batch, N: context}
+        vals = {k: int(sp.ceiling(v.subs(at))) for k, v in self.terms().items()}
         vals["total"] = sum(vals.values())
+        host = {k: int(sp.ceiling(v.subs(at))) for k, v in self.host_terms().items()}
+        if host:
+            vals.update(host)
+            vals["host_total"] = sum(host.values())
         return vals
 
-    def longest_context(self, batch: int, budget: int) -> int:
-        """Largest N with total(batch, N) <= budget (0 if not even one token fits)."""
-        return _largest(lambda n: self.bytes_at(batch, n)["total"] <= budget)
+    def fits(self, batch: int, context: int, budget: int, host_budget: int | None = None) -> bool:
+        """Whether (batch, context) fits ``budget`` device bytes and, when given, ``host_budget`` host bytes."""
+        vals = self.bytes_at(batch, context)
+        return vals["total"] <= budget and (host_budget is None or vals.get("host_total", 0) <= host_budget)
 
-    def largest_batch(self, context: int, budget: int) -> int:
-        """Largest B with total(B, context) <= budget (0 if not even one sequence fits)."""
-        return _largest(lambda b: self.bytes_at(b, context)["total"] <= budget)
+    def longest_context(self, batch: int, budget: int, host_budget: int | None = None) -> int:
+        """Largest N with total(batch, N) <= budget (and host bytes <= host_budget) (0 if not even one token fits)."""
+        return _largest(lambda n: self.fits(batch, n, budget, host_budget))
+
+    def largest_batch(self, context: int, budget: int, host_budget: int | None = None) -> int:
+        """Largest B with total(B, context) <= budget (and host bytes <= host_budget) (0 if not one sequence fits)."""
+        return _largest(lambda b: self.fits(b, context, budget, host_budget))
 
 
 def selection_bytes(preset: VQPreset, head_dim: int) -> int:
@@ -234,7 +276,11 @@ def formula(mm: MemoryModel) -> str:
     """The total as a readable line: fixed + per sequence x B + per token x B x N (+ workspace), in bytes."""
     terms = mm.terms()
     ws = sp.Symbol("W")
-    total = sp.expand(sum(v.subs(terms["workspace"], ws) if k != "workspace" else ws for k, v in terms.items()))
+    total = sum(v.subs(terms["workspace"], ws) if k != "workspace" else ws for k, v in terms.items())
+    # the retrieval mode's k(N) = max(retrieve_min, ceil(f N)) read as f N: the formula of long contexts
+    total = total.replace(lambda e: isinstance(e, sp.Max) and e.has(N),
+                          lambda e: next(a for a in e.args if a.has(N))).replace(sp.ceiling, lambda x: x)
+    total = sp.expand(total)
     poly = sp.Poly(total, B, N, ws)
     coef = {m: c for m, c in zip(poly.monoms(), poly.coeffs())}
     parts = [_n(coef.get((0, 0, 0), 0)), f"{_n(coef.get((1, 0, 0), 0))} B", f"{_n(coef.get((1, 1, 0), 0))} B N"]
@@ -256,16 +302,19 @@ def window_note(shape: ModelShape) -> str:
 
 
 def plan(shape: ModelShape, bits: str | None, budget: int, batches=(1, 8, 32, 128), contexts=(8192, 32768, 131072, 1 << 20),
-         **kw) -> dict:
+         host_budget: int | None = None, **kw) -> dict:
+    """Longest context per batch and largest batch per context in ``budget`` device bytes (and, in the retrieval
+    mode ``offload=True``, ``host_budget`` host bytes)."""
     mm = MemoryModel(shape, get_preset(bits) if bits else None, **kw)
-    longest = {b: mm.longest_context(b, budget) for b in batches}
+    longest = {b: mm.longest_context(b, budget, host_budget) for b in batches}
     return {
         "model": shape.name, "bits": bits or "16 (full precision)", "budget_bytes": budget,
         "world_size": mm.world_size, "budget_is": "per rank (one GPU)",
+        "offload": mm.offload, "host_budget_bytes": host_budget,
         "symbolic_total_bytes": str(sp.simplify(mm.total())),
         "formula": formula(mm),
         "max_position_embeddings": shape.max_positions,
         "longest_context": longest,
         "longest_usable_context": {b: min(n, shape.max_positions) if shape.max_positions else n for b, n in longest.items()},
-        "largest_batch": {n: mm.largest_batch(n, budget) for n in contexts},
+        "largest_batch": {n: mm.largest_batch(n, budget, host_budget) for n in contexts},
     }

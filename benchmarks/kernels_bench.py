@@ -113,6 +113,8 @@ def graph_of(fn):
 def _sdpa_decode_ms(b, ctx, rep_ms, flash=True) -> float:
     """FP16 SDPA decode (one query token, GQA) over ``ctx`` random keys at batch ``b``: ms per CUDA-graph replay;
     FlashAttention unless ``flash`` is False (the interpreter dry run)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     q = torch.randn(b, HQ, 1, D, device=DEV, dtype=torch.float16)
     k = torch.randn(b, HKV, ctx, D, device=DEV, dtype=torch.float16)
     v = torch.randn(b, HKV, ctx, D, device=DEV, dtype=torch.float16)
@@ -123,6 +125,7 @@ def _sdpa_decode_ms(b, ctx, rep_ms, flash=True) -> float:
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     return bench(graph_of(sdpa), ms=rep_ms, warm=25)
+
 
 def _correctness(o, lse, o_split, ref_o, ref_l, replay=None) -> dict:
     """Relative errors of a decode variant against the reference; with ``replay`` (the variant as a callable) also

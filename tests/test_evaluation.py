@@ -112,3 +112,25 @@ def test_smollm2_harness_matches_its_forward_and_texts_are_disjoint(smollm2):
     assert math.isclose(r.nll, _model_nll(model, ids), rel_tol=1e-4)
     assert 1.0 < r.perplexity < 200.0
     assert evaluation_text()[:2000] not in calibration_text()
+
+
+def test_retrieval_methods_through_the_harness(tiny_setup):
+    """The retrieval mode in the harness: retrieving every coded token is full precision; retrieving some moves the
+    perplexity from the plain 1-bit store's towards it; the named methods resolve to the retrieval store."""
+    from antkv_compile.eval_suite import METHODS, RETRIEVE
+
+    model, art = tiny_setup
+    ids = torch.randint(0, model.config.vocab_size, (1, 200), generator=torch.Generator().manual_seed(5))
+    cfg = dict(window=16, anchor_ratio=0.0)
+    full = evaluate_method(model, ids, MethodSpec("full", "full"), progress=False)
+    nll = {}
+    for frac in (0.0, 0.25, 1.0):
+        spec = MethodSpec("r", "antkv", AnTKVConfig(offload="host", retrieve_fraction=frac, retrieve_min=0, **cfg), "x")
+        nll[frac] = evaluate_method(model, ids, spec, {"x": art}, progress=False).nll
+    plain = evaluate_method(model, ids, MethodSpec("q", "antkv", AnTKVConfig(**cfg), "x"), {"x": art}, progress=False)
+    assert math.isclose(nll[1.0], full.nll, rel_tol=1e-5)
+    assert nll[0.0] == pytest.approx(plain.nll, rel=1e-6) and plain.nll != pytest.approx(full.nll, rel=1e-4)
+    assert abs(nll[0.25] - full.nll) < abs(plain.nll - full.nll)
+    assert METHODS["antkv-1-retrieve"].config.offload == "host" and METHODS["antkv-1-retrieve"].config.retrieve_fraction == 0.02
+    assert [METHODS[m].config.retrieve_fraction for m in RETRIEVE if m.startswith("antkv-1-retrieve-")] == \
+        [0.005, 0.01, 0.02, 0.05]

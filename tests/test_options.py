@@ -29,3 +29,21 @@ def test_unknown_key_raised_at_compile_time_not_blamed_on_inductor():
         compiled(input_ids=torch.tensor([[5, 6, 7]]), past_key_values=StaticCache(config=model.config, max_cache_len=8))
     assert "unknown antkv option 'bitz' (did you mean 'bits'?)" in str(e.value)
     assert "torch._inductor.config" not in str(e.value).split("(did you mean")[0]
+
+
+@pytest.mark.parametrize("opts, message", [
+    ({"offload": "cpu"}, "offload must be None .* or 'host'"),
+    ({"offload": "host", "retrieve_fraction": 1.5}, r"retrieve_fraction .* in \[0, 1\]"),
+    ({"offload": "host", "retrieve_fraction": "2%"}, r"retrieve_fraction .* in \[0, 1\]"),
+    ({"offload": "host", "retrieve_min": -3}, "retrieve_min .* integer >= 0"),
+    ({"offload": "host", "retrieve_min": 2.5}, "retrieve_min .* integer >= 0"),
+    ({"retrieve_fractoin": 0.1}, "did you mean 'retrieve_fraction'"),
+])
+def test_offload_options_are_checked_with_what_to_change(opts, message):
+    with pytest.raises(ValueError, match=message):
+        parse_options(opts)
+
+
+def test_offload_options_reach_the_config():
+    config, *_ = parse_options({"offload": "host", "retrieve_fraction": 0.05, "retrieve_min": 16})
+    assert (config.offload, config.retrieve_fraction, config.retrieve_min) == ("host", 0.05, 16)

@@ -169,3 +169,70 @@ def test_plan_cli_world_size(tmp_path, capsys):
     assert "per GPU, 2 GPUs (tensor parallel)" in out
     with pytest.raises(SystemExit, match="world size 3 does not divide"):
         main(["plan", "--world-size", "3", "--quiet"])
+
+
+# ------------------------------------------------------------------ the retrieval mode (offload="host")
+def test_offload_device_bytes_per_token_are_codes_plus_the_exact_budget_a_store_allocates(llama):
+    """Per (layer, KV head, token), the device terms that grow with N in the retrieval mode -- codes, anchors and the
+    extended anchor set -- against the buffers an OffloadKernelStore of Llama-3-8B's head shape allocates (at a
+    capacity where k comes from the fraction, not the floor); and the host term is exactly its host copy."""
+    import torch
+
+    from antkv_compile.config import AnTKVConfig
+    from antkv_compile.numerics.store import StoreGeometry
+    from antkv_compile.runtime.host_kv import PinnedHostKV
+    from antkv_compile.runtime.offload_store import OffloadKernelStore
+    from antkv_compile.runtime.kernel_store import _selection_mode
+    from numerics_helpers import codebook_with_transform
+
+    h, d, cap = llama.num_kv_heads, llama.head_dim, 6400
+    geom = StoreGeometry(1, h, d, cap, torch.bfloat16, torch.device("cpu"), scale=d ** -0.5)
+    cb = codebook_with_transform("1", h, d, 0)
+    store = OffloadKernelStore(geom, cb, cb, AnTKVConfig(offload="host"), centroid_dtype=torch.float16,
+                               host=PinnedHostKV(geom))
+    sel = 2 * cap * h if _selection_mode(store.cent_k, store.cent_v, store.codes_k, store.codes_v) else 0
+    held = sum(t.nbytes for t in (store.codes_k, store.codes_v, store.anchor_k, store.anchor_v, store.anchor_pos,
+                                  store.anchor_score, store.anchor_bits, store.ext_k, store.ext_v, store.ext_pos,
+                                  store.ext_bits)) + sel
+    mm = MemoryModel(llama, get_preset("1"), offload=True)
+    at = mm.bytes_at(1, cap)
+    planned = at["codes"] + at["anchors"] + at["retrieval"]
+    per_layer = planned / llama.num_layers
+    assert abs(per_layer - held) <= 0.002 * held, (per_layer, held)
+    assert at["host_kv"] == at["host_total"] == llama.num_layers * store.host.nbytes()
+    # the slope in N: code bytes + the exact budget (anchors at rho, their copy and the retrieved at rho + f, K/V/pos)
+    e, n0, dn = 2, 1 << 20, 1 << 16
+    slope = (mm.bytes_at(1, n0 + dn)["total"] - mm.bytes_at(1, n0)["total"]) / dn
+    plain = MemoryModel(llama, get_preset("1"))
+    plain_slope = (plain.bytes_at(1, n0 + dn)["total"] - plain.bytes_at(1, n0)["total"]) / dn
+    budget = llama.num_layers * h * ((0.01 + 0.02) * (2 * d * e + 4) + 1 / 8 + 9 / llama.num_layers)
+    assert abs(slope - plain_slope - budget * (1 + mm.headroom)) < 0.01 * slope
+    assert slope < llama.num_layers * h * 2 * d * e / 8  # GPU KV memory <= 1/8 of FP16's per token
+
+
+@pytest.mark.parametrize("batch, gpu", [(1, 141), (32, 80)])
+def test_offload_longest_context_grows_with_host_memory_until_the_gpu_limits_it(llama, batch, gpu):
+    mm = MemoryModel(llama, get_preset("1"), offload=True)
+    budget = gpu * 10**9
+    gpu_only = mm.longest_context(batch, budget)
+    last = 0
+    for host_gb in (16, 256, 4096, 10**6):
+        n = mm.longest_context(batch, budget, host_gb * 10**9)
+        assert last <= n <= gpu_only
+        if n:  # the boundary: one more token breaks the host or the device budget
+            assert mm.fits(batch, n, budget, host_gb * 10**9) and not mm.fits(batch, n + 1, budget, host_gb * 10**9)
+        last = n
+    assert last == gpu_only  # unlimited host memory: the device is the limit
+    assert mm.longest_context(batch, budget, 16 * 10**9) < gpu_only  # a small host is the limit
+    # the largest batch also grows with host memory
+    small, big = (mm.largest_batch(32768, budget, h * 10**9) for h in (64, 2048))
+    assert small <= big <= mm.largest_batch(32768, budget)
+
+
+def test_offload_costs_the_device_a_little_more_than_antkv_alone(llama):
+    budget = parse_bytes("141GB")
+    plain = MemoryModel(llama, get_preset("1")).longest_context(1, budget)
+    off = MemoryModel(llama, get_preset("1"), offload=True).longest_context(1, budget)
+    full = MemoryModel(llama, None).longest_context(1, budget)
+    assert full < off < plain
+    assert MemoryModel(llama, None, offload=True).host_terms() == {}

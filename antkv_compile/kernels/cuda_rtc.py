@@ -92,6 +92,24 @@ def compile_ptx(source: str, name: str, arch: str, options: tuple[str, ...] = ()
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
+class DevicePointer(int):
+    """A raw device address passed as a 64-bit kernel argument (e.g. pinned host memory mapped under UVA)."""
+
+
+def mapped_pointer(t: torch.Tensor) -> DevicePointer:
+    """The device address of pinned host tensor ``t`` (its mapping into the CUDA address space): what a kernel
+    reads it through without a copy (zero-copy, over PCIe / C2C). The mapping is looked up for the start of ``t``'s
+    storage (the allocation) and offset. Raises :class:`RtcError` when ``t`` is not mapped (not pinned, or pinned
+    without the mapping)."""
+    if t.is_cuda or not t.is_pinned():
+        raise RtcError("mapped_pointer needs a pinned host tensor (torch.empty(..., pin_memory=True))")
+    base = t.untyped_storage().data_ptr()
+    ptr = ctypes.c_uint64()
+    _check(libcuda().cuMemHostGetDevicePointer_v2(ctypes.byref(ptr), ctypes.c_void_p(base), 0),
+           "cuMemHostGetDevicePointer (the pinned host tensor is not mapped into the device's address space)")
+    return DevicePointer(ptr.value + (t.data_ptr() - base))
+
+
 class RtcKernel:
     """One ``extern "C"`` kernel of a run-time compiled module, loaded on one device."""
 
@@ -144,6 +162,8 @@ class RtcKernel:
                 vals[i] = a.data_ptr()
             elif a is None:  # a null pointer (an optional array)
                 vals[i] = 0
+            elif isinstance(a, DevicePointer):  # a raw 64-bit device address
+                vals[i] = int(a)
             elif isinstance(a, int):
                 vals[i] = a & 0xFFFFFFFF  # a C int: the kernel reads the low 4 bytes (little-endian)
             else:
@@ -172,4 +192,4 @@ def load_kernel(source: str, name: str, device: torch.device, defines: dict[str,
     return _CACHE[key]
 
 
-__all__ = ["RtcError", "RtcKernel", "compile_ptx", "load_kernel"]
+__all__ = ["DevicePointer", "RtcError", "RtcKernel", "compile_ptx", "load_kernel", "mapped_pointer"]

@@ -183,8 +183,8 @@ typedef Codes<CV> VW;
 __device__ __forceinline__ void cos_sin_sfu(float x, float& c, float& s) {
     const float k = rintf(x * 0.159154943091895336f);
     float r = __fmaf_rn(-k, 6.28125f, x);
-    r = __fmaf_rn(-k, 9.67502593994140625e-4f, r);
-    r = __fmaf_rn(-k, 1.509957990978376432e-7f, r);
+    r = __fmaf_rn(-k, 1.93500518798828125e-3f, r);  // 2 pi = 6.28125 + these two (4 x the pi / 2 tails)
+    r = __fmaf_rn(-k, 3.019915981956752864e-7f, r);
     __sincosf(r, &s, &c);
 }
 

@@ -154,7 +154,19 @@ class Session:
 
     def new_store(self, geom: StoreGeometry, cbk: Codebook, cbv: Codebook, layer: int):
         rope = self.artifact.rope_table() if self.config.key_space == "pre_rope" else None
-        if self.store_kind(geom.device) == "kernels":
+        kernels = self.store_kind(geom.device) == "kernels"
+        if self.config.offload == "host":  # the retrieval mode: a full-precision copy in host memory
+            from .host_kv import PinnedHostKV
+
+            host = PinnedHostKV(geom)
+            if kernels:
+                from .offload_store import OffloadKernelStore
+
+                return OffloadKernelStore(geom, cbk, cbv, self.config, layer_index=layer, rope=rope, host=host)
+            from ..numerics.retrieval import RetrievalLayerStore
+
+            return RetrievalLayerStore(geom, cbk, cbv, self.config, layer_index=layer, rope=rope, host=host)
+        if kernels:
             from .kernel_store import KernelLayerStore
 
             return KernelLayerStore(geom, cbk, cbv, self.config, layer_index=layer, rope=rope)
@@ -254,6 +266,7 @@ class Session:
         stores' on a CPU."""
         seen: set[int] = set()
         out = {"codes": 0, "anchors": 0, "window_kv": 0, "window_queries": 0, "codebooks": 0, "scratch": 0}
+        host = 0  # the retrieval mode's full-precision copy (host memory: reported apart, under "host_kv")
 
         def add(kind, t):
             if not isinstance(t, Tensor):
@@ -277,6 +290,11 @@ class Session:
                 add("window_queries", t)
             for name, t in (getattr(s, "_slabs", None) or {}).items():  # the window's buffers (kernel store)
                 add("window_kv" if name in ("win_k", "win_v") else "window_queries", t)
+            for t in (getattr(s, "ext_k", None), getattr(s, "ext_v", None), getattr(s, "ext_pos", None),
+                      getattr(s, "ext_bits", None)):  # the retrieval mode's exact budget on the device
+                add("anchors", t)
+            if getattr(s, "host", None) is not None:
+                host += s.host.nbytes()
             for cb in (s.cb_k, s.cb_v):
                 for t in cb.tensors():  # (astuple would count deep copies)
                     add("codebooks", t)
@@ -291,6 +309,8 @@ class Session:
             if graph is not None:
                 for t in graph[2:5]:
                     add("scratch", t)
+        if host:
+            out["host_kv"] = host
         return out
 
 
