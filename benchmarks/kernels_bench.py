@@ -1053,35 +1053,19 @@ def main_decode_only(out_dir, variants=None, rep_ms=100, grid=None, warm=True, s
 # table with the map and mean folded in and rotate each pair by its slot in registers. Options of DecodePlan's rope
 # path; "rope" is the default. The sweep is small on purpose: one GPU run picks the best.
 ROPE_VARIANTS = {
-    "rope": dict(),  # the default: the CUDA C++ kernel (rope_decode.cu: factored angle, fp16x2 rotation, 384 threads)
-    # TEMPORARY, one comparison: the previous CUDA kernel (rope_decode_old.cu: exact cos / sin per (token, pair),
-    # 512 threads, measured 3.77 ms at 128K B=32 in kernels_bench_rope_20261203-210237); deleted with its file after
-    "rope_old": dict(rope_impl="cuda", _old=True, _threads=512),
-    "rope_t256": dict(rope_impl="cuda", _threads=256),  # 8 warps of <= 255 registers (189, no spills)
-    "rope_t512": dict(rope_impl="cuda", _threads=512),  # 16 warps of <= 128 registers (spills ~100 bytes)
-    "rope_rot32": dict(rope_impl="cuda", _rot32=1),  # fp32 rotation of query and key (1.6x the loop's instructions)
-    # TEMPORARY timing diagnostic (WRONG output, so dropped from "best" by the correctness check): the default kernel
-    # with every shared-memory gather phase conflict-free: how much of its time the bank conflicts cost
-    "rope_diag_nc": dict(rope_impl="cuda", _diag=1),
+    "rope": dict(),  # the default: the CUDA C++ kernel (rope_decode.cu: factored angle, fp16x2 rotation, 256 threads)
     "rope_triton": dict(rope_impl="triton"),  # the Triton kernel's defaults (libdevice cos / sin per element)
     "rope_tile_b64w8": dict(rope_impl="triton", rope_trig="tile", rope_block_n=64, rope_warps=8),  # Triton's best
 }
 # (dropped after kernels_bench_rope_20261203-203134: the other Triton block / warp / stage / trig / split variants,
-# all slower than rope_tile_b64w8 at every shape; rope_cuda_m2 (twice the splits) after kernels_bench_rope_20261203-
-# 210237: no better)
+# all slower than rope_tile_b64w8 at every shape; after kernels_bench_rope_20261203-225717: the previous CUDA kernel
+# (exact cos / sin per token and pair, 1.5x slower), 384 threads (within 1 % of 256, slower at every shape) and the
+# conflict-free timing diagnostic; NOTES.md "CUDA C++ kernel")
 
 
 def _rope_opts(name):
-    """DecodePlan options of a rope variant; sets the CUDA kernel's launcher knobs (threads per CTA, rotation
-    arithmetic, the temporary old kernel: module settings, not plan options) for the variant's launches."""
-    from antkv_compile.kernels import rope_decode_cuda as RC
-
-    opts = dict(ROPE_VARIANTS[name])
-    RC.DEFAULT_THREADS = int(opts.pop("_threads", RC.THREADS))
-    RC.ROT32 = int(opts.pop("_rot32", 0))
-    RC.OLD_KERNEL = bool(opts.pop("_old", False))
-    RC.DIAG = int(opts.pop("_diag", 0))
-    return opts
+    """DecodePlan options of a rope variant."""
+    return dict(ROPE_VARIANTS[name])
 
 
 ROPE_THETA = 500000.0  # Llama-3

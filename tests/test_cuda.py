@@ -267,14 +267,14 @@ def _pair_codebook(hkv, d, bits, seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("trig", ["cuda", "cuda_rot32", "cuda_t512", "libdevice", "tile", "fast"])
+@pytest.mark.parametrize("trig", ["cuda", "libdevice", "tile", "fast"])
 def test_rope_decode_at_128k_slots_matches_reference(dtype, trig):
     """The pre-RoPE kernel against its reference with slots up to 131K (angles up to 131K rad on pair 0: the range
     reduction of cos / sin), Llama-3 RoPE (theta 500000), G = 4, 1 bit; anchors masked. "tile" factors the angle per
     tile (exact to HF's fp32 rounding); "fast" (tl.cos / tl.sin) is a benchmark alternative: this test says whether
     it is accurate enough. "cuda": the CUDA C++ kernel (rope_decode.cu, the default where it runs: angle factored per
-    8-token group, fl(T w) + fl(d w), within 1 ulp of HF's fl(p w); fp16x2 rotation), "cuda_rot32" its fp32 rotation
-    and "cuda_t512" 16 warps (benchmark variants); the others force the Triton kernel."""
+    8-token group, fl(T w) + fl(d w), within 1 ulp of HF's fl(p w); fp16x2 rotation); the others force the Triton
+    kernel."""
     from antkv_compile.kernels import decode_attention as DA
     from antkv_compile.kernels import rope_decode as RD
     from antkv_compile.numerics.vq import random_codebook
@@ -295,18 +295,8 @@ def test_rope_decode_at_128k_slots_matches_reference(dtype, trig):
     args = (q, ck, cv, DA.bits_from_positions(pos, n), torch.full((b,), n, dtype=torch.int32, device=dev), ak, av,
             pos, wk, wv, torch.full((b,), 33, dtype=torch.int32, device=dev), table, pairs, freq,
             cbv.centroids.to(dev, torch.float16), cbv.inverse.to(dev), cbv.mean.to(dev), d ** -0.5, 1.0)
-    if trig.startswith("cuda"):
-        from antkv_compile.kernels import rope_decode_cuda as RC
-
-        knobs = {"cuda": {}, "cuda_rot32": {"ROT32": 1}, "cuda_t512": {"DEFAULT_THREADS": 512}}[trig]
-        saved = {k: getattr(RC, k) for k in knobs}
-        try:
-            for k, v in knobs.items():
-                setattr(RC, k, v)
-            out, lse = RD.rope_decode_triton(*args, rope_impl="cuda", poison=True)
-        finally:
-            for k, v in saved.items():
-                setattr(RC, k, v)
+    if trig == "cuda":
+        out, lse = RD.rope_decode_triton(*args, rope_impl="cuda", poison=True)
         assert type(DA.LAST_LAUNCH["rope_coded"]).__name__ == "RopeDecodeCuda"
     else:
         out, lse = RD.rope_decode_triton(*args, rope_trig=trig, rope_impl="triton", poison=True)

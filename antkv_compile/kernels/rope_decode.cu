@@ -15,7 +15,7 @@
 //          Cody-Waite reduction to [-pi, pi], sin.approx / cos.approx) into s_rot, read by every lane with a
 //          broadcast. R(fl(d w)) rotates the KEY: d = the lane's token column gq, so each lane keeps its 16 pairs'
 //          factors in registers for the whole kernel (exact polynomial cos / sin once). Both rotations are one HMUL2
-//          + one HFMA2 per pair on fp16x2 (x.re * (c, s) + x.im * (-s, c); ROT32: fp32 arithmetic instead).
+//          + one HFMA2 per pair on fp16x2 (x.re * (c, s) + x.im * (-s, c)).
 //   keys   mma.m16n8k16 with the query rows on M (rows gq < RV real, 8..15 zero), 8 tokens on N, coding dims on K
 //          (8 pairs per 16-dim k-slice). The B fragments of two k-slices are one ldmatrix.x4 of the 8 tokens'
 //          16-byte key rows: lane (gq, tq) receives pairs tq / tq + 4 of each slice of token gq as (re, im) fp16 and
@@ -31,8 +31,7 @@
 // stage), CV / MV / SUBV (value codes per token, centroids, dims; one stage), CK (key codes per token = SK), RV
 // (real query rows, <= 8), TQ, NT (threads), KT (key table dtype: 0 fp16, 1 bf16, 2 fp32), CT (value centroids),
 // QT (query dtype: 0 fp16, 1 bf16, 2 fp32), TABB (bytes before the per-warp tiles: the two tables, and at least
-// the epilogue's NWARP * 8 * D fp32 accumulators, which overwrite them), ROT32 (rotation arithmetic: 0 fp16x2,
-// 1 fp32), DIAG (0; 1 = TEMPORARY timing diagnostic: codes forced into distinct bank groups, WRONG output).
+// the epilogue's NWARP * 8 * D fp32 accumulators, which overwrite them).
 
 #define NWARP (NT / 32)
 #define NEG_INF (__int_as_float(0xff800000))
@@ -189,13 +188,6 @@ __device__ __forceinline__ void cos_sin_sfu(float x, float& c, float& s) {
 }
 
 // Rotation of one (re, im) fp16 pair x by the angle of (c, s): (re c - im s, im c + re s).
-#if ROT32
-// fp32: rc = (c, s) as two floats; unpack, 4 FMA / FMUL, one rounding to fp16
-__device__ __forceinline__ unsigned rot_pair(unsigned x, float c, float s) {
-    const float2 k = h2_to_f2(x);
-    return f2_to_h2(k.x * c - k.y * s, k.y * c + k.x * s);
-}
-#else
 // fp16x2: cs = (c, s), ns = (-s, c) packed: x.re * cs + x.im * ns (HMUL2 + HFMA2 with the .H0_H0 / .H1_H1 operand
 // selects of SASS)
 __device__ __forceinline__ unsigned rot_pair(unsigned x, unsigned cs, unsigned ns) {
@@ -205,7 +197,6 @@ __device__ __forceinline__ unsigned rot_pair(unsigned x, unsigned cs, unsigned n
         : "=r"(r) : "r"(x), "r"(cs), "r"(ns));
     return r;
 }
-#endif
 
 extern "C" __global__ void __launch_bounds__(NT, 1)
 antkv_rope_coded(const void* __restrict__ q,            // [B, Hq, TQ, D] (strides s_qb, s_qh, s_qt; unit last)
@@ -294,16 +285,11 @@ antkv_rope_coded(const void* __restrict__ q,            // [B, Hq, TQ, D] (strid
     // of k-slice ks: a0 = coding pair 8 ks + tq of query row gq as (re, im) = (q[j], q[j + D/2]), a2 = pair
     // 8 ks + 4 + tq; B fragment: b0 / b1 = the same pairs of token gq of the 8-token group. Angle of token
     // T + gq (T = the group's first slot): fl(T w) + fl(gq w); R(-fl(T w)) rotates the query once per group (the
-    // cos / sin shared through s_rot), R(fl(gq w)) the key (per lane, constant: kcs / kns, ROT32: kr).
+    // cos / sin shared through s_rot), R(fl(gq w)) the key (per lane, constant: kcs / kns).
     const int* pj = pairs_k + (size_t)hk * (D / 2);
     const float* fj = freq_k + (size_t)hk * (D / 2);
-#if ROT32
-    float2 qf[NKS][2];   // query pairs, fp32, scaled
-    float2 kr[NKS][2];   // (cos, sin) of fl(gq w)
-#else
     unsigned qh[NKS][2];           // query pairs, fp16x2, scaled
     unsigned kcs[NKS][2], kns[NKS][2];  // (cos, sin), (-sin, cos) of fl(gq w), fp16x2
-#endif
     {
         const int r = gq, g = r / TQ, t = r % TQ;
         const size_t qoff = (size_t)b * s_qb + (size_t)(h * (RV / TQ) + g) * s_qh + (size_t)t * s_qt;
@@ -320,14 +306,9 @@ antkv_rope_coded(const void* __restrict__ q,            // [B, Hq, TQ, D] (strid
                 }
                 float cs, sn;
                 cos_sin((float)gq * fj[c], cs, sn);  // fl(gq w), exact cos / sin
-#if ROT32
-                qf[ks][u] = make_float2(re, im);
-                kr[ks][u] = make_float2(cs, sn);
-#else
                 qh[ks][u] = f2_to_h2(re, im);
                 kcs[ks][u] = f2_to_h2(cs, sn);
                 kns[ks][u] = f2_to_h2(-sn, cs);
-#endif
             }
     }
     // s_rot producer: entry e = lane + 32 i of a tile (4 groups x D/2 pairs): group e / (D/2), pair e % (D/2)
@@ -391,11 +372,7 @@ antkv_rope_coded(const void* __restrict__ q,            // [B, Hq, TQ, D] (strid
             float cs, sn;
             cos_sin_sfu((float)(t0 + 8 * jg) * wp[i % NWP], cs, sn);
             const int off = ((jg * NKS + (c >> 3)) * 4 + (c & 3)) * 2 + ((c >> 2) & 1);  // 8-byte units
-#if ROT32
-            reinterpret_cast<float2*>(s_rot)[off] = make_float2(cs, sn);
-#else
             reinterpret_cast<uint2*>(s_rot)[off] = make_uint2(f2_to_h2(cs, -sn), f2_to_h2(sn, cs));
-#endif
         }
         __syncwarp();
 
@@ -411,9 +388,6 @@ antkv_rope_coded(const void* __restrict__ q,            // [B, Hq, TQ, D] (strid
                 const int sub0 = 4 * kk / KCH;
                 const unsigned sub = sub0 + kmat / KCH;
                 unsigned code = (KW::word(cw, sub0 >> 2) >> (8 * ((sub0 & 3) + kmat / KCH))) & 255u;
-#if DIAG
-                code = (code & ~7u) | (unsigned)krow;  // DIAGNOSTIC: the phase's 8 rows in 8 bank groups (wrong keys)
-#endif
                 const unsigned addr = s_key_addr + ((sub * MK + code) * KCH + kmat % KCH) * 16u;
                 unsigned a[4];
                 ldsm_x4(addr, a[0], a[1], a[2], a[3]);  // a[2 hh + u]: pair 8 (2 kk + hh) + 4 u + tq of token gq
@@ -421,19 +395,10 @@ antkv_rope_coded(const void* __restrict__ q,            // [B, Hq, TQ, D] (strid
                 for (int hh = 0; hh < 2; ++hh) {
                     const int ks = 2 * kk + hh;
                     const uint4 rt = s_rot[(jg * NKS + ks) * 4 + tq];  // R(-fl(T w)) of pairs (ks, u = 0 / 1)
-#if ROT32
-                    const unsigned q0 = f2_to_h2(qf[ks][0].x * __uint_as_float(rt.x) + qf[ks][0].y * __uint_as_float(rt.y),
-                                                 qf[ks][0].y * __uint_as_float(rt.x) - qf[ks][0].x * __uint_as_float(rt.y));
-                    const unsigned q1 = f2_to_h2(qf[ks][1].x * __uint_as_float(rt.z) + qf[ks][1].y * __uint_as_float(rt.w),
-                                                 qf[ks][1].y * __uint_as_float(rt.z) - qf[ks][1].x * __uint_as_float(rt.w));
-                    const unsigned b0 = rot_pair(a[2 * hh], kr[ks][0].x, kr[ks][0].y);
-                    const unsigned b1 = rot_pair(a[2 * hh + 1], kr[ks][1].x, kr[ks][1].y);
-#else
                     const unsigned q0 = rot_pair(qh[ks][0], rt.x, rt.y);
                     const unsigned q1 = rot_pair(qh[ks][1], rt.z, rt.w);
                     const unsigned b0 = rot_pair(a[2 * hh], kcs[ks][0], kns[ks][0]);
                     const unsigned b1 = rot_pair(a[2 * hh + 1], kcs[ks][1], kns[ks][1]);
-#endif
                     mma_k(d4, q0, 0u, q1, 0u, b0, b1);
                 }
             }
@@ -480,9 +445,6 @@ antkv_rope_coded(const void* __restrict__ q,            // [B, Hq, TQ, D] (strid
                 const int sv = SUBV == 8 ? 2 * mt + hf : mt;
                 const int ch = SUBV == 8 ? 0 : hf;
                 unsigned k = code_of<VW>(cw, sv);
-#if DIAG
-                k = (k & ~7u) | (unsigned)(lane & 7);  // DIAGNOSTIC: conflict-free value phases (wrong values)
-#endif
                 unsigned a0, a1, a2, a3;
                 ldsm_x4_t(s_cent_addr + vchunk_off(sv, k, ch), a0, a1, a2, a3);
                 mma_v(acc[mt], a0, a1, a2, a3, pb[2 * kv], pb[2 * kv + 1]);

@@ -8,7 +8,6 @@ Same inputs and the same partial slots as the Triton ``_rope_coded_kernel``; com
 from __future__ import annotations
 
 import functools
-import os
 import struct
 from importlib import resources
 
@@ -16,40 +15,28 @@ import torch
 
 SMEM_LIMIT = 227 * 1024  # Hopper / Ampere opt-in maximum per block
 _DT = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
-# threads per CTA (one CTA per SM: the two tables take 128 KB at 1 bit): 384 = 12 warps of <= 168 registers, the
-# most warps without spills (166 registers, nvcc 13.0 sm_90a; 512 spills 100 bytes); NOTES.md "CUDA C++ kernel"
-THREADS = int(os.environ.get("ANTKV_ROPE_CUDA_THREADS", "384"))
-DEFAULT_THREADS = THREADS  # what launch uses (benchmarks/kernels_bench.py sets it per variant)
-# rotation arithmetic of rope_decode.cu: 0 = fp16x2 (HMUL2 + HFMA2 per pair, the default), 1 = fp32
-ROT32 = 0
-# TEMPORARY timing diagnostic (kernels_bench "rope_diag_nc" only): 1 = each shared-memory gather phase's codes forced
-# into 8 distinct bank groups, so the time without bank conflicts is measured; the output is WRONG
-DIAG = 0
-# TEMPORARY (one benchmark comparison, then deleted with rope_decode_old.cu): launch the previous kernel (exact
-# per-token cos / sin) instead; set by benchmarks/kernels_bench.py's "rope_old" variant only
-OLD_KERNEL = False
+# threads per CTA (one CTA per SM: the two tables take 128 KB at 1 bit): 256 = 8 warps of 194 registers, no spills,
+# measured best on the H200 (0.122 / 2.493 ms at 128K B=1 / 32 against 0.125 / 2.510 at 384 threads;
+# kernels_bench_rope_20261203-225717); 512 spills. NOTES.md "CUDA C++ kernel"
+THREADS = 256
 
 
 @functools.lru_cache(maxsize=None)
-def _source(old: bool = False) -> str:
-    return resources.files(__package__).joinpath("rope_decode_old.cu" if old else "rope_decode.cu").read_text()
+def _source() -> str:
+    return resources.files(__package__).joinpath("rope_decode.cu").read_text()
 
 
 def layout(d: int, sk: int, mk: int, subk: int, cv: int, mv: int, subv: int, rv: int, tq: int, kt: torch.dtype,
-           ct: torch.dtype, qt: torch.dtype, threads: int, old: bool = False) -> dict[str, int]:
-    """Compile-time constants and the dynamic shared memory (``_smem``) of one configuration (``old``: of the
-    temporary previous kernel, rope_decode_old.cu)."""
+           ct: torch.dtype, qt: torch.dtype, threads: int = THREADS) -> dict[str, int]:
+    """Compile-time constants and the dynamic shared memory (``_smem``) of one configuration."""
     nwarp = threads // 32
     tables = sk * mk * subk * 2 + cv * mv * subv * 2
     tabb = max(tables, nwarp * 8 * d * 4)
     tabb = (tabb + 15) // 16 * 16
     # per warp: the tile's R(-T w) entries (4 groups x D/2 pairs x 8 B), two tiles of key and value codes
     smem = tabb + nwarp * (4 * (d // 2) * 8 + 64 * sk + 64 * cv) + 2 * nwarp * 8 * 4
-    if old:
-        smem = tabb + nwarp * (8 * 32 * 2 + 32 * cv) + 2 * nwarp * 8 * 4
     return {"D": d, "SK": sk, "MK": mk, "SUBK": subk, "CK": sk, "CV": cv, "MV": mv, "SUBV": subv, "RV": rv, "TQ": tq,
-            "NT": threads, "KT": _DT[kt], "CT": _DT[ct], "QT": _DT[qt], "TABB": tabb, "ROT32": ROT32,
-            "DIAG": DIAG, "_old": int(old), "_smem": smem}
+            "NT": threads, "KT": _DT[kt], "CT": _DT[ct], "QT": _DT[qt], "TABB": tabb, "_smem": smem}
 
 
 def shape_reason(q: torch.Tensor, codes_k: torch.Tensor, codes_v: torch.Tensor, table_k: torch.Tensor,
@@ -85,7 +72,7 @@ def shape_reason(q: torch.Tensor, codes_k: torch.Tensor, codes_v: torch.Tensor, 
     if r_pad < 8:
         return f"{r_pad} rows per partial slot"
     lay = layout(d, s_k, m_k, sub_k, cv, m_v, sub_v, rv, tq, table_k.dtype, cent_v.dtype, q.dtype,
-                 threads or DEFAULT_THREADS)
+                 threads or THREADS)
     if lay["_smem"] > SMEM_LIMIT:
         return f"{lay['_smem']} bytes of shared memory (at most {SMEM_LIMIT})"
     return None
@@ -124,9 +111,8 @@ class RopeDecodeCuda:
 
         lay = dict(lay)
         self.smem = lay.pop("_smem")
-        old = bool(lay.pop("_old", 0))
         self.threads = lay["NT"]
-        self.kernel = load_kernel(_source(old), "antkv_rope_coded", device, lay, self.smem)
+        self.kernel = load_kernel(_source(), "antkv_rope_coded", device, lay, self.smem)
 
     @property
     def regs(self) -> int:
@@ -151,7 +137,7 @@ def launch(q, codes_k, codes_v, anchor_bits, n_coded, table_k, pairs_k, freq_k, 
     _, hcb_k, s_k, m_k, sub_k = table_k.shape
     _, hcb_v, s_v, m_v, sub_v = cent_v.shape
     lay = layout(d, s_k, m_k, sub_k, codes_v.shape[3], m_v, sub_v, (hq // hkv) * tq, tq, table_k.dtype, cent_v.dtype,
-                 q.dtype, threads or DEFAULT_THREADS, OLD_KERNEL)
+                 q.dtype, threads or THREADS)
     ker = rope_decode_kernel(q.device, tuple(sorted(lay.items())))
     scale_bits = struct.unpack("<i", struct.pack("<f", float(qk_scale) * float(rope_scale)))[0]
     ker.kernel((b * hkv, p_coded, 1), ker.threads, ker.smem,
@@ -172,7 +158,6 @@ def cos_sin_probe(pos: torch.Tensor, w: torch.Tensor, sfu: bool = False) -> torc
 
     lay = layout(128, 16, 256, 8, 16, 256, 8, 4, 1, torch.float16, torch.float16, torch.float16, 256)
     lay.pop("_smem")
-    lay.pop("_old")
     name = "antkv_rope_cos_sin_sfu_probe" if sfu else "antkv_rope_cos_sin_probe"
     ker = load_kernel(_source(), name, pos.device, lay, 0)
     out = torch.empty(pos.numel(), w.numel(), 2, device=pos.device, dtype=torch.float32)
