@@ -496,27 +496,18 @@ antkv_rope_coded(const void* __restrict__ q,            // [B, Hq, TQ, D] (strid
     }
 }
 
-// Test probe (tests/test_cuda.py): cos / sin of fl(pos[i / nw] * w[i % nw]) as the kernel computes them.
+// Test probe (tests/test_cuda.py): cos / sin of fl(pos[i / nw] * w[i % nw]) as the kernel computes them, by the
+// per-lane key path (cos_sin) or, sfu != 0, the per-group query path (cos_sin_sfu).
 extern "C" __global__ void antkv_rope_cos_sin_probe(const float* __restrict__ pos, const float* __restrict__ w,
-                                                   float* __restrict__ out, int n, int nw)
+                                                   float* __restrict__ out, int n, int nw, int sfu)
 {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n * nw) {
         float c, s;
-        cos_sin(pos[i / nw] * w[i % nw], c, s);
-        out[2 * i] = c;
-        out[2 * i + 1] = s;
-    }
-}
-
-// Test probe: cos / sin of fl(pos[i / nw] * w[i % nw]) by the per-group path (cos_sin_sfu).
-extern "C" __global__ void antkv_rope_cos_sin_sfu_probe(const float* __restrict__ pos, const float* __restrict__ w,
-                                                       float* __restrict__ out, int n, int nw)
-{
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n * nw) {
-        float c, s;
-        cos_sin_sfu(pos[i / nw] * w[i % nw], c, s);
+        if (sfu)
+            cos_sin_sfu(pos[i / nw] * w[i % nw], c, s);
+        else
+            cos_sin(pos[i / nw] * w[i % nw], c, s);
         out[2 * i] = c;
         out[2 * i + 1] = s;
     }

@@ -158,9 +158,9 @@ def cos_sin_probe(pos: torch.Tensor, w: torch.Tensor, sfu: bool = False) -> torc
 
     lay = layout(128, 16, 256, 8, 16, 256, 8, 4, 1, torch.float16, torch.float16, torch.float16, 256)
     lay.pop("_smem")
-    name = "antkv_rope_cos_sin_sfu_probe" if sfu else "antkv_rope_cos_sin_probe"
-    ker = load_kernel(_source(), name, pos.device, lay, 0)
+    ker = load_kernel(_source(), "antkv_rope_cos_sin_probe", pos.device, lay, 0)
     out = torch.empty(pos.numel(), w.numel(), 2, device=pos.device, dtype=torch.float32)
     total = pos.numel() * w.numel()
-    ker(((total + 255) // 256, 1, 1), 256, 0, [pos.contiguous(), w.contiguous(), out, pos.numel(), w.numel()])
+    ker(((total + 255) // 256, 1, 1), 256, 0,
+        [pos.contiguous(), w.contiguous(), out, pos.numel(), w.numel(), int(sfu)])
     return out
