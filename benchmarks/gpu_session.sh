@@ -8,9 +8,10 @@
 # model's GGUF split in two parts, .model/smollm2.gguf.part00 / part01 (the working tree that travels is limited
 # to 64 MiB; the GGUF is 98 MB): one call carries part00, the next, on the still-warm machine, part01.
 #
-# Stages: model (join the GGUF parts), tests (GPU test files), kernels (decode kernel bench), quality (SmolLM2
-# calibration + perplexity table + compiled CUDA path vs CPU reference), fidelity, e2e (Llama-3-8B-shaped model
-# with random weights: throughput, capacity, batch-1 decode), any other word = a shell command run as is.
+# Stages: model (join the GGUF parts), tests (GPU test files; TESTS="tests/test_cuda.py -k rope" narrows them),
+# kernels (decode kernel bench), any other word = a shell command run as is (e.g. "python3 -m antkv_compile.cli
+# fidelity --device cuda --model $GGUF ..."). Time on the H200: tests/test_cuda.py ~5 min, kernels ~1 min; the
+# fidelity grid's full-precision pass alone took 7 min (fp32, batch 10: the masked SDPA materializes the scores).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-/tmp/antkv_out}"
