@@ -165,9 +165,6 @@ def test_rope_cuda_layout_fits_shared_memory_at_the_bench_shapes(threads):
     for rv, tq in ((4, 1), (8, 2)):
         lay = RC.layout(128, 16, 256, 8, 16, 256, 8, rv, tq, torch.float16, torch.float16, torch.float16, threads)
         assert lay["_smem"] <= RC.SMEM_LIMIT and lay["TABB"] >= threads // 32 * 8 * 128 * 4
-        old = RC.layout(128, 16, 256, 8, 16, 256, 8, rv, tq, torch.float16, torch.float16, torch.float16, threads,
-                        old=True)
-        assert old["_smem"] <= RC.SMEM_LIMIT
     q = torch.zeros(1, 32, 1, 128, dtype=torch.float16)
     ck = torch.zeros(1, 8, 64, 16, dtype=torch.uint8)
     tab = torch.zeros(1, 8, 16, 256, 8, dtype=torch.float16)
