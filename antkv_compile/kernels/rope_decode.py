@@ -46,7 +46,7 @@ from ..numerics.attention import causal_mask, exact_attention, merge_partials
 from ..numerics.rope_pairs import pair_layout
 from ..numerics.vq import Codebook
 from ._common import HAS_TRITON, can_launch, tl, triton
-from .decode_attention import anchor_mask_from_bits
+from .decode_attention import _warn_once, anchor_mask_from_bits
 
 if HAS_TRITON:
     from triton.language.extra import libdevice
@@ -193,15 +193,6 @@ TRIG_MODES = {"libdevice": 0, "fast": 1, "tile": 0}  # tile: libdevice cos / sin
 # which coded kernel launch_rope_coded runs by default: "auto" = the CUDA C++ kernel (rope_decode.cu) where it
 # supports the call, else Triton (NOTES.md "Pre-RoPE pair-layout decode"); DecodePlan(rope_impl=...) per call
 DEFAULT_IMPL = "auto"
-_WARNED: set = set()
-
-
-def _warn_once(msg: str) -> None:
-    if msg not in _WARNED:
-        _WARNED.add(msg)
-        import warnings
-
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 def launch_rope_coded(q: Tensor, codes_k: Tensor, codes_v: Tensor, anchor_bits: Tensor, n_coded: Tensor,
