@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from antkv_compile.fidelity import tasks as T
-from antkv_compile.fidelity.runner import (ItemResult, _generate_forced, _score_steps, cell_table, gates,
-                                           sdpa_prefill)
+from antkv_compile.fidelity.runner import (ItemResult, _generate_forced, _score_steps, cell_table, gated_items,
+                                           gates, sdpa_prefill, shared_cells)
 from antkv_compile.models import tiny_model, tiny_tokenizer
 
 
@@ -185,6 +185,26 @@ def test_gates():
     assert not g2["gate_2bit_within_one_sample"] and g2["antkv-2"]["max_cell_diff_samples"] == 2
     assert g2["antkv-1"]["share_of_full"] == pytest.approx(0.9 / 0.975) and not g2["gate_1bit_95pct"]
     assert gates({"antkv-1": one_ok}) == {"note": "no full-precision run: nothing gated"}
+
+
+def test_gated_cells_select_the_items_full_precision_passes():
+    """--cells gated: the quantized methods run exactly the items of the cells full precision passes (>= 90 %), the
+    table compares every method on the cells all of them ran, and the gates are those of an all-cells run."""
+    full = cell_table(_results("passkey", {(1024, 0): (20, 20), (1024, 1): (18, 20), (2048, 0): (17, 20)})
+                      + _results("niah", {(1024, 0): (0, 20)}))
+    items = [T.Item(task, L, 0.0, di, s, (), "1", (), 0, 1, 0, 1)
+             for task, L, di in [("passkey", 1024, 0), ("passkey", 1024, 1), ("passkey", 2048, 0), ("niah", 1024, 0)]
+             for s in range(3)]
+    kept = gated_items(items, {"full": full})
+    assert {(it.task, it.length, it.depth_index) for it in kept} == {("passkey", 1024, 0), ("passkey", 1024, 1)}
+    assert len(kept) == 6  # every sample of a kept cell
+    with pytest.raises(SystemExit, match="full precision's cells first"):
+        gated_items(items, {})
+    one = cell_table(_results("passkey", {(1024, 0): (20, 20), (1024, 1): (17, 20)}))
+    assert shared_cells({"full": full, "antkv-1": one}) == {("passkey", 1024, 0), ("passkey", 1024, 1)}
+    assert shared_cells({"full": full}) == set(full)
+    every = {**full, **one}  # the same method had it run every cell (the others at full's scores)
+    assert gates({"full": full, "antkv-1": one}) == gates({"full": full, "antkv-1": every})
 
 
 def test_quick_smoke_through_the_cli(tmp_path, capsys):

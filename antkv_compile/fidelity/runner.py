@@ -481,6 +481,16 @@ def gates(cells: dict[str, dict], two_bit: str = "antkv-2", one_bit: str = "antk
     return out
 
 
+def gated_items(items: list[Item], cells: dict[str, dict]) -> list[Item]:
+    """``--cells gated``: the items of the cells full precision passes (>= 90 %), the only cells the gates read."""
+    full = cells.get("full")
+    if full is None:
+        raise SystemExit("--cells gated needs full precision's cells first: run 'full' in the same run or "
+                         "--resume a JSON that has them")
+    keep = {k for k, c in full.items() if c["accuracy"] >= PASS_THRESHOLD}
+    return [it for it in items if (it.task, it.length, it.depth_index) in keep]
+
+
 def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
@@ -575,7 +585,8 @@ def run(args) -> dict:
         if m.name in cells:
             print(f"{m.name:16s} resumed from {args.resume}", flush=True)
             continue
-        res, f = run_retrieval(model, tok, m, items, artifacts, batch=args.batch, compile_extra=extra,
+        todo = items if m.name == "full" or args.cells == "all" else gated_items(items, cells)
+        res, f = run_retrieval(model, tok, m, todo, artifacts, batch=args.batch, compile_extra=extra,
                                recompile_per_length=args.recompile_per_length, quiet=args.quiet)
         cells[m.name], facts[m.name] = cell_table(res), f
         items_out[m.name] = [dataclasses.asdict(r) for r in res]
@@ -605,8 +616,11 @@ def run(args) -> dict:
     for p in plots:
         print(f"wrote {p}")
     _print_gates(out["gates"], [m.name for m in methods], len(depth_list), cells)
+    n_cells = len(tasks) * len(lengths) * len(depth_list)
+    over = "" if out["protocol"]["table_cells"] == n_cells else \
+        f" (accuracies over the {out['protocol']['table_cells']} of {n_cells} cells every method ran)"
     print_table(out["table"], table_columns(tasks), f"long-context fidelity, {_model_label(args)} on {args.device}: "
-                f"{len(lengths)} lengths x {len(depth_list)} depths x {args.samples} samples per task; KL on "
+                f"{len(lengths)} lengths x {len(depth_list)} depths x {args.samples} samples per task{over}; KL on "
                 f"{args.kl_windows} x {args.kl_len} tokens of {args.haystack}")
     return out
 
@@ -670,10 +684,11 @@ def payload(args, methods, tasks, lengths, depth_list, cells, facts, kl, items_o
     from ..reporting import environment, markdown_table
 
     g = gates(cells) if cells else {}
+    shared = shared_cells(cells)
     rows = []
     for m in methods:
         row = {"method": m.name, "path": m.path, "bits": m.spec.nominal_bits}
-        t = cells.get(m.name, {})
+        t = {k: c for k, c in cells.get(m.name, {}).items() if k in shared}
         for task in tasks:
             cs = [c for k, c in t.items() if k[0] == task]
             row[f"acc_{task}"] = sum(c["correct"] for c in cs) / sum(c["n"] for c in cs) if cs else None
@@ -706,7 +721,8 @@ def payload(args, methods, tasks, lengths, depth_list, cells, facts, kl, items_o
                                "KL(full || method) per predicted token"},
             "calibration": {"text": args.calib_text, "tokens": args.calib_tokens, "artifacts": args.artifacts},
             "compile_extra_options": extra, "recompile_per_length": args.recompile_per_length,
-            "dtype": args.dtype, "pass_threshold": PASS_THRESHOLD,
+            "dtype": args.dtype, "pass_threshold": PASS_THRESHOLD, "cells": args.cells,
+            "table_cells": len(shared),
         },
         "methods": {m.name: {"path": m.path, "family": m.spec.family, "nominal_bits": m.spec.nominal_bits,
                              "artifact": m.spec.artifact, "score": m.spec.config.score, **facts.get(m.name, {}),
@@ -721,6 +737,13 @@ def payload(args, methods, tasks, lengths, depth_list, cells, facts, kl, items_o
         "plots": plots,
         "seconds": round(time.time() - t_start, 1),
     }
+
+
+def shared_cells(cells: dict[str, dict]) -> set:
+    """The cells every method with results ran: the table's accuracies and NLLs are over these, so that a method
+    run on the gated cells alone (``--cells gated``) is compared on the same cells as full precision."""
+    ran = [set(t) for t in cells.values() if t]
+    return set.intersection(*ran) if ran else set()
 
 
 def _model_label(args) -> str:
@@ -773,6 +796,9 @@ def add_arguments(p) -> None:
     p.add_argument("--inner", default="inductor", choices=["inductor", "eager"],
                    help="compiled path: Inductor (default) or the rewritten graph run eagerly (fast compile)")
     p.add_argument("--store", default=None, choices=["auto", "reference", "kernels"], help="compiled store option")
+    p.add_argument("--cells", default="all", choices=["all", "gated"],
+                   help="which cells the methods other than full precision run: all (default) or only the gated "
+                        "ones (full precision >= 90 %%; the others are reported for full precision alone)")
     p.add_argument("--recompile-per-length", action="store_true",
                    help="fresh model.compile for each prompt length (workaround while one compiled model "
                         "does not compress every prompt length)")
