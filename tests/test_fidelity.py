@@ -248,3 +248,21 @@ def test_quick_smoke_through_the_cli(tmp_path, capsys):
     sub = json.loads((tmp_path / "sub.json").read_text())
     assert sub["methods"]["full"]["cells"] == {k: c for k, c in d["methods"]["full"]["cells"].items()
                                                if k.split("/")[1] == "512"}
+
+    # a run stopped by --stop-after inside antkv-1 resumes item by item: the items it did are kept, not re-run
+    stopped = dict(d, partial=True, kl={})
+    items = d["items"]["antkv-1"]
+    stopped["unfinished"] = {"antkv-1": [dict(r, nll=123.0) for r in items[:5]]}
+    stopped["methods"] = dict(d["methods"], **{"antkv-1": dict(d["methods"]["antkv-1"], cells={})})
+    (tmp_path / "stopped.json").write_text(json.dumps(stopped))
+    assert main(args + ["--save-items", "--resume", str(tmp_path / "stopped.json"), "--out", str(tmp_path / "on.json")]) == 0
+    on = json.loads((tmp_path / "on.json").read_text())
+    key = lambda r: (r["task"], r["length"], r["depth_index"], r["sample"])  # noqa: E731
+    got = {key(r): r for r in on["items"]["antkv-1"]}
+    assert sorted(got) == sorted(key(r) for r in items) and not on.get("unfinished")
+    assert [got[key(r)]["nll"] for r in items[:5]] == [123.0] * 5  # kept from the stopped run
+    assert [got[key(r)]["correct"] for r in items[5:]] == [r["correct"] for r in items[5:]]  # the rest re-run
+    # and a stop: no batch starts after the deadline, the JSON keeps the method's items for --resume
+    assert main(args + ["--stop-after", "1e-9", "--out", str(tmp_path / "stop.json")]) == 0
+    stop = json.loads((tmp_path / "stop.json").read_text())
+    assert stop["partial"] and stop["unfinished"] == {"full": []} and "stopped by --stop-after" in capsys.readouterr().out

@@ -308,8 +308,9 @@ def _count_graphs(facts: dict, records: list) -> None:
 
 def run_retrieval(model, tok, method: FidelityMethod, items: list[Item], artifacts: dict, *, batch: int = 20,
                   compile_extra: dict | None = None, recompile_per_length: bool = False,
-                  quiet: bool = False) -> tuple[list[ItemResult], dict]:
-    """Every item through ``method``'s path; returns per-item results and run facts (path, seconds, graphs)."""
+                  quiet: bool = False, deadline: float | None = None) -> tuple[list[ItemResult], dict]:
+    """Every item through ``method``'s path; returns per-item results and run facts (path, seconds, graphs).
+    Past ``deadline`` (``time.time()``) no new batch starts: the results so far come back with ``facts["stopped"]``."""
     from ..backend import last_compiles
 
     device = next(model.parameters()).device
@@ -332,6 +333,9 @@ def run_retrieval(model, tok, method: FidelityMethod, items: list[Item], artifac
     current_len = None
     try:
         for length, rows, real in _batches(items, min(batch, len(items))):
+            if deadline is not None and time.time() > deadline:
+                facts["stopped"] = True
+                break
             if method.path == "compiled" and recompile_per_length and current_len not in (None, length):
                 _count_graphs(facts, last_compiles)
                 compile_model()
@@ -572,13 +576,16 @@ def run(args) -> dict:
     print(f"fidelity: {len(items)} items ({','.join(tasks)} x lengths {lengths} x {len(depth_list)} depths x "
           f"{args.samples} samples) x {len(methods)} methods on {args.device}", flush=True)
 
-    cells, facts, items_out, kl = resumed(args.resume, methods, args) if args.resume else ({}, {}, {}, {})
+    cells, facts, items_out, kl, unfinished = (resumed(args.resume, methods, args) if args.resume
+                                               else ({}, {}, {}, {}, {}))
+    deadline = t_start + args.stop_after if args.stop_after else None
 
-    def checkpoint():  # the JSON after every method: a run stopped by a time limit keeps what it finished
+    def checkpoint(partial=True):  # the JSON after every method (and at a stop): a stopped run keeps what it did
         if args.out:
             write_json(args.out, payload(args, methods, tasks, lengths, depth_list, cells, facts, kl, items_out,
-                                         [], extra, t_start, partial=True))
+                                         [], extra, t_start, partial=partial, unfinished=unfinished))
 
+    stopped = False
     for m in methods:
         if not items:
             break
@@ -586,14 +593,30 @@ def run(args) -> dict:
             print(f"{m.name:16s} resumed from {args.resume}", flush=True)
             continue
         todo = items if m.name == "full" or args.cells == "all" else gated_items(items, cells)
+        done = [ItemResult(**r) for r in unfinished.pop(m.name, [])]
+        seen = {(r.task, r.length, r.depth_index, r.sample) for r in done}
+        todo = [it for it in todo if (it.task, it.length, it.depth_index, it.sample) not in seen]
         res, f = run_retrieval(model, tok, m, todo, artifacts, batch=args.batch, compile_extra=extra,
-                               recompile_per_length=args.recompile_per_length, quiet=args.quiet)
+                               recompile_per_length=args.recompile_per_length, quiet=args.quiet, deadline=deadline)
+        res = done + res
+        f["seconds"] = round(f["seconds"] + facts.get(m.name, {}).get("seconds", 0.0), 1)
+        if f.pop("stopped", False):
+            unfinished[m.name], facts[m.name] = [dataclasses.asdict(r) for r in res], f
+            print(f"{m.name:16s} stopped by --stop-after after {len(res)} of {len(done) + len(todo)} items"
+                  f": continue with --resume {args.out}", flush=True)
+            stopped = True
+            break
         cells[m.name], facts[m.name] = cell_table(res), f
         items_out[m.name] = [dataclasses.asdict(r) for r in res]
         acc = sum(r.correct for r in res) / len(res)
         print(f"{m.name:16s} [{m.path:8s}] accuracy {acc:6.1%}  mean answer NLL "
               f"{sum(r.nll for r in res) / len(res):7.3f}  {f['seconds']:7.1f}s", flush=True)
         checkpoint()
+    if stopped or (deadline is not None and time.time() > deadline):
+        checkpoint()
+        print(f"stopped by --stop-after {args.stop_after}s; wrote {args.out}: --resume it to go on", flush=True)
+        return payload(args, methods, tasks, lengths, depth_list, cells, facts, kl, items_out, [], extra, t_start,
+                       partial=True, unfinished=unfinished)
 
     missing_kl = [m for m in methods if m.name != "full" and m.name not in kl]
     if args.kl_windows > 0 and missing_kl:
@@ -635,9 +658,9 @@ def table_columns(tasks: list[str]) -> list[tuple[str, str, str]]:
     return cols
 
 
-def resumed(path: str, methods: list[FidelityMethod], args) -> tuple[dict, dict, dict, dict]:
-    """Cells, facts, items and KL of the methods an earlier JSON (``--resume``) finished, after checking that it
-    ran the same protocol; the methods it lacks run now."""
+def resumed(path: str, methods: list[FidelityMethod], args) -> tuple[dict, dict, dict, dict, dict]:
+    """Cells, facts, items and KL of the methods an earlier JSON (``--resume``) finished, and the items of the one
+    it stopped in (``--stop-after``), after checking that it ran the same protocol; the rest run now."""
     import json
 
     prev = json.loads(Path(path).read_text())
@@ -661,6 +684,11 @@ def resumed(path: str, methods: list[FidelityMethod], args) -> tuple[dict, dict,
                          "or a subset of a run that saved its items (--save-items)")
     names = {m.name for m in methods}
     cells, facts, items_out = {}, {}, {}
+    unfinished = {n: rs for n, rs in (prev.get("unfinished") or {}).items() if n in names}
+    if unfinished and not same_grid:
+        raise SystemExit(f"--resume {path}: it stopped inside {sorted(unfinished)}; resume it with its own grid")
+    for name in unfinished:
+        facts[name] = {"seconds": prev["methods"][name].get("seconds", 0.0)}
     for name, rec in prev.get("methods", {}).items():
         if name not in names or not rec.get("cells"):
             continue
@@ -675,11 +703,11 @@ def resumed(path: str, methods: list[FidelityMethod], args) -> tuple[dict, dict,
         facts[name]["resumed_from"] = str(path)
     items_out = {k: v for k, v in items_out.items() if v is not None}
     kl = {k: v for k, v in (prev.get("kl") or {}).items() if k in names or k in ("full", "_seconds")}
-    return cells, facts, items_out, kl
+    return cells, facts, items_out, kl, unfinished
 
 
 def payload(args, methods, tasks, lengths, depth_list, cells, facts, kl, items_out, plots, extra, t_start,
-            partial: bool = False) -> dict:
+            partial: bool = False, unfinished: dict | None = None) -> dict:
     """The JSON of a run (``partial``: written after each method, before the KL and the plots)."""
     from ..reporting import environment, markdown_table
 
@@ -732,6 +760,7 @@ def payload(args, methods, tasks, lengths, depth_list, cells, facts, kl, items_o
         "gates": g,
         "kl": kl,
         "items": items_out if args.save_items else None,
+        "unfinished": unfinished or None,  # per-item results of a method stopped by --stop-after (for --resume)
         "table": rows,
         "markdown": markdown_table(rows, table_columns(tasks)),
         "plots": plots,
@@ -819,6 +848,9 @@ def add_arguments(p) -> None:
     p.add_argument("--resume", default=None,
                    help="a JSON of an earlier run of the same protocol (e.g. one stopped by a time limit: the JSON is "
                         "written after every method): its finished methods are taken from it, the rest run now")
+    p.add_argument("--stop-after", type=float, default=None,
+                   help="seconds: start no new batch after this long, write the JSON with the items done so far "
+                        "and stop; --resume continues item by item (for time-limited machines)")
     p.add_argument("--quick", action="store_true",
                    help="CI smoke run: lengths 256,512, 2 depths, 1 sample, full / antkv-1 / kivi-2, KL on 1 x 256 "
                         "tokens, codebooks from 2048 tokens (artifacts/<model>-quick), rewritten graphs run eagerly")
