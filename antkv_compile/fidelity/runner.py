@@ -596,8 +596,12 @@ def run(args) -> dict:
         done = [ItemResult(**r) for r in unfinished.pop(m.name, [])]
         seen = {(r.task, r.length, r.depth_index, r.sample) for r in done}
         todo = [it for it in todo if (it.task, it.length, it.depth_index, it.sample) not in seen]
+        if not todo and not done:
+            print(f"{m.name:16s} no cell to run (--cells gated: full precision passes none)", flush=True)
+            continue
         res, f = run_retrieval(model, tok, m, todo, artifacts, batch=args.batch, compile_extra=extra,
-                               recompile_per_length=args.recompile_per_length, quiet=args.quiet, deadline=deadline)
+                               recompile_per_length=args.recompile_per_length, quiet=args.quiet,
+                               deadline=deadline) if todo else ([], {"path": m.path, "seconds": 0.0})
         res = done + res
         f["seconds"] = round(f["seconds"] + facts.get(m.name, {}).get("seconds", 0.0), 1)
         if f.pop("stopped", False):
