@@ -184,7 +184,7 @@ if HAS_TRITON:
             logits = tl.where(keep[None, :], logits, float("-inf"))
             p, alpha, m_i, l_i = _online_update(logits, m_i, l_i, acc)
             vc = _dequant(CV, cv_base, offs_n, nmask, C_V, CENT_V, hv, HCB_V, S_V, M_V, SUB_V, ST_V, BLOCK_N, D, DOT,
-                          CACHE, False)
+                          CACHE)
             acc = acc * alpha[:, None] + tl.dot(p.to(DOT), vc, input_precision=PREC)
         _store_partial(PO, PL, pid_bh, pid_s, PS, acc, m_i, l_i, G * TQ, R_PAD, D, R_PAD)
 
