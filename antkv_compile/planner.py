@@ -4,7 +4,6 @@ Bytes on the device, as functions of batch B and context N (tokens per sequence)
 
     weights    params x weight bytes
     codes      B N L Hkv (C_k + C_v) bits / 8              (C = stages x sub-spaces x code bits)
-               + B N L Hkv 2                                (value-copy selection words, 1 bit: see below)
     anchors    B L Hkv (rho N + 1) (2 D e + 4 + 4)          (K, V at e bytes, int32 position, fp32 score)
                + B L Hkv N / 8                              (one anchor bit per token)
     window     B L Hkv W 2 D e                              (K, V)
@@ -162,7 +161,7 @@ class MemoryModel:
             p = self.preset
             # codes are stored one per byte (6-bit codes too: the kernels read uint8), not bit-packed
             code_bits = 2 * p.stages * p.num_subspaces(d) * 8 * math.ceil(p.code_bits / 8)
-            out["codes"] = B * N * L * hkv * (sp.Rational(code_bits, 8) + selection_bytes(p, d))
+            out["codes"] = B * N * L * hkv * sp.Rational(code_bits, 8)
             out["anchors"] = B * L * hkv * ((sp.nsimplify(self.anchor_ratio) * N + 1) * (2 * d * e + 8) + N / 8)
             out["window"] = B * L * hkv * self.window * 2 * d * e
             out["window_queries"] = B * L * hq * self.window * (2 * d * e + 4)  # kept for scoring, not read by decode
@@ -220,21 +219,6 @@ class MemoryModel:
     def largest_batch(self, context: int, budget: int, host_budget: int | None = None) -> int:
         """Largest B with total(B, context) <= budget (and host bytes <= host_budget) (0 if not one sequence fits)."""
         return _largest(lambda b: self.fits(b, context, budget, host_budget))
-
-
-def selection_bytes(preset: VQPreset, head_dim: int) -> int:
-    """Bytes per token and KV head of the CUDA decode kernel's value-copy selection words (int16, kept by the
-    kernel store where that kernel holds 2 copies of the value table and reads them: 1 bit at head_dim 128;
-    kernels/value_copies.py)."""
-    import torch
-
-    from .kernels.coded_decode_cuda import selection_mode
-
-    s, m = preset.num_subspaces(head_dim), preset.num_centroids
-    if preset.stages != 1:
-        return 0
-    cent = torch.empty(1, 1, s, m, preset.sub_dim, dtype=torch.float16, device="meta")
-    return 2 if selection_mode(cent, cent, s, s) else 0
 
 
 def _largest(fits) -> int:

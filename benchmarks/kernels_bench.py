@@ -7,7 +7,7 @@ FP16 SDPA (flash) at the Llama-3-8B attention shape (32 query heads, 8 KV heads,
 
 Timings: triton.testing.do_bench medians (it clears L2 before every repetition, so small inputs are not
 timed from cache), warm-up first, random data (never zeros). Decode is timed as CUDA-graph replays for
-both sides (ours: 2 small kernels + the split kernel + the merge; SDPA: one flash call). Bandwidth:
+both sides (ours: the prologue (+ key table) and the split kernel, which merges; SDPA: one flash call). Bandwidth:
 bytes the kernels must move (reads + writes, each once) over time, against a measured device-to-device
 copy (bytes read + written). The table is printed last.
 """
@@ -23,7 +23,6 @@ import subprocess
 import sys
 import time
 import traceback
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -429,7 +428,7 @@ def micro():
 
 @section("breakdown")
 def breakdown(best):
-    """Each of the three launches alone (CUDA-graph replays)."""
+    """Each launch alone (CUDA-graph replays)."""
     rows = []
     shapes = [("1", 1, 8192), ("1", 1, 131072), ("1", 32, 131072)]
     if DRY:
@@ -444,10 +443,10 @@ def breakdown(best):
         plan = DA.DecodePlan(*args, **cfg)
         plan()
         rec["splits"] = list(plan.splits)
-        for name, fn in (("prologue", plan.prologue), ("partials", plan.partials), ("merge", plan.merge), ("all", plan)):
+        for name, fn in (("prologue", plan.prologue), ("partials", plan.partials), ("all", plan)):
             rec[name + "_us"] = 1e3 * bench(graph_of(fn))
         args0 = list(args)
-        args0[4] = torch.zeros_like(args[4])  # nothing coded: the exact programs, prologue and merge alone
+        args0[4] = torch.zeros_like(args[4])  # nothing coded: the prologue, exact programs and merge alone
         p0 = DA.DecodePlan(*args0, **cfg)
         p0()
         rec["all_nothing_coded_us"] = 1e3 * bench(graph_of(p0))
@@ -784,83 +783,39 @@ def table() -> str:
 
 # ------------------------------------------------------------------------------------------- decode only (v3)
 V3_VARIANTS = {  # name -> decode_attention_triton options (split_mult handled separately)
-    "v2": dict(merge="triton", key_lut=False),
-    "fused": dict(merge="fused", key_lut=False),
-    "lut": dict(merge="triton", key_lut=True),
-    "v3": dict(merge="fused", key_lut=True),
-    "v3_m2": dict(merge="fused", key_lut=True, split_mult=2),
-    "v3_m0.5": dict(merge="fused", key_lut=True, split_mult=0.5),
-    "v3_w8": dict(merge="fused", key_lut=True, num_warps=8),
-    "v3_s2": dict(merge="fused", key_lut=True, num_stages=2),
-    "v3_b128": dict(merge="fused", key_lut=True, block_n=128, num_warps=8),
-    "v3_m2_s2": dict(merge="fused", key_lut=True, split_mult=2, num_stages=2),
+    "fused": dict(key_lut=False),
+    "v3": dict(key_lut=True),
+    "v3_m2": dict(key_lut=True, split_mult=2),
+    "v3_m0.5": dict(key_lut=True, split_mult=0.5),
+    "v3_w8": dict(key_lut=True, num_warps=8),
+    "v3_s2": dict(key_lut=True, num_stages=2),
+    "v3_b128": dict(key_lut=True, block_n=128, num_warps=8),
+    "v3_m2_s2": dict(key_lut=True, split_mult=2, num_stages=2),
 }
 
 
-# The Triton coded loop (key LUT, the default where NVRTC is missing) and the CUDA warp kernel (coded_decode.cu, the
-# default on a GPU; NOTES.md "Coded decode, CUDA C++ (post-RoPE LUT)", "Value-copy selection words", "Exact
-# programs, merge and launches (decode)"): split counts, the exact programs (anchors + window, Triton: anchors per
-# step, pipelining, programs per KV head) and the value-copy selection words (kernels/value_copies.py). Variants
-# of earlier designs (v4 loop options, the v5 block kernel, copy counts, the fp32 key table, selection mode 1)
-# were measured and removed; see NOTES.md and git history.
+# The post-RoPE Triton coded loop (key LUT; the post-RoPE recipe's decode on every device, NOTES.md "Coded decode,
+# Triton"): "lean" is its default, the v3 variants its split / warp / stage / block options. Variants of earlier
+# designs were measured and removed; see NOTES.md and git history.
 V4_VARIANTS = {
     "lean": dict(key_lut=True),
 }
-V6_VARIANTS = {  # the per-warp kernel (antkv_coded_warp), NOTES.md "Coded decode, CUDA C++ (post-RoPE LUT)"
-    "cuda": dict(coded="cuda"),
-    "cuda_w1": dict(coded="cuda", split_mult=0.5),  # 1 wave of CTAs (default: 2)
-    "cuda_w4": dict(coded="cuda", split_mult=2),  # 4 waves
-}
-V7_VARIANTS = {  # NOTES.md "Exact programs, merge and launches (decode)": the exact programs (anchors + window, Triton)
-    "cuda_a64": dict(coded="cuda", block_a=64),
-    "cuda_ns2": dict(coded="cuda", num_stages=2),
-    "cuda_a64ns2": dict(coded="cuda", block_a=64, num_stages=2),
-    "cuda_e2": dict(coded="cuda", exact_splits=2),
-    "cuda_e4": dict(coded="cuda", exact_splits=4),
-    "cuda_w8": dict(coded="cuda", num_warps=8),
-}
-V8_VARIANTS = {  # NOTES.md "Value-copy selection words", written with the codes (kernels/value_copies.py)
-    "cuda_sel2": dict(coded="cuda", value_sel="select"),  # copy 1 = copy 0 + 4 bank groups
-}
-V9_VARIANTS = {  # the exact programs (anchors, window, merge) split over more programs per KV head
-    f"cuda_sel2_e{n}": dict(coded="cuda", value_sel="select", exact_splits=n) for n in (1, 2, 4, 8)
-}
-V5_DEFAULT = ["lean", *V6_VARIANTS]
-ALL_VARIANTS = {**V3_VARIANTS, **V4_VARIANTS, **V6_VARIANTS, **V7_VARIANTS, **V8_VARIANTS, **V9_VARIANTS}
+V5_DEFAULT = ["lean"]
+ALL_VARIANTS = {**V3_VARIANTS, **V4_VARIANTS}
 NOT_EXACT: set = set()
-_SELECTION: dict = {}  # id of a codes_v tensor -> (weak reference to it, its selection words)
-
-
-def _selected(opts, args):
-    """value_sel="select": the selection words of these inputs' value codes (once)."""
-    if opts.get("value_sel") != "select":
-        return opts
-    from antkv_compile.kernels.value_copies import selection_words
-
-    cv = args[2]
-    held = _SELECTION.get(id(cv))
-    if held is None or held[0]() is not cv:
-        held = _SELECTION[id(cv)] = (weakref.ref(cv), selection_words(cv))
-    return {**opts, "value_sel": held[1]}
 
 
 def _opts(name):
-    opts = {k: v for k, v in ALL_VARIANTS[name].items() if k != "split_mult"}
-    opts.setdefault("coded", "triton")  # the v3 / v4 variants are Triton loops (the default became "auto")
-    return opts
+    return {k: v for k, v in ALL_VARIANTS[name].items() if k != "split_mult"}
 
 
 def _decode(args, name, **extra):
-    """One decode call of variant ``name`` (its selection words resolved)."""
-    return DA.decode_attention_triton(*args, **extra, **_selected(_opts(name), args))
+    """One decode call of variant ``name``."""
+    return DA.decode_attention_triton(*args, **extra, **_opts(name))
 
 
 def _run_variant(a_, b, ctx, name, sms):
     cfg = dict(ALL_VARIANTS[name])
-    cfg.setdefault("coded", "triton")
-    if cfg["coded"] == "cuda":  # its own split policy (scaled by split_mult), one plan reused by every replay
-        plan = DA.DecodePlan(*a_, **_selected(cfg, a_))
-        return plan, list(plan.splits)
     mult = cfg.pop("split_mult", 1)
     pc, pa = DA.default_splits(b, HKV, ctx, a_[5].shape[2], sms, cfg.get("block_n", 64), mult=mult)
     return (lambda: DA.decode_attention_triton(*a_, splits=(pc, pa), **cfg)), [pc, pa]
@@ -908,7 +863,7 @@ def warm_all(names, jobs=12):
 
 
 @section("decode_only")
-def decode_only(variants=None, rep_ms=100, grid=None, split_times=False):
+def decode_only(variants=None, rep_ms=100, grid=None):
     """Correctness of every variant, then every variant timed on the whole grid (1 and 0.375 bit x 8K/32K/128K x
     B = 1/8/32, CUDA-graph replays), then a table: ms per variant, the best exact one against FP16 SDPA."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -930,7 +885,7 @@ def decode_only(variants=None, rep_ms=100, grid=None, split_times=False):
         ref_o, ref_l = DA.decode_attention_reference(*args)
         for name in names:
             if name in NOT_EXACT or (dt == torch.bfloat16
-                                     and name not in (base_name, "lean", "cuda", "cuda_sel2")):
+                                     and name not in (base_name, "lean")):
                 continue  # bf16: one more compile per variant; checked for the main candidates only
             try:
                 fn, _ = _run_variant(args, b, ctx, name, sms)
@@ -967,14 +922,6 @@ def decode_only(variants=None, rep_ms=100, grid=None, split_times=False):
                 k_ = DA.LAST_LAUNCH.get("decode")
                 timed[name] = {"ms": t, "splits": spl, "regs": getattr(k_, "n_regs", None),
                                "spills": getattr(k_, "n_spills", None)}
-                if getattr(fn, "cuda_coded", None) is not None:  # v5: the CUDA kernel's own figures
-                    kc_ = fn.cuda_coded.kernel
-                    timed[name].update(regs=kc_.regs, spills=kc_.local_bytes, smem=fn.cuda_coded.smem)
-                    if split_times:  # each launch after the prologue (which resets the arrival counters): ms apart
-                        pro = bench(graph_of(fn.prologue), ms=rep_ms, warm=25)
-                        coded = bench(graph_of(lambda: (fn.prologue(), fn.cuda_partials())), ms=rep_ms, warm=25)
-                        exact = bench(graph_of(lambda: (fn.prologue(), fn.triton_partials())), ms=rep_ms, warm=25)
-                        timed[name].update(prologue_ms=pro, coded_ms=coded - pro, exact_ms=exact - pro)
             except Exception as exc:  # noqa: BLE001
                 log("variant failed", name, bits, ctx, b, repr(exc)[:300])
                 timed[name] = {"ms": float("nan"), "splits": None, "error": repr(exc)[:300]}
@@ -1020,27 +967,15 @@ def decode_only(variants=None, rep_ms=100, grid=None, split_times=False):
         last = next((r["timed"][n] for r in reversed(rows)), {})
         note = ("  (probe, not exact)" if n in NOT_EXACT else "") + ("  (FAILED correctness)" if n in bad else "")
         lines.append(f"  {n:<{w}} " + "  ".join(parts) + f"   regs {last.get('regs')} spills {last.get('spills')}" + note)
-    if split_times:
-        lines += ["", "coded=cuda variants, launches timed apart (ms; each after the prologue, which is subtracted; "
-                      "merge = total - prologue - coded - exact)",
-                  f"{'bits':>5} {'ctx':>7} {'B':>3} {'variant':<14} {'total':>8} {'prolog':>8} {'coded':>8} "
-                  f"{'exact':>8} {'merge':>8}"]
-        for r in rows:
-            for n in names:
-                x = r["timed"][n]
-                if "coded_ms" in x:
-                    merge = x["ms"] - x["prologue_ms"] - x["coded_ms"] - x["exact_ms"]
-                    lines.append(f"{r['bits']:>5} {r['ctx']:>7} {r['batch']:>3} {n:<14} {x['ms']:8.3f} "
-                                 f"{x['prologue_ms']:8.3f} {x['coded_ms']:8.3f} {x['exact_ms']:8.3f} {merge:8.3f}")
     log("\n".join(lines))
 
 
-def main_decode_only(out_dir, variants=None, rep_ms=100, grid=None, warm=True, split_times=False):
+def main_decode_only(out_dir, variants=None, rep_ms=100, grid=None, warm=True):
     env(" ".join(["python"] + sys.argv))
     if warm and not DRY:
-        warm_all([n for n in (variants or V5_DEFAULT) if not n.startswith("cuda")])
+        warm_all(list(variants or V5_DEFAULT))
     ceilings()
-    decode_only(variants, rep_ms, grid, split_times)
+    decode_only(variants, rep_ms, grid)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     with open(os.path.join(out_dir, f"kernels_bench_decode_{stamp}.json"), "w") as f:
         json.dump(RESULTS, f, indent=1, default=str)
@@ -1054,13 +989,10 @@ def main_decode_only(out_dir, variants=None, rep_ms=100, grid=None, warm=True, s
 # path; "rope" is the default. The sweep is small on purpose: one GPU run picks the best.
 ROPE_VARIANTS = {
     "rope": dict(),  # the default: the CUDA C++ kernel (rope_decode.cu: factored angle, fp16x2 rotation, 256 threads)
-    "rope_triton": dict(rope_impl="triton"),  # the Triton kernel's defaults (libdevice cos / sin per element)
-    "rope_tile_b64w8": dict(rope_impl="triton", rope_trig="tile", rope_block_n=64, rope_warps=8),  # Triton's best
+    "rope_triton": dict(rope_impl="triton"),  # the Triton kernel (libdevice cos / sin per element)
 }
-# (dropped after kernels_bench_rope_20261203-203134: the other Triton block / warp / stage / trig / split variants,
-# all slower than rope_tile_b64w8 at every shape; after kernels_bench_rope_20261203-225717: the previous CUDA kernel
-# (exact cos / sin per token and pair, 1.5x slower), 384 threads (within 1 % of 256, slower at every shape) and the
-# conflict-free timing diagnostic; NOTES.md "CUDA C++ kernel")
+# (the Triton kernel's block / warp / stage / rotation variants and the CUDA kernel's earlier designs were measured and
+# removed: NOTES.md "Pre-RoPE pair-layout decode", "CUDA C++ kernel")
 
 
 def _rope_opts(name):
@@ -1101,7 +1033,7 @@ def _rope_fn(rargs, name):
 def decode_rope(variants=None, rep_ms=100, grid=None):
     """Pre-RoPE pair-layout decode: correctness of every variant against rope_decode_reference (poisoned partials,
     the plan's own launch, two CUDA-graph replays), then the grid (default: 1 bit, 128K B = 1/8/32 and 32K B = 128)
-    against FP16 SDPA (flash) and the post-RoPE CUDA kernel (cuda_sel2: today's default) on the same codes."""
+    against FP16 SDPA (flash) and the post-RoPE recipe's decode (the Triton loop, "lean") on the same codes."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from antkv_compile.kernels.rope_decode import rope_decode_reference
@@ -1147,12 +1079,11 @@ def decode_rope(variants=None, rep_ms=100, grid=None):
         empty_cache()
         args = decode_inputs(bits, b, ctx, torch.float16, seed=4)
         timed = {}
-        if not DRY:  # the post-RoPE CUDA kernel (default options + selection words) on the same codes
-            try:
-                fn, spl = _run_variant(args, b, ctx, "cuda_sel2", sms)
-                timed["post_rope_cuda"] = {"ms": bench(graph_of(fn), ms=rep_ms, warm=25), "splits": spl}
-            except Exception as exc:  # noqa: BLE001
-                timed["post_rope_cuda"] = {"ms": float("nan"), "error": repr(exc)[:300]}
+        try:  # the post-RoPE recipe's decode (the Triton loop, default options) on the same codes
+            fn, spl = _run_variant(args, b, ctx, "lean", sms)
+            timed["post_rope"] = {"ms": bench(graph_of(fn), ms=rep_ms, warm=25), "splits": spl}
+        except Exception as exc:  # noqa: BLE001
+            timed["post_rope"] = {"ms": float("nan"), "error": repr(exc)[:300]}
         rargs = rope_inputs(args, seed=4)
         for name in names:
             try:
@@ -1177,7 +1108,7 @@ def decode_rope(variants=None, rep_ms=100, grid=None):
         floor_ms = by["total"] / copy_bw * 1e3
         rec = {"bits": bits, "ctx": ctx, "batch": b, "sdpa_ms": sdpa_ms, "best": best, "ms": t,
                "default_ms": timed[names[0]]["ms"], "speedup": sdpa_ms / t,
-               "post_rope_cuda_ms": timed.get("post_rope_cuda", {}).get("ms"), "bytes": by,
+               "post_rope_ms": timed.get("post_rope", {}).get("ms"), "bytes": by,
                "floor_ms": floor_ms, "bw_frac": floor_ms / t, "timed": timed}
         rows.append(rec)
         log("decode rope", {k_: v_ for k_, v_ in rec.items() if k_ not in ("timed", "bytes")})
@@ -1189,11 +1120,11 @@ def decode_rope(variants=None, rep_ms=100, grid=None):
                 json.dump(RESULTS, f, indent=1, default=str)
     RESULTS["decode_rope"] = rows
     w = max(9, max(len(n) for n in names) + 2)
-    lines = ["DECODE pre-RoPE pair layout (ms, median of CUDA-graph replays; FP16 SDPA flash + GQA; post-RoPE CUDA = "
-             "cuda_sel2 on the same codes; floor = bytes / copy bandwidth)",
-             f"{'bits':>5} {'ctx':>7} {'B':>4} {'sdpa':>8} {'postcuda':>9} " + "".join(f"{n:>{w}}" for n in names)]
+    lines = ["DECODE pre-RoPE pair layout (ms, median of CUDA-graph replays; FP16 SDPA flash + GQA; post-RoPE = the "
+             "Triton loop on the same codes; floor = bytes / copy bandwidth)",
+             f"{'bits':>5} {'ctx':>7} {'B':>4} {'sdpa':>8} {'postrope':>9} " + "".join(f"{n:>{w}}" for n in names)]
     for r in rows:
-        pc = r["post_rope_cuda_ms"]
+        pc = r["post_rope_ms"]
         lines.append(f"{r['bits']:>5} {r['ctx']:>7} {r['batch']:>4} {r['sdpa_ms']:8.3f} "
                      f"{(pc if pc is not None else float('nan')):9.3f} "
                      + "".join(f"{r['timed'][n]['ms']:{w}.3f}" for n in names))
@@ -1242,10 +1173,8 @@ def main():
                     help="--decode-only shapes as bits:ctx:B,... (default: 1 and 0.375 bit x 8K/32K/128K x B=1/8/32)")
     ap.add_argument("--rope", action="store_true",
                     help="--decode-only: the pre-RoPE pair-layout decode (kernels/rope_decode.py): correctness, then "
-                         "its config sweep beside SDPA and the post-RoPE CUDA kernel (1 bit, 128K B=1/8/32, 32K "
+                         "its variants beside SDPA and the post-RoPE Triton loop (1 bit, 128K B=1/8/32, 32K "
                          "B=128; --variants picks from " + ",".join(ROPE_VARIANTS) + ")")
-    ap.add_argument("--split-times", action="store_true",
-                    help="--decode-only: also time the coded (CUDA) and exact (Triton) launches of coded=cuda apart")
     a = ap.parse_args()
     if a.warm:
         name, shapes = json.loads(a.warm)
@@ -1270,8 +1199,7 @@ def main():
         if unknown:
             raise SystemExit(f"unknown variants {unknown}; known: {list(ALL_VARIANTS)}")
         grid = [(x.split(":")[0], int(x.split(":")[1]), int(x.split(":")[2])) for x in a.grid.split(",") if x]
-        return main_decode_only(out_dir, names or None, a.rep_ms, grid or None, warm=not a.no_warm,
-                                split_times=a.split_times)
+        return main_decode_only(out_dir, names or None, a.rep_ms, grid or None, warm=not a.no_warm)
     only = set(filter(None, a.only.split(",")))
     want = lambda n: not only or n in only  # noqa: E731
     env(" ".join(["python"] + sys.argv))

@@ -47,14 +47,6 @@ def test_kernel_store_matches_reference_store_on_cuda(bits, dtype):
     assert ker.n_coded == ref.n_coded and ker.num_anchors == ref.num_anchors
     assert worst < 2e-2
     assert ker._graph is not None  # the decode steps were replayed from the store's CUDA graph
-    if bits == "1":  # 2 copies of the value table: the store keeps the selection words of every written group
-        from antkv_compile.kernels.value_copies import select_reference
-
-        n8 = ker.n_coded // 8 * 8
-        assert ker.value_sel is not None and ker._sel_mode in (1, 2)
-        assert torch.equal(ker.value_sel[:, :, :n8], select_reference(ker.codes_v[:, :, :n8], ker._sel_mode))
-    else:  # 8 copies: no selection
-        assert ker.value_sel is None
 
 
 def test_compiled_tiny_llama_kernels_equal_reference_on_cuda():
@@ -123,17 +115,17 @@ def _decode_case(bits, g, cent_dtype, n_coded, dev, seed=0, d=128, hkv=2, window
 
 @pytest.mark.parametrize("bits", ["1", "0.375"])
 @pytest.mark.parametrize("cent_dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("g", [4, 3])
-def test_cuda_coded_decode_matches_reference(bits, cent_dtype, g):
-    """coded="cuda" (coded_decode.cu) against the decode reference: per-sequence lengths (0, short, long),
-    anchors, GQA 4 and 3, every centroid dtype, NaN-poisoned partials, and two CUDA-graph replays."""
+@pytest.mark.parametrize("g", [4, 3, 16])
+def test_cuda_post_rope_decode_matches_reference(bits, cent_dtype, g):
+    """The post-RoPE Triton decode (the key-LUT loop at G 4 / 3, the dequantized tensor-core loop at G 16) against
+    the decode reference: per-sequence lengths (0, short, long), anchors, every centroid dtype, NaN-poisoned
+    partials, and two CUDA-graph replays."""
     from antkv_compile.kernels import decode_attention as DA
 
     dev = torch.device("cuda", torch.cuda.current_device())
     args = _decode_case(bits, g, cent_dtype, [5000, 0, 37, 1500], dev)
     ref_o, ref_l = DA.decode_attention_reference(*args)
-    plan = DA.DecodePlan(*args, coded="cuda", poison=True)
-    assert plan.cuda_coded is not None
+    plan = DA.DecodePlan(*args, poison=True)
     out, lse = plan()
     torch.cuda.synchronize()
     assert not out.isnan().any() and not lse.isnan().any()
@@ -146,57 +138,6 @@ def test_cuda_coded_decode_matches_reference(bits, cent_dtype, g):
     graph.replay()
     torch.cuda.synchronize()
     assert _rel(plan.out, ref_o) < 3e-3
-    tri_o, _ = DA.decode_attention_triton(*args, coded="triton")
-    assert _rel(out, tri_o) < 3e-3  # the two coded paths agree with each other too
-
-
-def test_cuda_coded_decode_refuses_what_it_cannot_run():
-    from antkv_compile.kernels import decode_attention as DA
-
-    dev = torch.device("cuda", torch.cuda.current_device())
-    args = _decode_case("1", 8, torch.float16, [300], dev)  # G = 8 rows per KV head: more than the kernel packs
-    with pytest.raises(ValueError, match="query rows"):
-        DA.DecodePlan(*args, coded="cuda")
-    assert DA.DecodePlan(*args, coded="auto").cuda_coded is None  # auto falls back to the Triton loop
-
-
-def test_cuda_coded_decode_matches_reference_and_the_triton_loop():
-    """The warp kernel of coded_decode.cu at both presets (2 copies of the value table at 1 bit, 8 at 0.375 bit),
-    against the reference and the Triton coded loop; its fp16 key table rounds the logits (~2^-12 per entry)."""
-    from antkv_compile.kernels import decode_attention as DA
-
-    dev = torch.device("cuda", torch.cuda.current_device())
-    for bits, copies in (("1", 2), ("0.375", 8)):
-        args = _decode_case(bits, 4, torch.float16, [9000, 700], dev, seed=3)
-        ref, _ = DA.decode_attention_reference(*args)
-        plan = DA.DecodePlan(*args, coded="cuda")
-        assert plan.cuda_coded.copies == copies
-        out, _ = plan()
-        tri, _ = DA.DecodePlan(*args, coded="triton")()
-        assert _rel(out, ref) < 3e-3 and _rel(tri, ref) < 3e-3
-        assert 0 < _rel(out, tri) < 2e-3
-
-
-def test_cuda_value_copy_selection_changes_no_bits():
-    """v8: the selection words only choose which copy of the value table a row is read from, so any words (the
-    selected ones, random ones, none) give the same bits; malformed words are refused."""
-    from antkv_compile.kernels import decode_attention as DA
-    from antkv_compile.kernels.value_copies import selection_words
-
-    dev = torch.device("cuda", torch.cuda.current_device())
-    args = _decode_case("1", 4, torch.float16, [9000, 0, 37, 1500], dev, seed=5)
-    codes_v = args[2]
-    ref, _ = DA.decode_attention_reference(*args)
-    base, _ = DA.DecodePlan(*args, coded="cuda")()
-    assert _rel(base, ref) < 3e-3
-    rnd = torch.randint(-2**15, 2**15, tuple(codes_v.shape[:3]), dtype=torch.int16, device=dev)
-    sel = selection_words(codes_v)
-    for words in (sel, rnd):
-        plan = DA.DecodePlan(*args, coded="cuda", value_sel=words)
-        assert plan.cuda_coded.value_sel == 2
-        assert torch.equal(plan()[0], base)
-    with pytest.raises(ValueError, match="value_sel"):
-        DA.DecodePlan(*args, coded="cuda", value_sel=sel[:, :, 1:])
 
 
 def test_kernel_store_decode_graph_replays_the_direct_launches(monkeypatch):
@@ -267,14 +208,12 @@ def _pair_codebook(hkv, d, bits, seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("trig", ["cuda", "libdevice", "tile", "fast"])
-def test_rope_decode_at_128k_slots_matches_reference(dtype, trig):
+@pytest.mark.parametrize("impl", ["cuda", "triton"])
+def test_rope_decode_at_128k_slots_matches_reference(dtype, impl):
     """The pre-RoPE kernel against its reference with slots up to 131K (angles up to 131K rad on pair 0: the range
-    reduction of cos / sin), Llama-3 RoPE (theta 500000), G = 4, 1 bit; anchors masked. "tile" factors the angle per
-    tile (exact to HF's fp32 rounding); "fast" (tl.cos / tl.sin) is a benchmark alternative: this test says whether
-    it is accurate enough. "cuda": the CUDA C++ kernel (rope_decode.cu, the default where it runs: angle factored per
-    8-token group, fl(T w) + fl(d w), within 1 ulp of HF's fl(p w); fp16x2 rotation); the others force the Triton
-    kernel."""
+    reduction of cos / sin), Llama-3 RoPE (theta 500000), G = 4, 1 bit; anchors masked. "cuda": the CUDA C++ kernel
+    (rope_decode.cu, the default where it runs: angle factored per 8-token group, fl(T w) + fl(d w), within 1 ulp of
+    HF's fl(p w); fp16x2 rotation); "triton": the Triton kernel (libdevice cos / sin of fl(p w))."""
     from antkv_compile.kernels import decode_attention as DA
     from antkv_compile.kernels import rope_decode as RD
     from antkv_compile.numerics.vq import random_codebook
@@ -295,16 +234,14 @@ def test_rope_decode_at_128k_slots_matches_reference(dtype, trig):
     args = (q, ck, cv, DA.bits_from_positions(pos, n), torch.full((b,), n, dtype=torch.int32, device=dev), ak, av,
             pos, wk, wv, torch.full((b,), 33, dtype=torch.int32, device=dev), table, pairs, freq,
             cbv.centroids.to(dev, torch.float16), cbv.inverse.to(dev), cbv.mean.to(dev), d ** -0.5, 1.0)
-    if trig == "cuda":
-        out, lse = RD.rope_decode_triton(*args, rope_impl="cuda", poison=True)
+    out, lse = RD.rope_decode_triton(*args, rope_impl=impl, poison=True)
+    if impl == "cuda":
         assert type(DA.LAST_LAUNCH["rope_coded"]).__name__ == "RopeDecodeCuda"
-    else:
-        out, lse = RD.rope_decode_triton(*args, rope_trig=trig, rope_impl="triton", poison=True)
     ref_out, ref_lse = RD.rope_decode_reference(*args)
     err = _rel(out, ref_out)
-    print(f"rope decode 128K {dtype} {trig}: relative error {err:.2e}, lse {_rel(lse, ref_lse):.2e}")
+    print(f"rope decode 128K {dtype} {impl}: relative error {err:.2e}, lse {_rel(lse, ref_lse):.2e}")
     assert err < 1e-2 and _rel(lse, ref_lse) < 2e-3
-    if trig.startswith("cuda"):  # as close to the reference as the Triton kernel (same fp16 key products; the
+    if impl == "cuda":  # as close to the reference as the Triton kernel (same fp16 key products; the
         # factored angle adds <= 1 ulp of the angle: ~2.7e-3 logit units at most, benchmarks/rope_rotation_emulate.py)
         assert err < 6e-3 and _rel(lse, ref_lse) < 1e-3
 
@@ -339,7 +276,7 @@ def test_pre_rope_kernel_store_matches_reference_store_on_cuda(dtype):
     print(f"pre-RoPE store {dtype}: worst relative error {worst:.2e}, coded {ker.n_coded}, anchors {ker.num_anchors}")
     assert ker.n_coded == ref.n_coded and ker.num_anchors == ref.num_anchors
     assert worst < 2e-2
-    assert ker._graph is not None and ker.value_sel is None
+    assert ker._graph is not None
     from antkv_compile.kernels import decode_attention as DA
     assert type(DA.LAST_LAUNCH.get("rope_coded")).__name__ == "RopeDecodeCuda"  # the store ran the CUDA kernel
 

@@ -195,15 +195,15 @@ def _decode_inputs(b, hkv, g, tq, d, n_cap, a_cap, w_cap, bits, stages, shared, 
        d=st.sampled_from([16, 32, 64]), n_cap=st.sampled_from([1, 40, 130]), a_cap=st.sampled_from([0, 1, 5]),
        bits=st.sampled_from(["1", "0.375"]), stages=st.sampled_from([1, 2]), shared=st.booleans(),
        dtype=st.sampled_from([torch.float32, torch.float16]), splits=st.sampled_from([None, (3, 2)]),
-       key_lut=st.sampled_from([None, False]), merge=st.sampled_from(["fused", "triton"]),
-       block_a=st.sampled_from([32, 64]), exact_splits=st.sampled_from([None, 3]), seed=st.integers(0, 99))
+       key_lut=st.sampled_from([None, False]), block_a=st.sampled_from([32, 64]),
+       exact_splits=st.sampled_from([None, 3]), seed=st.integers(0, 99))
 def test_decode_attention_matches_reference(b, hkv, g, tq, d, n_cap, a_cap, bits, stages, shared, dtype, splits,
-                                            key_lut, merge, block_a, exact_splits, seed):
+                                            key_lut, block_a, exact_splits, seed):
     args = _decode_inputs(b, hkv, g, tq, d, n_cap, a_cap, 5, bits, stages, shared, dtype, seed)
     out = torch.full_like(args[0], float("nan"))
     lse = torch.full(args[0].shape[:3], float("nan"), device=DEV)
     DA.decode_attention_triton(*args, splits=splits, out=(out, lse), poison=True, block_n=32, key_lut=key_lut,
-                               merge=merge, block_a=block_a, exact_splits=exact_splits)  # exact programs: anchors per step, programs per head
+                               block_a=block_a, exact_splits=exact_splits)  # exact programs: anchors per step, programs per head
     ref_out, ref_lse = DA.decode_attention_reference(*args)
     assert not out.isnan().any() and not lse.isnan().any()
     assert _rel(out, ref_out) < 2 * TOL[dtype] and _rel(lse, ref_lse) < TOL[dtype]
@@ -226,13 +226,12 @@ def test_decode_attention_edge_lengths():
 
 
 @needs_triton
-@pytest.mark.parametrize("merge", ["fused", "triton"])
-def test_decode_attention_fp8_centroids(merge):
+def test_decode_attention_fp8_centroids():
     """Centroids stored in fp8 (a storage choice of the caller) are read as such: same result as the reference
     fed the same fp8 values."""
     args = list(_decode_inputs(2, 2, 4, 1, 32, 90, 4, 6, "1", 1, False, torch.float16, 11))
     args[11], args[14] = args[11].to(torch.float8_e4m3fn), args[14].to(torch.float8_e4m3fn)
-    out, lse = DA.decode_attention_triton(*args, poison=True, merge=merge)
+    out, lse = DA.decode_attention_triton(*args, poison=True)
     ref_out, ref_lse = DA.decode_attention_reference(*args)
     assert _rel(out, ref_out) < 2 * TOL[torch.float16] and _rel(lse, ref_lse) < TOL[torch.float16]
 
@@ -442,8 +441,9 @@ def test_ops_compile_functionalize_mutation():
 @given(pairs=st.integers(1, 2048), capacity=st.integers(64, 1 << 20), ratio=st.sampled_from([0.0, 0.01, 0.1]),
        coded=st.integers(1, 64), sms=st.sampled_from([66, 132]))
 def test_exact_programs_cover_the_anchor_share_and_fill_small_batches(pairs, capacity, ratio, coded, sms):
-    """Beside the CUDA coded kernel: never fewer exact programs than the anchors' share of the coded splits; more at
-    small batches (at most 8 per pair, ~2 per multiprocessor in all, >= 64 anchors each); one at large batches."""
+    """Beside a separate coded kernel (the pre-RoPE path): never fewer exact programs than the anchors' share of the
+    coded splits; more at small batches (at most 8 per pair, ~2 per multiprocessor in all, >= 64 anchors each); one at
+    large batches."""
     anchors = math.ceil(ratio * capacity)
     n = DA.exact_programs(pairs, capacity, anchors, coded, sms)
     share = max(1, math.ceil(anchors * coded / capacity)) if anchors else 1

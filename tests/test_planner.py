@@ -20,14 +20,12 @@ def test_llama3_8b_shape_and_full_precision_bytes(llama):
 @pytest.mark.parametrize("bits", ["1", "0.375", "2"])
 def test_codes_term_is_what_a_kernel_store_holds(llama, bits):
     """The planner's codes term against the buffers a KernelLayerStore of Llama-3-8B's head shape allocates: its
-    code bytes per (token, KV head), plus the value-copy selection words (int16) where the CUDA kernel reads them,
-    decided by the store's own call on its fp16 centroids (runtime/kernel_store.py: only the 1-bit preset keeps 2
-    copies of its value table). Not the planner's formula: the store's tensors and the store's decision."""
+    code bytes per (token, KV head). Not the planner's formula: the store's tensors."""
     import torch
 
     from antkv_compile.config import AnTKVConfig
     from antkv_compile.numerics.store import StoreGeometry
-    from antkv_compile.runtime.kernel_store import KernelLayerStore, _selection_mode
+    from antkv_compile.runtime.kernel_store import KernelLayerStore
     from numerics_helpers import codebook_with_transform
 
     h, d, cap = llama.num_kv_heads, llama.head_dim, 64
@@ -35,10 +33,8 @@ def test_codes_term_is_what_a_kernel_store_holds(llama, bits):
     cb = codebook_with_transform(bits, h, d, 0)
     store = KernelLayerStore(geom, cb, cb, AnTKVConfig(bits=bits), centroid_dtype=torch.float16)
     per_token_head = (store.codes_k.nbytes + store.codes_v.nbytes) // (cap * h)
-    sel = 2 if _selection_mode(store.cent_k, store.cent_v, store.codes_k, store.codes_v) else 0
-    assert sel == (2 if bits == "1" else 0)
     mm = MemoryModel(llama, get_preset(bits)).bytes_at(1, 1000)
-    assert mm["codes"] == 1000 * llama.num_layers * h * (per_token_head + sel)
+    assert mm["codes"] == 1000 * llama.num_layers * h * per_token_head
 
 
 @settings(max_examples=15, deadline=None)
@@ -182,7 +178,6 @@ def test_offload_device_bytes_per_token_are_codes_plus_the_exact_budget_a_store_
     from antkv_compile.numerics.store import StoreGeometry
     from antkv_compile.runtime.host_kv import PinnedHostKV
     from antkv_compile.runtime.offload_store import OffloadKernelStore
-    from antkv_compile.runtime.kernel_store import _selection_mode
     from numerics_helpers import codebook_with_transform
 
     h, d, cap = llama.num_kv_heads, llama.head_dim, 6400
@@ -190,10 +185,9 @@ def test_offload_device_bytes_per_token_are_codes_plus_the_exact_budget_a_store_
     cb = codebook_with_transform("1", h, d, 0)
     store = OffloadKernelStore(geom, cb, cb, AnTKVConfig(offload="host"), centroid_dtype=torch.float16,
                                host=PinnedHostKV(geom))
-    sel = 2 * cap * h if _selection_mode(store.cent_k, store.cent_v, store.codes_k, store.codes_v) else 0
     held = sum(t.nbytes for t in (store.codes_k, store.codes_v, store.anchor_k, store.anchor_v, store.anchor_pos,
                                   store.anchor_score, store.anchor_bits, store.ext_k, store.ext_v, store.ext_pos,
-                                  store.ext_bits)) + sel
+                                  store.ext_bits))
     mm = MemoryModel(llama, get_preset("1"), offload=True)
     at = mm.bytes_at(1, cap)
     planned = at["codes"] + at["anchors"] + at["retrieval"]

@@ -101,22 +101,18 @@ def test_tables_decode_what_the_store_decodes():
        d=st.sampled_from([64, 128]), n_cap=st.sampled_from([1, 40, 130]), a_cap=st.sampled_from([0, 1, 5]),
        bits=st.sampled_from(["4", "2", "1", "0.375"]), stages=st.sampled_from([1, 1, 2]), shared=st.booleans(),
        dtype=st.sampled_from([torch.float32, torch.float16]), splits=st.sampled_from([None, (1, 1), (3, 2)]),
-       block_n=st.sampled_from([16, 32, 64]), split=st.booleans(), trig=st.sampled_from(["libdevice", "tile"]),
-       freq_mult=st.sampled_from([1.0, 1000.0]),
-       rope_scale=st.sampled_from([1.0, 0.8]), merge=st.sampled_from(["fused", "triton"]), seed=st.integers(0, 99))
+       block_n=st.sampled_from([16, 32, 64]), freq_mult=st.sampled_from([1.0, 1000.0]),
+       rope_scale=st.sampled_from([1.0, 0.8]), seed=st.integers(0, 99))
 def test_rope_decode_matches_reference(b, hkv, g, tq, d, n_cap, a_cap, bits, stages, shared, dtype, splits, block_n,
-                                       split, trig, freq_mult, rope_scale, merge, seed):
+                                       freq_mult, rope_scale, seed):
     """Kernel = reference (decode + rotate + exact attention, anchors masked, + anchors + window, merged) over
-    head_dim 64 / 128, G 1 / 3 / 4, sub_dim 2 / 4 / 8 / 16, one or two stages, several splits and block sizes, the
-    direct and the tile-factored rotation; freq_mult 1000 turns the angles of slots <= 130 into angles of slots up to
-    130K (range reduction; the tile path's rounding correction c grows with the angle)."""
+    head_dim 64 / 128, G 1 / 3 / 4, sub_dim 2 / 4 / 8 / 16, one or two stages, several splits and block sizes;
+    freq_mult 1000 turns the angles of slots <= 130 into angles of slots up to 130K (range reduction)."""
     args = rope_inputs(b, hkv, g, tq, d, n_cap, a_cap, 6, bits, stages, shared, dtype, seed, freq_mult=freq_mult,
                        rope_scale=rope_scale)
     out = torch.full_like(args[0], float("nan"))
     lse = torch.full(args[0].shape[:3], float("nan"), device=DEV)
-    RD.rope_decode_triton(*args, splits=splits, out=(out, lse), poison=True, rope_block_n=block_n, rope_split=split,
-                          rope_trig=trig,
-                          merge=merge)
+    RD.rope_decode_triton(*args, splits=splits, out=(out, lse), poison=True, rope_block_n=block_n)
     ref_out, ref_lse = RD.rope_decode_reference(*args)
     assert not out.isnan().any() and not lse.isnan().any()
     assert _rel(out, ref_out) < 2 * TOL[dtype] and _rel(lse, ref_lse) < TOL[dtype]

@@ -28,8 +28,8 @@ SCHEMA = 1
 
 
 _KERNEL_GROUPS = (  # (group, substrings of kernel names) for the --profile breakdown, first match wins
-    ("antkv coded (CUDA)", ("antkv_coded",)),
-    ("antkv exact + merge", ("_decode_partials_kernel", "_decode_merge_kernel")),
+    ("antkv coded, pre-RoPE", ("antkv_rope_coded", "_rope_coded_kernel")),
+    ("antkv split programs + merge", ("_decode_partials_kernel",)),
     ("antkv prologue + LUT", ("_decode_prologue_kernel", "_decode_lut_kernel")),
     ("antkv window flush / encode", ("window_flush", "_vq_", "encode", "_anchor", "_score", "topk", "radix", "sort")),
     ("matmul (weights)", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "sm90", "wgmma")),

@@ -19,36 +19,26 @@ Store layout the kernel reads (per layer; fixed capacity, so shapes never depend
                                          window entries j <= win_len[b] - Tq + t (causal)
     codebooks    cent [stages, H_cb, S, M, sub], inverse [H_cb, D, D], mean [H_cb, D] for keys and values
 
-Algorithm (three launches: prologue, partials, merge):
+Algorithm (two launches: prologue, partials; the merge runs in the last partials program of each head):
 
 * prologue, one program per (sequence, KV head): the queries in the key coding space,
-  q' = q @ inverse_k^T and the bias q.mean_k (both times scale * log2 e).
+  q' = q @ inverse_k^T and the bias q.mean_k (both times scale * log2 e); with G*Tq <= 8 a small kernel then
+  builds the per-query fp32 key lookup table (``key_lut``).
 * partials, grid (B * Hkv, P) with P = P_coded + P_exact; every program packs the G query heads of its
   KV head (times Tq) into the rows of one tile (padded to 16 for the tensor cores).
-  - coded programs: each block of tokens is dequantized *in coding space* by gathering one centroid per
-    (token, sub-space) -- a 16-byte vector at 1 bit -- and the logits are one tensor-core product
-    q' . k'. This is the lookup table evaluated through a product: ``LUT[c, code] = q'_c . centroid[c,
-    code]`` summed over c equals ``q' . k'``; gathering centroids costs one random access per
-    (token, sub-space) instead of one per (token, sub-space, query row). Values are accumulated in
-    coding space the same way (gather, not a per-centroid histogram; NOTES.md has both costs). Coded
-    tokens whose anchor bit is set are masked out.
+  - coded programs, with G*Tq <= 8 (the key-LUT loop): the key codes are read as 32- or 16-bit words, one
+    token per thread, and the logits are sums of lookup-table rows; with more rows (or ``key_lut=False``) each block of
+    tokens is dequantized *in coding space* by gathering one centroid per (token, sub-space) and the logits are
+    one tensor-core product q' . k'. Values are accumulated in coding space the same way (gather, not a
+    per-centroid histogram; NOTES.md has both costs). Coded tokens whose anchor bit is set are masked out.
   - exact programs: exact attention over a slice of the anchor slots (empty slots masked); the first one
     also attends the window (causal).
-* merge, one program per (sequence, KV head): log-sum-exp of the coded partials, the value inverse
-  transform + mean applied once, then the merge with the exact partials.
+  - merge, in the last-arriving program of each (sequence, KV head) (arrival counter reset by the prologue):
+    log-sum-exp of the coded partials, the value inverse transform + mean applied once, then the merge with the
+    exact partials.
 
-Coded programs, by device (NOTES.md has the measurements behind each choice):
-
-* CUDA (``coded="auto"``, the default, wherever NVRTC and the call's shapes allow it): the coded split programs
-  are the warp kernel of ``coded_decode.cu`` (both tables in shared memory, the key lookup table built in the
-  kernel, the value table in as many copies as fit, value-copy selection words at 2 copies); this module's
-  Triton kernel then runs only the exact programs, and the last arrival of each head merges.
-* Triton (under the interpreter, where NVRTC is missing, ``coded="triton"``): with G*Tq <= 8 the keys are
-  scored through a per-query fp32 lookup table (``key_lut``) built by a small kernel after the prologue and
-  read one token per thread (key codes as 32-bit words); with more rows (or ``key_lut=False``) the key codes
-  are dequantized in coding space and scored by one tensor-core product per block.
-* the merge runs in the last-arriving split program of each head (arrival counter reset by the prologue;
-  ``merge="triton"`` keeps a separate merge launch).
+This Triton loop is the post-RoPE recipe's coded decode on every device. With ``rope_keys`` (the pre-RoPE recipe)
+the coded programs are :mod:`.rope_decode`'s kernel instead and this module runs the exact programs and the merge.
 
 No host synchronisation and no data-dependent shapes: the per-sequence lengths are read on the device,
 each split covers ``ceil(n_coded[b] / P_coded)`` tokens, so the launch is CUDA-graph safe.
@@ -83,11 +73,8 @@ if HAS_TRITON:
     @triton.jit
     def _dequant(CODES, code_base, offs_n, nmask, C: tl.constexpr, CENT, hc, HCB,
                  S: tl.constexpr, M: tl.constexpr, SUB: tl.constexpr, STAGES: tl.constexpr,
-                 BLOCK_N: tl.constexpr, D: tl.constexpr, DOT: tl.constexpr, CACHE: tl.constexpr,
-                 SUBMAJOR: tl.constexpr = False):
-        """Coding-space vectors [BLOCK_N, D] of the tokens offs_n: one centroid gather per sub-space. (SUBMAJOR:
-        ignored, only False exists; the sub-space-major gather was removed, the argument stays for the pre-RoPE
-        kernel's call.)"""
+                 BLOCK_N: tl.constexpr, D: tl.constexpr, DOT: tl.constexpr, CACHE: tl.constexpr):
+        """Coding-space vectors [BLOCK_N, D] of the tokens offs_n: one centroid gather per sub-space."""
         s_idx = tl.arange(0, S)
         e_idx = tl.arange(0, SUB)
         if STAGES == 1:
@@ -278,11 +265,11 @@ if HAS_TRITON:
         C_V: tl.constexpr, S_V: tl.constexpr, M_V: tl.constexpr, SUB_V: tl.constexpr, ST_V: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_W: tl.constexpr,
         DOT: tl.constexpr, PREC: tl.constexpr, CACHE: tl.constexpr, R_G: tl.constexpr,
-        KLUT: tl.constexpr, FUSE: tl.constexpr, PB: tl.constexpr, KC: tl.constexpr,
+        KLUT: tl.constexpr, PB: tl.constexpr, KC: tl.constexpr,
         KW: tl.constexpr = 1, CPW: tl.constexpr = 1, PID0=0,
     ):
         pid_bh = tl.program_id(0)
-        pid_s = tl.program_id(1) + PID0  # PID0 = P_CODED: the coded partials came from the CUDA kernel
+        pid_s = tl.program_id(1) + PID0  # PID0 = P_CODED: the coded partials came from the pre-RoPE kernel
         b = pid_bh // HKV
         h = pid_bh % HKV
         offs_d = tl.arange(0, D)
@@ -361,13 +348,12 @@ if HAS_TRITON:
                                  other=0.0)
                     acc = acc * alpha[:, None] + tl.dot(p.to(DOT), vt.to(DOT), input_precision=PREC)
             _store_partial(PO, PL, pid_bh, pid_s, PS, acc, m_i, l_i, G * TQ, R_PAD, D, R_PAD)
-        if FUSE:
-            # the last program of this (sequence, KV head) to finish merges all its partials (no merge launch)
-            tl.debug_barrier()
-            done = tl.atomic_add(CNT + pid_bh, 1, sem="acq_rel")
-            if done == P - 1:
-                _merge_tail(PO, PL, INV_V, MEAN_V, OUT, LSE, pid_bh, b, h, PS, P_CODED, P, CBV_PER_HEAD,
-                            s_ob, s_oh, s_ot, s_lb, s_lh, G, TQ, R_PAD, R_G, D, PREC, PB, KC)
+        # the last program of this (sequence, KV head) to finish merges all its partials (no merge launch)
+        tl.debug_barrier()
+        done = tl.atomic_add(CNT + pid_bh, 1, sem="acq_rel")
+        if done == P - 1:
+            _merge_tail(PO, PL, INV_V, MEAN_V, OUT, LSE, pid_bh, b, h, PS, P_CODED, P, CBV_PER_HEAD,
+                        s_ob, s_oh, s_ot, s_lb, s_lh, G, TQ, R_PAD, R_G, D, PREC, PB, KC)
 
     @triton.jit
     def _store_output(OUT, LSE, m_i, l_i, acc, rows, offs_d, b, h, s_ob, s_oh, s_ot, s_lb, s_lh,
@@ -451,45 +437,8 @@ if HAS_TRITON:
             m_i = m_new
         return m_i, l_i, acc
 
-    @triton.jit
-    def _decode_merge_kernel(
-        PO, PL, INV_V, MEAN_V, OUT, LSE,
-        s_ob, s_oh, s_ot, s_lb, s_lh,
-        HKV, P_CODED, P, PS, CBV_PER_HEAD,
-        G: tl.constexpr, TQ: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
-        PB: tl.constexpr,
-    ):
-        pid_bh = tl.program_id(0)
-        b = pid_bh // HKV
-        h = pid_bh % HKV
-        rows = tl.arange(0, R_PAD)
-        offs_d = tl.arange(0, D)
-        # coded partials (coding space of the values)
-        m_c = tl.full([R_PAD], float("-inf"), tl.float32)
-        l_c = tl.zeros([R_PAD], tl.float32)
-        acc_c = tl.zeros([R_PAD, D], tl.float32)
-        m_c, l_c, acc_c = _merge_range(PO, PL, pid_bh, PS, 0, P_CODED, m_c, l_c, acc_c, G * TQ, R_PAD, D, PB, R_PAD)
-        has_c = l_c > 0.0
-        out_c = acc_c / tl.where(has_c, l_c, 1.0)[:, None]
-        hv = h * CBV_PER_HEAD
-        inv = tl.load(INV_V + hv * D * D + offs_d[:, None] * D + offs_d[None, :])  # [d, e]
-        mean = tl.load(MEAN_V + hv * D + offs_d)
-        out_c = tl.dot(out_c, inv, input_precision=PREC) + mean[None, :]
-        # running merge, starting from the coded partial
-        m_i = tl.where(has_c, m_c + tl.log2(tl.where(has_c, l_c, 1.0)), float("-inf"))
-        l_i = tl.where(has_c, 1.0, 0.0)
-        acc = tl.where(has_c[:, None], out_c, 0.0)
-        m_i, l_i, acc = _merge_range(PO, PL, pid_bh, PS, P_CODED, P, m_i, l_i, acc, G * TQ, R_PAD, D, PB, R_PAD)
-        _store_output(OUT, LSE, m_i, l_i, acc, rows, offs_d, b, h, s_ob, s_oh, s_ot, s_lb, s_lh, G, TQ)
-
 
 LAST_LAUNCH: dict = {}  # the last compiled kernel per launcher (the benchmark reads registers / spills)
-# The coded split programs: "auto" = the CUDA C++ kernel (coded_decode.cu) where it supports the call, else the
-# Triton loop.
-DEFAULT_CODED = "auto"
-# The pre-RoPE coded kernel's rotation (rope_decode.py): "libdevice" (cos / sin per token and pair), "tile" (the angle
-# factored per tile, same fp32 angle), "fast"; the default of calls that pass none.
-DEFAULT_ROPE_TRIG = "libdevice"
 _WARNED: set = set()
 
 
@@ -517,35 +466,31 @@ def default_splits(batch: int, kv_heads: int, capacity: int, anchors: int, sms: 
 
 
 def exact_programs(pairs: int, capacity: int, anchors: int, coded_splits: int, sms: int) -> int:
-    """Exact programs (anchors + window, then the merge) per (sequence, KV head) beside the CUDA coded kernel.
+    """Exact programs (anchors + window, then the merge) per (sequence, KV head) beside a separate coded kernel
+    (the pre-RoPE path).
 
     At least the anchors' share of the coded splits; at small batches more, up to ~2 programs per multiprocessor
     in all and 8 per pair, and not fewer than 64 anchors each: one program per pair left the anchors of 128K
     tokens (1,311 per head) to 8 programs at B = 1, 0.041 of a 0.120 ms decode. Measured (NOTES.md "Exact programs,
-    merge and launches (decode)", kernels_bench_decode_20261122-163927): 128K B=1 8 programs 0.090 ms, B=8 4 programs 0.352 ms (from 0.371),
-    B=32 and 32K B=128 unchanged with 1."""
+    merge and launches (decode)", kernels_bench_decode_20261122-163927): 128K B=1 8 programs 0.090 ms, B=8 4
+    programs 0.352 ms (from 0.371), B=32 and 32K B=128 unchanged with 1."""
     share = max(1, cdiv(anchors * coded_splits, max(1, capacity))) if anchors else 1
     fill = min(8, max(1, 2 * sms // max(1, pairs)), max(1, cdiv(anchors, 64)))
     return max(share, fill)
 
 
 class DecodePlan:
-    """The three launches of one decode call, with their buffers (the benchmark times them one by one)."""
+    """The launches of one decode call, with their buffers (the benchmark times them one by one)."""
 
     def __init__(self, q, codes_k, codes_v, anchor_bits, n_coded, anchor_k, anchor_v, anchor_pos, win_k, win_v,
                  win_len, cent_k, inv_k, mean_k, cent_v, inv_v, mean_v, scale, *, splits=None, block_n=64,
                  num_warps=4, num_stages=None, out=None, poison=False, gather_cache=".ca", split_mult=1.0,
-                 merge="fused", key_lut=None, coded=None, block_a=None, exact_splits=None, value_sel=None,
-                 workspace=None,
-                 rope_keys=None, rope_block_n=None, rope_warps=None, rope_stages=None, rope_split=True,
-                 rope_trig=None, rope_impl=None):
+                 key_lut=None, block_a=None, exact_splits=None, workspace=None,
+                 rope_keys=None, rope_block_n=None, rope_impl=None):
         require_triton()
         # rope_keys = (pairs_k, freq_k, attention_scaling): pre-RoPE keys in RoPE-pair sub-spaces (rope_decode.py);
         # cent_k is then the key table with the mean folded in, inv_k / mean_k are unused (None)
         rope = rope_keys is not None
-        coded = DEFAULT_CODED if coded is None else coded
-        if rope:
-            coded = "triton"  # the coded programs are rope_decode's kernel
         b, hq, tq, d = q.shape
         hkv, n_cap = codes_k.shape[1], codes_k.shape[2]
         g = hq // hkv
@@ -555,34 +500,6 @@ class DecodePlan:
         a_cap, w_cap = anchor_k.shape[2], win_k.shape[2]
         st_k, hcb_k, s_k, m_k, sub_k = cent_k.shape
         st_v, hcb_v, s_v, m_v, sub_v = cent_v.shape
-        # the coded split programs as a CUDA C++ kernel with both tables in shared memory (NOTES.md "Coded decode,
-        # CUDA C++ (post-RoPE LUT)")
-        if coded not in ("triton", "cuda", "auto"):
-            raise ValueError(f"coded must be 'triton', 'cuda' or 'auto' (got {coded!r})")
-        self.cuda_coded = None
-        if coded != "triton" and not interpreting():
-            from .coded_decode_cuda import coded_decode_kernel, cuda_splits, unsupported_reason
-
-            reason = unsupported_reason(q, codes_k, codes_v, cent_k, cent_v, r_pad)
-            if reason is None:
-                try:
-                    self.cuda_coded = coded_decode_kernel(q.device, codes_k.shape[3], m_k, codes_v.shape[3], m_v,
-                                                          sub_v, cent_v.dtype, (s_k, sub_k, cent_k.dtype))
-                except Exception as exc:  # noqa: BLE001 - NVRTC / driver missing: "auto" falls back to Triton
-                    if coded == "cuda":
-                        raise
-                    reason = f"the CUDA kernel could not be built ({type(exc).__name__}: {exc})"
-                    _warn_once(reason + "; the Triton coded loop runs instead")
-            if self.cuda_coded is not None:
-                key_lut = True
-                if splits is None:
-                    pc = cuda_splits(b * hkv, n_cap, sm_count(q), self.cuda_coded.ctas_per_sm,
-                                     self.cuda_coded.waves * split_mult)
-                    splits = (pc, exact_programs(b * hkv, n_cap, a_cap, pc, sm_count(q)))
-            elif coded == "cuda":
-                raise ValueError(f"coded='cuda' cannot run this call: {reason}; use coded='triton' or 'auto'")
-        elif coded == "cuda":
-            raise ValueError("coded='cuda' needs a GPU (not the Triton interpreter); use coded='triton' or 'auto'")
         if rope:
             from .rope_decode import rope_unsupported_reason
 
@@ -590,16 +507,16 @@ class DecodePlan:
             if reason:
                 raise ValueError(f"the pre-RoPE decode kernel cannot run this call: {reason}")
             rope_block_n = 64 if rope_block_n is None else int(rope_block_n)
-            if splits is None:  # coded splits as the Triton loop's; exact programs as beside the CUDA kernel
+            if splits is None:  # coded splits as the Triton loop's; exact programs as beside a separate coded kernel
                 pc, _ = default_splits(b, hkv, n_cap, a_cap, sm_count(q), rope_block_n, mult=split_mult)
                 splits = (pc, exact_programs(b * hkv, n_cap, a_cap, pc, sm_count(q)))
             key_lut = False
         if splits is None:
             splits = default_splits(b, hkv, n_cap, a_cap, sm_count(q), block_n, mult=split_mult)
-        # with coded="cuda" the Triton launch runs only the exact programs (anchors, window): measured best with
-        # 64 anchors per step, pipelined (NOTES.md "Exact programs, merge and launches (decode)": 0.111 -> 0.077 ms at
-        # 128K B=32); the Triton coded loop keeps its own measured best (32, unpipelined)
-        exact_only = self.cuda_coded is not None or rope
+        # beside the pre-RoPE coded kernel the Triton launch runs only the exact programs (anchors, window): measured
+        # best with 64 anchors per step, pipelined (NOTES.md "Exact programs, merge and launches (decode)": 0.111 ->
+        # 0.077 ms at 128K B=32); the Triton coded loop keeps its own measured best (32, unpipelined)
+        exact_only = rope
         block_a = (64 if exact_only else 32) if block_a is None else int(block_a)
         num_stages = (2 if exact_only else 1) if num_stages is None else int(num_stages)
         p_coded, p_exact = splits
@@ -607,14 +524,11 @@ class DecodePlan:
         p_total = p_coded + p_exact
         dev = q.device
         self.splits = (p_coded, p_exact)
-        if merge not in ("fused", "triton"):
-            raise ValueError(f"merge must be 'fused' or 'triton' (got {merge!r})")
-        fuse = merge == "fused"
         rv = g * tq
         if key_lut is None:
             key_lut = rv <= 8
-        r_g = max(4, next_pow2(rv)) if (key_lut or fuse) else max(1, next_pow2(rv))
-        p_slots = p_total + 2 if fuse else p_total  # two scratch slots for the fused merge
+        r_g = max(4, next_pow2(rv))  # rows of the key table and of the merge
+        p_slots = p_total + 2  # two scratch slots for the merge
         c_k = codes_k.shape[3]
         cpw = (4 if c_k % 4 == 0 else 2 if c_k % 2 == 0 else 1) if key_lut else 1  # key codes per loaded word
         ck_plain = ck_arg = codes_k.contiguous()
@@ -634,8 +548,7 @@ class DecodePlan:
         self.po = scratch("po", (b * hkv, p_slots, r_pad, d), torch.float32)
         self.pl = scratch("pl", (b * hkv, p_slots, r_pad), torch.float32)
         self.cnt = scratch("cnt", (max(1, b * hkv),), torch.int32)
-        lut_kernel = key_lut and self.cuda_coded is None  # the CUDA kernel builds its key table itself
-        self.lut = scratch("lut", (b * hkv * st_k * s_k * m_k * r_g,), torch.float32) if lut_kernel else self.cnt
+        self.lut = scratch("lut", (b * hkv * st_k * s_k * m_k * r_g,), torch.float32) if key_lut else self.cnt
         if poison:
             self.po.fill_(float("nan"))
             self.pl.fill_(float("nan"))
@@ -665,39 +578,22 @@ class DecodePlan:
                 q, inv_k32, mean_k32, qc, self.cnt, q.stride(0), q.stride(1), q.stride(2), hkv, cbk_ph, qk_scale,
                 G=g, TQ=tq, R_PAD=r_pad, D=d, PREC=prec, num_warps=4,
             )
-            if lut_kernel:
+            if key_lut:
                 _decode_lut_kernel[(b * hkv, st_k * s_k)](
                     qc, centk_arg, self.lut, hkv, hcb_k, cbk_ph,
                     R_PAD=r_pad, D=d, S=s_k, M=m_k, SUB=sub_k, ST=st_k, R_L=r_g, num_warps=4,
                 )
 
-        cuda_coded = self.cuda_coded
         cv_arg, bits_arg, nc_arg, centv_arg = (codes_v.contiguous(), anchor_bits.contiguous(), n_coded.contiguous(),
                                                cent_v.contiguous())
         centk_arg = cent_k.contiguous()
-        if cuda_coded is not None and (nc_arg.dtype != torch.int32 or bits_arg.dtype != torch.int32):
-            raise ValueError("n_coded and anchor_bits must be int32")
-        sel_arg = None  # the CUDA kernel's value-copy selection (a speed hint: any words give the same result)
-        if value_sel is not None and cuda_coded is not None and cuda_coded.value_sel:
-            if value_sel.shape != codes_v.shape[:3] or value_sel.dtype != torch.int16 or value_sel.device != q.device:
-                raise ValueError(f"value_sel must be int16 {tuple(codes_v.shape[:3])} on {q.device} (one word per "
-                                 f"coded token, value_copies.value_copy_select); got {value_sel.dtype} "
-                                 f"{tuple(value_sel.shape)} on {value_sel.device}")
-            sel_arg = value_sel.contiguous()
-
-        def _cuda_partials():
-            cuda_coded(b * hkv, p_coded, centk_arg, qc, ck_plain, cv_arg,
-                       bits_arg, nc_arg, centv_arg, self.po, self.pl, self.cnt, hkv, n_cap, anchor_bits.shape[2],
-                       p_slots, cbv_ph, g * tq, hcb_k, cbk_ph, sel_arg)
 
         if rope:
             from .rope_decode import launch_rope_coded
 
             pairs_arg, freq_arg = rope_keys[0].contiguous(), rope_keys[1].float().contiguous()
-            rope_cfg = dict(dot=dt, prec=prec, block_n=rope_block_n, num_warps=int(rope_warps or 4),
-                            num_stages=int(rope_stages or 1), split=bool(rope_split),
-                            trig=DEFAULT_ROPE_TRIG if rope_trig is None else rope_trig,
-                            cache=gather_cache, interpret=interpreting(), impl=rope_impl)
+            rope_cfg = dict(dot=dt, prec=prec, block_n=rope_block_n, cache=gather_cache, interpret=interpreting(),
+                            impl=rope_impl)
 
         def _rope_partials():
             LAST_LAUNCH["rope_coded"] = launch_rope_coded(
@@ -720,40 +616,22 @@ class DecodePlan:
                 C_K=codes_k.shape[3], S_K=s_k, M_K=m_k, SUB_K=sub_k, ST_K=st_k,
                 C_V=codes_v.shape[3], S_V=s_v, M_V=m_v, SUB_V=sub_v, ST_V=st_v,
                 BLOCK_N=block_n, BLOCK_A=block_a, BLOCK_W=16, DOT=dt, PREC=prec, CACHE=gather_cache,
-                R_G=r_g, KLUT=key_lut, FUSE=fuse, PB=8, KC=min(32, d), KW=c_k // cpw, CPW=cpw,
+                R_G=r_g, KLUT=key_lut, PB=8, KC=min(32, d), KW=c_k // cpw, CPW=cpw,
                 PID0=p_coded if exact_only else 0, num_warps=num_warps, num_stages=num_stages,
             )
 
         def _partials():
-            if cuda_coded is not None:
-                _cuda_partials()
             if rope:
                 _rope_partials()
             _triton_partials()
 
-        # with coded="cuda" the two launches of partials(), timed apart by the benchmark (each after the prologue,
-        # which resets the arrival counters: alone, neither reaches the merge)
-        self.cuda_partials = _cuda_partials if cuda_coded is not None else None
-        self.rope_partials = _rope_partials if rope else None
-        self.triton_partials = _triton_partials
-
-        def _merge():
-            if fuse:
-                return  # merged by the last split program of each head
-            _decode_merge_kernel[(b * hkv,)](
-                self.po, self.pl, inv_v32, mean_v32, self.out, self.lse,
-                self.out.stride(0), self.out.stride(1), self.out.stride(2), self.lse.stride(0), self.lse.stride(1),
-                hkv, p_coded, p_total, p_slots, cbv_ph,
-                G=g, TQ=tq, R_PAD=r_pad, D=d, PREC=prec, PB=8, num_warps=8,
-            )
-
-        self.prologue, self.partials, self.merge = _prologue, _partials, _merge
+        self.rope_partials = _rope_partials if rope else None  # the coded launch alone (timed by the benchmark)
+        self.prologue, self.partials = _prologue, _partials
 
     def __call__(self) -> tuple[Tensor, Tensor]:
         if not self.empty:
             self.prologue()
             self.partials()
-            self.merge()
         return self.out, self.lse
 
 
@@ -766,14 +644,11 @@ def decode_attention_triton(
     """Launch the decode kernels; see the module docstring for the layout. Returns (out q.dtype, lse fp32).
 
     Options (DecodePlan): splits=(coded, exact) or split_mult, block_n, num_warps, num_stages,
-    gather_cache (".ca" = keep centroid gathers in L1), key_lut (None: the key-LUT loop where G*Tq <= 8),
-    merge ("fused" / "triton": a separate merge launch); coded ("auto": the CUDA C++ kernel of coded_decode.cu
-    where it supports the call, else the Triton loop; "cuda"; "triton"), value_sel (int16 [B, Hkv, n_cap]
-    value-copy selection words of value_copies.py for the CUDA kernel: speed only, the result does not depend on
-    them, ignored by every other path); the exact programs (anchors, window): block_a (anchors per step),
-    exact_splits (programs per KV head); out=(out, lse) preallocated; workspace (a dict: scratch buffers shared
-    by calls that run one after another on one stream); poison=True fills the split partials with NaN first
-    (tests); rope_keys and rope_* (the pre-RoPE path, rope_decode.py)."""
+    gather_cache (".ca" = keep centroid gathers in L1), key_lut (None: the key-LUT loop where G*Tq <= 8);
+    the exact programs (anchors, window): block_a (anchors per step), exact_splits (programs per KV head);
+    out=(out, lse) preallocated; workspace (a dict: scratch buffers shared by calls that run one after another on
+    one stream); poison=True fills the split partials with NaN first (tests); rope_keys, rope_block_n and
+    rope_impl (the pre-RoPE path, rope_decode.py)."""
     return DecodePlan(q, codes_k, codes_v, anchor_bits, n_coded, anchor_k, anchor_v, anchor_pos, win_k, win_v,
                       win_len, cent_k, inv_k, mean_k, cent_v, inv_v, mean_v, scale, **options)()
 

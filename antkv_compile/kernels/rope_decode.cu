@@ -6,7 +6,7 @@
 // counter is pre-filled with P_coded: this kernel does not count arrivals).
 //
 // Per CTA both tables sit in shared memory: the key table (centroids in coding space with the mean folded in, as
-// fp16 whatever its stored dtype) and the value centroids (16-bit, as coded_decode.cu stores them, one copy). Each
+// fp16 whatever its stored dtype) and the value centroids (16-bit, one copy, chunks swizzled: vchunk_off). Each
 // warp runs its own flash-decoding loop over 32-token tiles (tile j of the chunk -> warp j % NWARP), 4 groups of 8
 // tokens each (NOTES.md "CUDA C++ kernel", factored angle):
 //   angle  of slot p = T + d (T = p - p % 8, the group's first slot): fl(T w) + fl(d w) (w = inv_freq of the pair),
@@ -23,7 +23,7 @@
 //   softmax per warp and query row gq, base 2, lazy running max (raised only when a logit exceeds it by > 8). The
 //          logits' C fragment (row gq, tokens 2 tq, 2 tq + 1) packed to 16 bits is exactly the value MMA's B
 //          fragment: p never goes through shared memory.
-//   values as coded_decode.cu's antkv_coded_warp: ldmatrix.x4.trans of the value centroids of 16 tokens x 16 dims,
+//   values ldmatrix.x4.trans of the value centroids of 16 tokens x 16 dims (each lane addresses one centroid row),
 //          mma.m16n8k16, fp32 accumulators (dims on M, query rows on N).
 //   codes  of the next tile copied by cp.async into a second per-warp buffer while this tile is decoded.
 //
@@ -68,7 +68,7 @@ __device__ __forceinline__ float2 h2_to_f2(unsigned x) {
     return r;
 }
 
-// value MMA operand type follows the value centroids (bf16 for bf16, else fp16), as coded_decode.cu
+// value MMA operand type follows the value centroids (bf16 for bf16, else fp16)
 #if CT == 1
 #define CVT_V "cvt.rn.bf16.f32 %0, %1;"
 #define MMA_V "bf16.bf16"
@@ -132,7 +132,7 @@ __device__ __forceinline__ void cos_sin(float x, float& c, float& s) {
     s = (q & 2) ? -b : b;
 }
 
-// Byte offset of value chunk ch of centroid (sub-space sv, code k): coded_decode.cu's vchunk_off with one copy (the
+// Byte offset of value chunk ch of centroid (sub-space sv, code k), one copy of the table (the
 // 16-byte chunks of a code's CV * NCH16 chunks XOR-swizzled by the code within each group of 8).
 __device__ __forceinline__ unsigned vchunk_off(int sv, unsigned k, int ch) {
     const unsigned j = sv * NCH16 + ch;

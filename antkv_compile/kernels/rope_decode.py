@@ -28,12 +28,8 @@ their coding space exactly as that loop reads them, and the normalized partial (
 slots that the existing exact programs (anchors, window) and the fused merge consume (:class:`.decode_attention.
 DecodePlan` with ``rope_keys``; the post-RoPE prologue and key lookup table are not needed).
 
-Trigonometry: ``trig="libdevice"`` (default) calls the accurate ``__nv_cosf`` / ``__nv_sinf`` (full range reduction:
-slots up to the fp32 integer limit 2^24) per (token, pair); ``trig="fast"`` uses ``tl.cos`` / ``tl.sin`` (the
-backend's choice; the benchmark checks its accuracy before timing it); ``trig="tile"`` factors the angle per tile
-(kernel comment): accurate cos / sin once per (tile, pair) and once per (in-tile offset, pair) for the program, then
-~16 flops per (token, pair), still fp32(slot * inv_freq) as HF rounds it (to ~1e-7). Under the interpreter the
-cos / sin are numpy's.
+Trigonometry: the accurate ``__nv_cosf`` / ``__nv_sinf`` of libdevice (full range reduction: slots up to the fp32
+integer limit 2^24) per (token, pair); under the interpreter the cos / sin are numpy's (``tl.cos`` / ``tl.sin``).
 
 :func:`rope_decode_reference` is the PyTorch reference: decode + rotate + exact attention (+ anchors, window, merge).
 """
@@ -55,7 +51,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _cos_sin(x, TRIG: tl.constexpr):
-        """cos and sin of fp32 angles: TRIG 0 = libdevice (accurate), 1 = tl.cos / tl.sin (also the interpreter's)."""
+        """cos and sin of fp32 angles: TRIG 0 = libdevice (accurate; GPU), 1 = tl.cos / tl.sin (the interpreter)."""
         if TRIG == 0:
             c = libdevice.cos(x)
             s = libdevice.sin(x)
@@ -66,14 +62,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _rope_keys(CK, ck_base, offs_n, nmask, TAB, hk, HCB, C_K: tl.constexpr, S_K: tl.constexpr,
-                   M_K: tl.constexpr, SUB_K: tl.constexpr, ST_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                   SPLIT: tl.constexpr):
-        """Decoded pre-RoPE (re, im) [BLOCK_N, S_K, SUB_K/2] fp32 of the tokens offs_n: one gather per (token,
-        sub-space, stage). SPLIT: one SUB_K-wide vector gather split into its even / odd entries, else two strided
-        gathers of SUB_K/2 entries."""
+                   M_K: tl.constexpr, SUB_K: tl.constexpr, ST_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Decoded pre-RoPE (re, im) [BLOCK_N, S_K, SUB_K/2] fp32 of the tokens offs_n: one SUB_K-wide vector gather
+        per (token, sub-space, stage), split into its even / odd entries."""
         HALF: tl.constexpr = SUB_K // 2
         s_idx = tl.arange(0, S_K)
-        i_idx = tl.arange(0, HALF)
         e_idx = tl.arange(0, SUB_K)
         re = tl.zeros([BLOCK_N, S_K, HALF], tl.float32)
         im = tl.zeros([BLOCK_N, S_K, HALF], tl.float32)
@@ -81,14 +74,10 @@ if HAS_TRITON:
             code = tl.load(CK + ck_base + offs_n[:, None] * C_K + st * S_K + s_idx[None, :], mask=nmask[:, None],
                            other=0).to(tl.int32)  # [BLOCK_N, S_K]
             row = TAB + ((st * HCB + hk) * S_K + s_idx[None, :, None]) * (M_K * SUB_K) + code[:, :, None] * SUB_K
-            if SPLIT:
-                x = tl.load(row + e_idx[None, None, :]).to(tl.float32)  # [BLOCK_N, S_K, SUB_K]
-                a, b = tl.split(tl.reshape(x, [BLOCK_N, S_K, HALF, 2]))
-                re += a
-                im += b
-            else:
-                re += tl.load(row + 2 * i_idx[None, None, :]).to(tl.float32)
-                im += tl.load(row + 2 * i_idx[None, None, :] + 1).to(tl.float32)
+            x = tl.load(row + e_idx[None, None, :]).to(tl.float32)  # [BLOCK_N, S_K, SUB_K]
+            a, b = tl.split(tl.reshape(x, [BLOCK_N, S_K, HALF, 2]))
+            re += a
+            im += b
         return re, im
 
     @triton.jit
@@ -98,8 +87,7 @@ if HAS_TRITON:
         G: tl.constexpr, TQ: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr,
         C_K: tl.constexpr, S_K: tl.constexpr, M_K: tl.constexpr, SUB_K: tl.constexpr, ST_K: tl.constexpr,
         C_V: tl.constexpr, S_V: tl.constexpr, M_V: tl.constexpr, SUB_V: tl.constexpr, ST_V: tl.constexpr,
-        BLOCK_N: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, CACHE: tl.constexpr, SPLIT: tl.constexpr,
-        TRIG: tl.constexpr, TILE: tl.constexpr,
+        BLOCK_N: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, CACHE: tl.constexpr, TRIG: tl.constexpr,
     ):
         pid_bh = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -116,23 +104,11 @@ if HAS_TRITON:
         rvalid = rows < G * TQ
         j = tl.load(PAIRS + hk * DH + tl.arange(0, DH))
         qrow = Q + b * s_qb + (h * G + rg)[:, None] * s_qh + rt[:, None] * s_qt
-        q32_re = tl.load(qrow + j[None, :], mask=rvalid[:, None], other=0.0).to(tl.float32) * qk_scale
-        q32_im = tl.load(qrow + (j + DH)[None, :], mask=rvalid[:, None], other=0.0).to(tl.float32) * qk_scale
-        q_re = q32_re.to(DOT)
-        q_im = q32_im.to(DOT)
+        q_re = (tl.load(qrow + j[None, :], mask=rvalid[:, None], other=0.0).to(tl.float32) * qk_scale).to(DOT)
+        q_im = (tl.load(qrow + (j + DH)[None, :], mask=rvalid[:, None], other=0.0).to(tl.float32) * qk_scale).to(DOT)
         s_idx = tl.arange(0, S_K)
         i_idx = tl.arange(0, HALF)
         freq = tl.load(FREQ + hk * DH + s_idx[:, None] * HALF + i_idx[None, :])  # [S_K, HALF] fp32
-        if TILE:
-            # angle(p0 + d) = A + B + c with A = fl(p0 w) per tile, B = fl(d w) per in-tile offset d (this table,
-            # the same for every tile), c = e(p) - e(p0) - e(d) the roundings' difference, e(x) = fl(x w) - x w
-            # exact by FMA, |c| <= 1.5 ulp of the angle: fl(p w) exactly as HF rounds it, without a cos/sin per
-            # (token, pair). R(A) turns the query once per tile; R(B) R(c) the keys (R(c) = 1 - c^2/2 + i c).
-            dn = tl.zeros([BLOCK_N, S_K, HALF], tl.float32) + tl.arange(0, BLOCK_N).to(tl.float32)[:, None, None]
-            fw = tl.zeros([BLOCK_N, S_K, HALF], tl.float32) + freq[None, :, :]
-            b_ang = dn * fw
-            neg_eb = tl.fma(dn, fw, -b_ang)  # d w - fl(d w) = -e(d)
-            cb, sb = _cos_sin(b_ang, TRIG)
         # this program's share of the sequence's coded tokens
         n_b = tl.load(NCODED + b)
         chunk = tl.cdiv(tl.cdiv(n_b, P_CODED), BLOCK_N) * BLOCK_N
@@ -147,49 +123,26 @@ if HAS_TRITON:
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             nmask = offs_n < end
-            re, im = _rope_keys(CK, ck_base, offs_n, nmask, TAB_K, hk, HCB_K, C_K, S_K, M_K, SUB_K, ST_K, BLOCK_N,
-                                SPLIT)
-            if TILE:
-                p0 = tl.zeros([S_K, HALF], tl.float32) + n0  # exact below 2^24
-                a_ang = p0 * freq
-                neg_ea = tl.fma(p0, freq, -a_ang)  # p0 w - fl(p0 w) = -e(p0)
-                ca, sa = _cos_sin(a_ang, TRIG)
-                ca = tl.reshape(ca, [DH])[None, :] * rope_scale
-                sa = tl.reshape(sa, [DH])[None, :] * rope_scale
-                qa_re = (q32_re * ca + q32_im * sa).to(DOT)  # q e^{-iA} a, per tile
-                qa_im = (q32_im * ca - q32_re * sa).to(DOT)
-                pf = tl.zeros([BLOCK_N, S_K, HALF], tl.float32) + offs_n.to(tl.float32)[:, None, None]
-                p_ang = pf * fw
-                neg_ep = tl.fma(pf, fw, -p_ang)  # -e(p)
-                cc = neg_eb + neg_ea[None, :, :] - neg_ep  # c = e(p) - e(p0) - e(d)
-                u = 1.0 - 0.5 * cc * cc
-                cphi = cb * u - sb * cc
-                sphi = sb * u + cb * cc
-                k_re = tl.reshape(re * cphi - im * sphi, [BLOCK_N, DH]).to(DOT)
-                k_im = tl.reshape(im * cphi + re * sphi, [BLOCK_N, DH]).to(DOT)
-                logits = tl.dot(qa_re, tl.trans(k_re), input_precision=PREC)
-                logits = tl.dot(qa_im, tl.trans(k_im), acc=logits, input_precision=PREC)
-            else:
-                # the slot's RoPE angle per coding pair, in fp32 exactly as HF: float(position) * inv_freq
-                ang = offs_n.to(tl.float32)[:, None, None] * freq[None, :, :]
-                c, s = _cos_sin(ang, TRIG)
-                c = c * rope_scale
-                s = s * rope_scale
-                k_re = tl.reshape(re * c - im * s, [BLOCK_N, DH]).to(DOT)
-                k_im = tl.reshape(im * c + re * s, [BLOCK_N, DH]).to(DOT)
-                logits = tl.dot(q_re, tl.trans(k_re), input_precision=PREC)
-                logits = tl.dot(q_im, tl.trans(k_im), acc=logits, input_precision=PREC)  # [R_PAD, BLOCK_N]
+            re, im = _rope_keys(CK, ck_base, offs_n, nmask, TAB_K, hk, HCB_K, C_K, S_K, M_K, SUB_K, ST_K, BLOCK_N)
+            # the slot's RoPE angle per coding pair, in fp32 exactly as HF: float(position) * inv_freq
+            ang = offs_n.to(tl.float32)[:, None, None] * freq[None, :, :]
+            c, s = _cos_sin(ang, TRIG)
+            c = c * rope_scale
+            s = s * rope_scale
+            k_re = tl.reshape(re * c - im * s, [BLOCK_N, DH]).to(DOT)
+            k_im = tl.reshape(im * c + re * s, [BLOCK_N, DH]).to(DOT)
+            logits = tl.dot(q_re, tl.trans(k_re), input_precision=PREC)
+            logits = tl.dot(q_im, tl.trans(k_im), acc=logits, input_precision=PREC)  # [R_PAD, BLOCK_N]
             word = tl.load(BITS + bits_base + offs_n // 32, mask=nmask, other=0)
             keep = nmask & (((word >> (offs_n % 32)) & 1) == 0)
             logits = tl.where(keep[None, :], logits, float("-inf"))
             p, alpha, m_i, l_i = _online_update(logits, m_i, l_i, acc)
             vc = _dequant(CV, cv_base, offs_n, nmask, C_V, CENT_V, hv, HCB_V, S_V, M_V, SUB_V, ST_V, BLOCK_N, D, DOT,
-                          CACHE, False)
+                          CACHE)
             acc = acc * alpha[:, None] + tl.dot(p.to(DOT), vc, input_precision=PREC)
         _store_partial(PO, PL, pid_bh, pid_s, PS, acc, m_i, l_i, G * TQ, R_PAD, D, R_PAD)
 
 
-TRIG_MODES = {"libdevice": 0, "fast": 1, "tile": 0}  # tile: libdevice cos / sin once per tile and pair
 # which coded kernel launch_rope_coded runs by default: "auto" = the CUDA C++ kernel (rope_decode.cu) where it
 # supports the call, else Triton (NOTES.md "Pre-RoPE pair-layout decode"); DecodePlan(rope_impl=...) per call
 DEFAULT_IMPL = "auto"
@@ -198,16 +151,16 @@ DEFAULT_IMPL = "auto"
 def launch_rope_coded(q: Tensor, codes_k: Tensor, codes_v: Tensor, anchor_bits: Tensor, n_coded: Tensor,
                       table_k: Tensor, pairs_k: Tensor, freq_k: Tensor, cent_v: Tensor, po: Tensor, pl: Tensor,
                       p_coded: int, p_slots: int, r_pad: int, qk_scale: float, rope_scale: float, *, dot, prec: str,
-                      block_n: int = 64, num_warps: int = 4, num_stages: int = 1, split: bool = True,
-                      trig: str = "libdevice", cache: str = ".ca", interpret: bool = False,
+                      block_n: int = 64, cache: str = ".ca", interpret: bool = False,
                       impl: str | None = None) -> object:
     """Launch the coded split programs (grid B * Hkv x p_coded) into the partial slots 0 .. p_coded - 1 of po/pl
     ([B * Hkv, p_slots, r_pad, D] / [B * Hkv, p_slots, r_pad]). All tensors contiguous, on one device.
 
     ``impl``: "auto" (default: the CUDA C++ kernel ``rope_decode.cu`` where it supports the call and NVRTC is
-    available, else this module's Triton kernel), "cuda" (raise where it cannot run) or "triton". block_n, num_warps,
-    num_stages, split, trig and cache are options of the Triton kernel (the CUDA kernel factors the angle per 8-token
-    group, fl(T w) + fl(d w): within 1 ulp of HF's fp32 angle fl(p w), NOTES.md "CUDA C++ kernel"). Returns the launched kernel object (Triton's compiled kernel or a RopeDecodeCuda)."""
+    available, else this module's Triton kernel), "cuda" (raise where it cannot run) or "triton". block_n and cache
+    are options of the Triton kernel (the CUDA kernel factors the angle per 8-token group, fl(T w) + fl(d w): within
+    1 ulp of HF's fp32 angle fl(p w), NOTES.md "CUDA C++ kernel"). Returns the launched kernel object (Triton's
+    compiled kernel or a RopeDecodeCuda)."""
     impl = DEFAULT_IMPL if impl is None else impl
     if impl not in ("auto", "cuda", "triton"):
         raise ValueError(f"impl must be 'auto', 'cuda' or 'triton' (got {impl!r})")
@@ -232,8 +185,6 @@ def launch_rope_coded(q: Tensor, codes_k: Tensor, codes_v: Tensor, anchor_bits: 
     hkv, n_cap = codes_k.shape[1], codes_k.shape[2]
     st_k, hcb_k, s_k, m_k, sub_k = table_k.shape
     st_v, hcb_v, s_v, m_v, sub_v = cent_v.shape
-    if trig not in TRIG_MODES:
-        raise ValueError(f"trig must be one of {list(TRIG_MODES)} (got {trig!r})")
     return _rope_coded_kernel[(b * hkv, p_coded)](
         q, codes_k, codes_v, anchor_bits, n_coded, table_k, pairs_k, freq_k, cent_v, po, pl,
         q.stride(0), q.stride(1), q.stride(2), hkv, n_cap, anchor_bits.shape[2], p_coded, p_slots,
@@ -241,8 +192,7 @@ def launch_rope_coded(q: Tensor, codes_k: Tensor, codes_v: Tensor, anchor_bits: 
         G=hq // hkv, TQ=tq, R_PAD=r_pad, D=d,
         C_K=codes_k.shape[3], S_K=s_k, M_K=m_k, SUB_K=sub_k, ST_K=st_k,
         C_V=codes_v.shape[3], S_V=s_v, M_V=m_v, SUB_V=sub_v, ST_V=st_v,
-        BLOCK_N=block_n, DOT=dot, PREC=prec, CACHE=cache, SPLIT=bool(split),
-        TRIG=1 if interpret else TRIG_MODES[trig], TILE=trig == "tile", num_warps=num_warps, num_stages=num_stages,
+        BLOCK_N=block_n, DOT=dot, PREC=prec, CACHE=cache, TRIG=1 if interpret else 0, num_warps=4, num_stages=1,
     )
 
 
@@ -363,8 +313,8 @@ def rope_decode_triton(
 ) -> tuple[Tensor, Tensor]:
     """The GPU launches (the coded programs: the CUDA C++ kernel where it runs, else this module's Triton kernel;
     then the exact programs and fused merge of :class:`.decode_attention.DecodePlan`). Options: those of DecodePlan
-    (splits, split_mult, exact_splits, block_a, out, workspace, poison, ...) and rope_impl ("auto", "cuda",
-    "triton"), rope_block_n, rope_warps, rope_stages, rope_split, rope_trig (the Triton kernel's)."""
+    (splits, split_mult, exact_splits, block_a, out, workspace, poison, ...), rope_impl ("auto", "cuda", "triton")
+    and rope_block_n (the Triton kernel's)."""
     from .decode_attention import DecodePlan
 
     return DecodePlan(q, codes_k, codes_v, anchor_bits, n_coded, anchor_k, anchor_v, anchor_pos, win_k, win_v,

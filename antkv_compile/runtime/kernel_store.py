@@ -119,13 +119,6 @@ def _decode_kernels():
     return decode_attention
 
 
-def _selection_mode(cent_k: Tensor, cent_v: Tensor, codes_k: Tensor, codes_v: Tensor) -> int:
-    """The CUDA decode kernel's value-copy selection mode for this store (0: it reads no selection words)."""
-    from ..kernels.coded_decode_cuda import selection_mode
-
-    return selection_mode(cent_k, cent_v, codes_k.shape[3], codes_v.shape[3])
-
-
 def _flash_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """Unmasked attention of q [B, Hq, T, D] over k, v [B, Hkv, n, D] -> (out float32, lse float32)."""
     g = q.shape[1] // k.shape[1]
@@ -187,17 +180,6 @@ class KernelLayerStore(AnTKVLayerStore):
         self._graph: tuple | None = None  # (buffers key, CUDA graph, static query, out, lse, plan): _graph_decode
         self._win_len = torch.zeros(g.batch, dtype=torch.int32, device=g.device)  # window length for the decode
         self._workspace = _workspace(g.device)  # decode scratch shared with the other stores on this device
-        # the CUDA decode kernel's value-copy selection words, one per coded token (kernels/value_copies.py): a
-        # speed hint written with the codes, only where that kernel keeps 2 copies of the value table (1 bit) and
-        # reads them (coded_decode_cuda.VALUE_SEL)
-        self.value_sel: Tensor | None = None
-        self._sel_mode = 0
-        if g.device.type == "cuda" and not self.pre_rope:  # words only the post-RoPE CUDA kernel reads
-            self._sel_mode = _selection_mode(self.cent_k, self.cent_v, self.codes_k, self.codes_v)
-        if self._sel_mode:
-            from ..kernels.value_copies import fixed_words
-
-            self.value_sel = fixed_words(tuple(self.codes_v.shape[:3]), self.codes_v.shape[3], g.device)
 
     # ------------------------------------------------------------------ window buffers
     def _slabs_hold(self, t: int) -> bool:
@@ -285,8 +267,7 @@ class KernelLayerStore(AnTKVLayerStore):
                 out, lse = _ops().rope_decode_attention(*args, self.rope_keys[3])
             return out, lse, in_place
         if q.is_cuda:
-            out, lse = _decode_kernels().decode_attention_triton(*args, value_sel=self.value_sel,
-                                                                 workspace=self._workspace)
+            out, lse = _decode_kernels().decode_attention_triton(*args, workspace=self._workspace)
         else:
             out, lse = _ops().decode_attention(*args)
         return out, lse, in_place
@@ -296,9 +277,7 @@ class KernelLayerStore(AnTKVLayerStore):
         the buffers it reads moved); returns a copy of out and the graph's own lse (read only by _append, which
         copies it into the window in the same step)."""
         static = self._decode_buffers(keys, values)
-        sel = self.value_sel
-        key = (tuple(q.shape), q.dtype, tuple(keys.shape), None if sel is None else sel.data_ptr(),
-               *(x.data_ptr() for x in static))
+        key = (tuple(q.shape), q.dtype, tuple(keys.shape), *(x.data_ptr() for x in static))
         self._win_len.fill_(win_len)
         held = self._graph
         if held is not None and held[0] == key:
@@ -317,7 +296,7 @@ class KernelLayerStore(AnTKVLayerStore):
                                                 rope_keys=(pairs, freq, self.rope_keys[3]), out=(out, lse),
                                                 workspace=self._workspace)
         else:
-            plan = _decode_kernels().DecodePlan(q_s, *static, float(self.geom.scale), value_sel=sel, out=(out, lse),
+            plan = _decode_kernels().DecodePlan(q_s, *static, float(self.geom.scale), out=(out, lse),
                                                 workspace=self._workspace)
         plan()  # this step's result (a capture runs nothing); also loads the kernels before the capture
         graph = torch.cuda.CUDAGraph()
@@ -419,10 +398,6 @@ class KernelLayerStore(AnTKVLayerStore):
             cent_k, tr_k, inv_k, mean_k, cent_v, tr_v, inv_v, mean_v, float(self.geom.scale), float(ratio),
             self.config.score, self.config.row_stride_for(self.win_q.shape[1] // self.geom.num_kv_heads),
             self.config.score_band, *((self.rope_inv_freq, self.rope_keys[3]) if self.pre_rope else ()))
-        if self.value_sel is not None:
-            from ..kernels.value_copies import select_copies
-
-            select_copies(self.codes_v, self.value_sel, self.n_coded, self.n_coded + n, self._sel_mode)
         self.n_coded_t += n
         self.n_coded += n
 

@@ -280,7 +280,6 @@ class Session:
         for s in [*self.stores.values(), *self.orphans.values()]:
             add("codes", s.codes_k)
             add("codes", s.codes_v)
-            add("codes", getattr(s, "value_sel", None))  # the CUDA kernel's value-copy selection words
             for t in (s.anchor_k, s.anchor_v, s.anchor_pos, s.anchor_score, getattr(s, "anchor_bits", None),
                       getattr(s, "n_coded_t", None)):
                 add("anchors", t)
